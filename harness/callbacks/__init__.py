@@ -1,0 +1,3 @@
+from harness.callbacks.base import Callback
+
+__all__ = ["Callback"]

@@ -1,0 +1,87 @@
+"""The metrics sinks every run has: metrics.jsonl (always) and the console (rank 0 only).
+
+One name per metric, the same in every sink. Loggers run after the other callbacks
+(order 100) so they see what monitors added to the step's metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from harness.callbacks.base import Callback
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class MetricsFile(Callback):
+    """One JSON line per optimizer step (and per event) in RUN_DIR/metrics.jsonl."""
+
+    order = 100
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._fh = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._fh is None:
+            self._fh = self.path.open("a", buffering=1)
+        self._fh.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+
+    def on_step_end(self, trainer, step, metrics):
+        if trainer.is_main:
+            self._write(metrics)
+
+    def on_event(self, trainer, step, event):
+        if trainer.is_main:
+            self._write({"step": step, **event})
+
+    def on_train_end(self, trainer):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class Console(Callback):
+    """A progress bar on a terminal; one plain line every `every` steps otherwise."""
+
+    order = 100
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer):
+        if trainer.is_main and sys.stdout.isatty():
+            self.bar = tqdm(total=trainer.cfg.train.max_steps, initial=trainer.step,
+                            unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, trainer, step, metrics):
+        if not trainer.is_main:
+            return
+        loss, norm = metrics["train/loss"], metrics["optim/grad_norm_preclip"]
+        tps = metrics["throughput/tokens_per_s"]
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} gnorm {norm:.3f} tok/s {tps:,.0f}")
+            self.bar.update(1)
+        elif step % self.every == 0 or step == trainer.cfg.train.max_steps:
+            print(f"step {step:>6} | loss {loss:.4f} | grad_norm {norm:.4f} | "
+                  f"clip {metrics['optim/clip_coef']:.3f} | lr {metrics['optim/lr']:.2e} | "
+                  f"tok/s {tps:,.0f}", flush=True)
+
+    def on_event(self, trainer, step, event):
+        if trainer.is_main:
+            text = f"[{event.get('event', 'event')}] step {step}: " + json.dumps(event)
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def on_train_end(self, trainer):
+        if self.bar is not None:
+            self.bar.close()

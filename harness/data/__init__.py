@@ -1,0 +1,1 @@
+"""Data preparation: text -> sentencepiece tokens -> memory-mapped shards with a manifest."""

@@ -1,0 +1,92 @@
+"""Config -> plan -> DeepSpeed JSON -> model -> engine, for one process.
+
+Everything that has to happen in a particular order before the first step lives here:
+the accelerator choice before deepspeed is imported, the rank environment, seeding,
+deepspeed.checkpointing.configure (the engine does not apply that section itself).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness import distributed
+from harness.config import Config
+from harness.ds_config import build_ds_config
+from harness.model import GPT, param_groups
+from harness.plan import Plan, lr_at, make_plan
+
+log = logging.getLogger("harness")
+
+
+def resolve_device(cfg: Config) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Built:
+    engine: Any
+    model: GPT
+    plan: Plan
+    ds_config: dict[str, Any]
+    dist: distributed.DistEnv
+    device: str
+
+
+def import_deepspeed(device: str):
+    # pin the accelerator before the first import; detection warns and can pick wrongly
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    import deepspeed  # noqa: WPS433 (deliberately late)
+
+    return deepspeed
+
+
+def configure_checkpointing(deepspeed, cfg: Config, plan: Plan, ds: dict[str, Any], model: GPT,
+                            dist: distributed.DistEnv) -> None:
+    if not plan.segments:
+        model.set_checkpointing((), "none", None)
+        return
+    ac = cfg.activation_checkpointing
+    if ac.partition_activations and cfg.parallel.model_parallel_size == 1 and dist.rank == 0:
+        log.warning("activation_checkpointing.partition_activations saves nothing without tensor "
+                    "parallelism (model-parallel size 1): it only splits checkpoints across "
+                    "model-parallel ranks")
+    deepspeed.checkpointing.configure(None, deepspeed_config=ds)
+    model.set_checkpointing(plan.segments, ac.policy, deepspeed.checkpointing.checkpoint)
+
+
+def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
+    dist = dist or distributed.detect()
+    distributed.export(dist)
+    device = resolve_device(cfg)
+    deepspeed = import_deepspeed(device)
+    plan = make_plan(cfg, dist.world_size)
+    ds = build_ds_config(cfg, plan, device)
+    # same initial weights on every rank and every run with this seed
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model)
+    configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
+    peak = plan.lr
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, plan, cfg) / peak)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds, lr_scheduler=scheduler, dist_init_required=True)
+    # per-rank data order and dropout streams differ; weights were already drawn identically
+    seed_everything(cfg.train.seed + 1000 * dist.rank)
+    return Built(engine, model, plan, ds, dist, device)

@@ -1,0 +1,168 @@
+"""A GPT decoder: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied embeddings.
+
+Activation checkpointing is decided outside (plan.checkpoint_segments) and applied here by
+wrapping block ranges, or one sub-block per layer, in a checkpoint function; the trainer
+passes deepspeed.checkpointing.checkpoint after calling deepspeed.checkpointing.configure.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.config import ModelConfig
+
+CheckpointFn = Callable[..., torch.Tensor]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def attention_part(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.ln_1(x))
+
+    def mlp_part(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_part(self.attention_part(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self._segments: tuple[tuple[int, int], ...] = ()
+        self._sub_block: Optional[str] = None
+        self._checkpoint: Optional[CheckpointFn] = None
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_checkpointing(self, segments: tuple[tuple[int, int], ...], policy: str,
+                          checkpoint_fn: Optional[CheckpointFn]) -> None:
+        """segments from plan.checkpoint_segments; policy attention/mlp checkpoints that
+        sub-block of every layer; checkpoint_fn e.g. deepspeed.checkpointing.checkpoint."""
+        if segments and checkpoint_fn is None:
+            raise ValueError("checkpointing segments given without a checkpoint function")
+        self._segments = tuple(segments)
+        self._sub_block = policy if policy in ("attention", "mlp") else None
+        self._checkpoint = checkpoint_fn
+
+    def _run_range(self, start: int, end: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks[start:end]:
+                x = block(x)
+            return x
+        return run
+
+    def _blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sub_block is not None:
+            for block in self.blocks:
+                if self._sub_block == "attention":
+                    x = block.mlp_part(self._checkpoint(block.attention_part, x))
+                else:
+                    x = self._checkpoint(block.mlp_part, block.attention_part(x))
+            return x
+        i = 0
+        for start, end in self._segments:
+            x = self._run_range(i, start)(x)
+            x = self._checkpoint(self._run_range(start, end), x)
+            i = end
+        return self._run_range(i, len(self.blocks))(x)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns the mean next-token cross-entropy when targets are given, else logits."""
+        t = idx.shape[1]
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.ln_f(self._blocks_forward(x))
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases, norms (1-D) stay undecayed, as in GPT-2/nanoGPT."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_group(name: str) -> str:
+    """Group a parameter name for per-group gradient norms (the head is tied to wte)."""
+    if name.startswith(("wte", "wpe")):
+        return "embeddings"
+    if "ln_" in name:
+        return "norms"
+    if ".attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "head"
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token (forward + backward): 6N plus attention's 12 L d T
+    (PaLM appendix B); position embeddings are lookups, not matmuls."""
+    n_matmul = n_params - cfg.block_size * cfg.d_model
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * cfg.block_size

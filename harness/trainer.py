@@ -1,0 +1,117 @@
+"""The training loop: micro-steps up to the accumulation boundary, one optimizer step, metrics.
+
+Everything cross-cutting (loggers, monitor, checkpoints) is a Callback; this file only
+trains and measures what only the loop can see: the loss, the PRE-clip gradient norm, the
+clip coefficient, the learning rate and the time per step.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import torch
+
+from harness.callbacks.base import Callback
+from harness.config import Config
+from harness.data.sources import TrainData
+from harness.engine import Built
+
+
+class Trainer:
+    def __init__(self, cfg: Config, built: Built, data: TrainData,
+                 callbacks: Iterable[Callback] = ()):
+        self.cfg, self.built, self.data = cfg, built, data
+        self.engine, self.plan = built.engine, built.plan
+        self.callbacks = sorted(callbacks, key=lambda c: c.order)
+        self.step = 0  # optimizer steps taken
+        self.consumed_samples = 0  # global data position; may run ahead of step x batch
+        self.stop_reason: str | None = None
+        # DeepSpeed discards the norm at ZeRO 0 in fp32, so we compute it there ourselves
+        self._own_norm = cfg.zero.stage == 0 and cfg.train.precision == "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        return self.built.dist.rank == 0
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def _forward_backward(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
+        accum = self.plan.batch.grad_accum
+        for k in range(accum):
+            x, y = self.data.micro_batch(self.consumed_samples, k)
+            loss = self.engine(x, y)
+            self.engine.backward(loss)
+            total += loss.detach().float()
+            if k < accum - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        return total / accum
+
+    def _local_grad_norm(self) -> float:
+        # at ZeRO 0 the gradients are all-reduced inside backward() at the boundary
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+    def _clip_values(self) -> None:
+        v = self.cfg.clip.value
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.clamp_(-v, v)
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        loss = self._forward_backward()
+        norm = self._local_grad_norm() if self._own_norm else None
+        if self.cfg.clip.value is not None:
+            self._clip_values()
+        self.engine.step()  # boundary: clip by global norm, update, advance the LR schedule
+        if norm is None:
+            norm = float(self.engine.get_global_grad_norm())
+        loss = self._mean_over_ranks(loss)
+        self.step += 1
+        self.consumed_samples += self.plan.batch.global_batch
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        return self._metrics(loss, norm, lr, dt)
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        if self.built.dist.world_size > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= self.built.dist.world_size
+        return loss.item()
+
+    def _metrics(self, loss: float, norm: float, lr: float, dt: float) -> dict[str, Any]:
+        max_norm = self.cfg.clip.max_norm
+        # DeepSpeed's rule: scale by max_norm / (norm + 1e-6) when that is below 1
+        coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+        tokens = self.plan.tokens_per_step
+        return {
+            "step": self.step,
+            "train/loss": loss,
+            "optim/grad_norm_preclip": norm,
+            "optim/clip_coef": coef,
+            "optim/clipped": coef < 1.0,
+            "optim/lr": lr,
+            "train/tokens_seen": self.consumed_samples * self.plan.seq_len,
+            "throughput/step_time_s": dt,
+            "throughput/tokens_per_s": tokens / dt,
+            "throughput/samples_per_s": self.plan.batch.global_batch / dt,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> None:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        while self.step < self.cfg.train.max_steps and self.stop_reason is None:
+            metrics = self.train_step()
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.step, metrics)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Broadcast a monitor event to every callback (loggers write it)."""
+        for cb in self.callbacks:
+            cb.on_event(self, self.step, event)
