@@ -73,3 +73,26 @@ def _fp16(cfg: Config) -> dict[str, Any]:
 
 def dumps(ds: dict[str, Any]) -> str:
     return json.dumps(ds, indent=2, sort_keys=True) + "\n"
+
+
+# ds_configs/<preset>.json: each preset's JSON at the world size and device it is meant for
+SNAPSHOTS = {"tiny": (1, "cpu"), "gpt2-small": (8, "cuda"), "gpt2-medium": (8, "cuda"),
+             "gpt-1.3b": (8, "cuda")}
+
+
+def snapshot(preset: str) -> str:
+    from harness.config import load_config
+    from harness.plan import make_plan
+
+    world_size, device = SNAPSHOTS[preset]
+    cfg = load_config(preset)
+    return dumps(build_ds_config(cfg, make_plan(cfg, world_size), device))
+
+
+if __name__ == "__main__":  # `make ds-configs` regenerates ds_configs/
+    import sys
+    from pathlib import Path
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "ds_configs")
+    for name in SNAPSHOTS:
+        (out / f"{name}.json").write_text(snapshot(name))

@@ -1,0 +1,113 @@
+"""Shared by the engine tests: tiny configs, synthetic data, and a plain-PyTorch reference.
+
+The reference repeats the harness's arithmetic with nothing but torch: the same GPT, the same
+initial weights (same seed), the same micro-batches, loss / accumulation, clip_grad_norm_,
+AdamW with the same parameter groups and LR schedule.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from harness.callbacks.base import Callback
+from harness.config import Config, load_config
+from harness.data.sampler import GlobalSampler
+from harness.data.sources import TokenSequences, TrainData
+from harness.engine import build, seed_everything  # noqa: F401 (re-exported)
+from harness.model import GPT, param_groups
+from harness.plan import lr_at, make_plan
+from harness.trainer import Trainer
+
+# One-ulp gradient differences (a different summation order, ZeRO dividing by 1/clip_coef
+# instead of multiplying by it) grow to ~7e-6 in the parameters over 3 AdamW steps at lr 1e-2:
+# Adam's normalised update turns tiny gradients' rounding into lr-sized moves. Measured in
+# plain PyTorch by test_accumulation's reference gap; 3e-5 leaves 4x headroom.
+ROUNDING_TOL = 3e-5
+
+SMALL = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=16",
+         "model.vocab_size=64", "optim.warmup_steps=2", "optim.lr=1e-2", "train.max_steps=3"]
+
+
+def small_cfg(*overrides: str) -> Config:
+    return load_config("tiny", [*SMALL, *overrides])
+
+
+def tokens(vocab: int = 64, n: int = 4096, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.int64)
+
+
+def make_data(cfg: Config, micro: int, rank: int = 0, dp: int = 1, device="cpu") -> TrainData:
+    seqs = TokenSequences(tokens(cfg.model.vocab_size), cfg.model.block_size)
+    return TrainData(seqs, GlobalSampler(len(seqs), cfg.train.seed, micro, rank, dp), device)
+
+
+class Record(Callback):
+    def __init__(self):
+        self.metrics = []
+
+    def on_step_end(self, trainer, step, metrics):
+        self.metrics.append(metrics)
+
+
+def run_harness(cfg: Config, dtype=torch.float32, dist=None):
+    """Train cfg.train.max_steps steps on the real DeepSpeed engine; returns (params, metrics)."""
+    torch.set_default_dtype(dtype)
+    try:
+        built = build(cfg, dist)
+        rec = Record()
+        b = built.plan.batch
+        data = make_data(cfg, b.micro_batch, built.dist.rank, b.dp_size)
+        Trainer(cfg, built, data, [rec]).fit()
+        params = {n: p.detach().clone() for n, p in full_params(built.engine)}
+        return params, rec.metrics, built
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def full_params(engine):
+    """Parameters gathered to full size at every ZeRO stage."""
+    import deepspeed
+
+    for name, p in engine.module.named_parameters():
+        if hasattr(p, "ds_id"):  # ZeRO 3 partitioned
+            with deepspeed.zero.GatheredParameters([p]):
+                yield name, p.detach().clone()
+        else:
+            yield name, p
+
+
+def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32):
+    """Plain PyTorch: returns (params, per-step pre-clip norms, per-step clipped grads)."""
+    torch.set_default_dtype(dtype)
+    try:
+        seed_everything(cfg.train.seed)
+        model = GPT(cfg.model)
+        plan = make_plan(cfg.copy() if hasattr(cfg, "copy") else cfg, 1)
+        o = cfg.optim
+        opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
+                                betas=(o.beta1, o.beta2), eps=o.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, plan, cfg) / plan.lr)
+        data = make_data(cfg, micro)
+        norms, clipped = [], []
+        global_batch = micro * accum
+        for step in range(cfg.train.max_steps):
+            for k in range(accum):
+                x, y = data.micro_batch(step * global_batch, k)
+                (model(x, y) / accum).backward()
+            params = [p for p in model.parameters()]
+            if cfg.clip.max_norm > 0:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.clip.max_norm).item())
+            else:
+                norms.append(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in params])).item())
+            clipped.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return dict(model.named_parameters()), norms, clipped
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[n].double() - b[n].double()).abs().max().item() for n in a)
