@@ -79,7 +79,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self._segments: tuple[tuple[int, int], ...] = ()
         self._sub_block: Optional[str] = None
-        self._checkpoint: Optional[CheckpointFn] = None
+        self.checkpoint_fn: Optional[CheckpointFn] = None
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
         for name, p in self.named_parameters():
@@ -100,7 +100,7 @@ class GPT(nn.Module):
             raise ValueError("checkpointing segments given without a checkpoint function")
         self._segments = tuple(segments)
         self._sub_block = policy if policy in ("attention", "mlp") else None
-        self._checkpoint = checkpoint_fn
+        self.checkpoint_fn = checkpoint_fn
 
     def _run_range(self, start: int, end: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -113,14 +113,14 @@ class GPT(nn.Module):
         if self._sub_block is not None:
             for block in self.blocks:
                 if self._sub_block == "attention":
-                    x = block.mlp_part(self._checkpoint(block.attention_part, x))
+                    x = block.mlp_part(self.checkpoint_fn(block.attention_part, x))
                 else:
-                    x = self._checkpoint(block.mlp_part, block.attention_part(x))
+                    x = self.checkpoint_fn(block.mlp_part, block.attention_part(x))
             return x
         i = 0
         for start, end in self._segments:
             x = self._run_range(i, start)(x)
-            x = self._checkpoint(self._run_range(start, end), x)
+            x = self.checkpoint_fn(self._run_range(start, end), x)
             i = end
         return self._run_range(i, len(self.blocks))(x)
 

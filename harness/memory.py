@@ -1,0 +1,161 @@
+"""Activation memory as autograd sees it: bytes saved for backward, counted exactly.
+
+torch.autograd.graph.saved_tensors_hooks sees every tensor an op keeps for its backward,
+on any device. We count each storage once (views share it), skip parameters (they are
+model state, not activations) and track the live total until autograd drops the saved
+tensor, so `peak` includes what a checkpointed segment recomputes during backward.
+
+DeepSpeed's checkpoint keeps its inputs on ctx.deepspeed_saved_tensors, out of the hooks'
+sight; `wrap_checkpoint` counts those too, and frees them when DeepSpeed drops that tuple.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+
+
+class _Held:
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: torch.Tensor, key: int, meter: "SavedActivations"):
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class _HeldTuple(tuple):
+    """deepspeed_saved_tensors with our accounting attached: freed together."""
+
+    held: list
+
+
+class SavedActivations:
+    """with SavedActivations(model.parameters()) as m: loss.backward() ... m.peak, m.forward."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter] = ()):
+        self._param_keys = {p.untyped_storage().data_ptr() for p in params}
+        self._refs: dict[int, int] = defaultdict(int)
+        self._sizes: dict[int, int] = {}
+        self.live = self.peak = self.packed = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._param_keys or storage.nbytes() == 0:
+            return t
+        return self._hold(t, key, storage.nbytes())
+
+    def _hold(self, t: torch.Tensor, key: int, nbytes: int) -> _Held:
+        if self._refs[key] == 0:
+            self._sizes[key] = nbytes
+            self.live += nbytes
+            self.packed += nbytes
+            self.peak = max(self.peak, self.live)
+        self._refs[key] += 1
+        return _Held(t, key, self)
+
+    def wrap_checkpoint(self, checkpoint_fn):
+        def counted(function, *args):
+            out = checkpoint_fn(function, *args)
+            ctx = out.grad_fn
+            saved = getattr(ctx, "deepspeed_saved_tensors", None)
+            if saved is not None:
+                held = _HeldTuple(saved)
+                held.held = [self._pack(t) for t in saved if torch.is_tensor(t)]
+                ctx.deepspeed_saved_tensors = held
+            return out
+        return counted
+
+    @staticmethod
+    def _unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            self.live -= self._sizes.pop(key)
+            del self._refs[key]
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+    """One forward+backward; bytes held after the forward, and the peak including recompute."""
+    meter = SavedActivations(model.parameters())
+    original = getattr(model, "checkpoint_fn", None)
+    if original is not None:
+        model.checkpoint_fn = meter.wrap_checkpoint(original)
+    try:
+        with meter:
+            loss = model(x, y)
+            after_forward = meter.live
+            loss.backward()
+    finally:
+        if original is not None:
+            model.checkpoint_fn = original
+    return {"forward": after_forward, "peak": meter.peak}
+
+
+# ---- prediction from shapes ------------------------------------------------------------
+# What one block saves for backward (from the ops in harness/model.py), B = b*t*d elements:
+# attention: ln_1 input B and output B, then either SDPA's fused path (qkv 3B, output B,
+# logsumexp b*h*t fp32) or, with attention dropout, the math path (q, k, v copies 3B, scores
+# softmax and dropout mask and dropped probabilities 3 x b*h*t*t, output B); residual dropout
+# mask B. MLP: ln_2 input B and output B, fc output 4B, GELU output 4B, dropout mask B.
+# Layer norms keep mean and rstd (2 x b*t, fp32).
+
+
+def block_parts(cfg, micro: int, act_bytes: int = 4) -> dict[str, int]:
+    b, t, d, h = micro, cfg.block_size, cfg.d_model, cfg.n_head
+    unit, stats = b * t * d * act_bytes, 2 * b * t * 4
+    mask = unit if cfg.dropout > 0 else 0
+    if cfg.dropout > 0:
+        core = 3 * unit + 3 * b * h * t * t * act_bytes + unit
+    else:
+        core = 3 * unit + unit + b * h * t * 4
+    return {"input": unit,
+            "attention": stats + unit + core + mask,  # without its input
+            "mlp": unit + stats + unit + 4 * unit + 4 * unit + mask}  # with ln_2's input
+
+
+def _units(cfg, micro: int, policy: str, segments, act_bytes: int) -> list[tuple[int, int]]:
+    """(bytes stored through the forward, bytes recomputed in its backward), forward order."""
+    p = block_parts(cfg, micro, act_bytes)
+    full = p["input"] + p["attention"] + p["mlp"]
+    units = [(p["input"] if cfg.dropout > 0 else 0, 0)]  # embedding dropout mask
+    if policy in ("attention", "mlp"):
+        inner = p["attention"] + p["input"] if policy == "attention" else p["mlp"]
+        units += [(full - inner + p["input"], inner)] * cfg.n_layer
+    else:
+        starts = {a: b_ for a, b_ in segments}
+        i = 0
+        while i < cfg.n_layer:
+            if i in starts:
+                units.append((p["input"], (starts[i] - i) * full))
+                i = starts[i]
+            else:
+                units.append((full, 0))
+                i += 1
+    b, t, v = micro, cfg.block_size, cfg.vocab_size
+    head = 2 * b * t * cfg.d_model * act_bytes + 2 * b * t * 4 + 2 * b * t * v * 4
+    return units + [(head, 0)]
+
+
+def predict_peak(cfg, micro: int, policy: str, segments, act_bytes: int = 4) -> int:
+    """Peak bytes saved for backward: the end of the forward, or a segment's recompute
+    while everything before it is still held (later units are already freed)."""
+    units = _units(cfg, micro, policy, segments, act_bytes)
+    peak, held = sum(s for s, _ in units), 0
+    for stored, recompute in units:
+        held += stored
+        peak = max(peak, held + recompute)
+    return peak

@@ -1,0 +1,83 @@
+"""Activation checkpointing: same gradients as no checkpointing, and the memory it promises.
+
+Memory is the peak of bytes saved for backward (harness.memory.SavedActivations: exact,
+device-independent, recompute included), on an 8-layer model with dropout on.
+"""
+import pytest
+import torch
+
+from engine_utils import make_data, small_cfg
+from harness.engine import build
+from harness.memory import measure_step, predict_peak
+
+AC = "activation_checkpointing"
+SHAPE = ["model.n_layer=8", "model.d_model=64", "model.block_size=32", "model.dropout=0.1",
+         "train.micro_batch_size=4", "train.grad_accum_steps=1"]
+POLICIES = {
+    "none": [], "every_layer": [], "every_k": [f"{AC}.every_k=2"], "sqrt": [],
+    "count": [f"{AC}.number_checkpoints=2"], "attention": [], "mlp": [],
+}
+VARIANTS = [
+    ["every_layer", f"{AC}.partition_activations=true", f"{AC}.cpu_checkpointing=true"],
+    ["sqrt", f"{AC}.partition_activations=true", f"{AC}.contiguous_memory_optimization=true"],
+    ["every_layer", f"{AC}.synchronize_checkpoint_boundary=true", f"{AC}.profile=true"],
+]
+
+
+def _grads(policy, *extra):
+    cfg = small_cfg(*SHAPE, f"{AC}.policy={policy}", *POLICIES.get(policy, []), *extra)
+    built = build(cfg)
+    model = built.engine.module
+    x, y = make_data(cfg, 4).micro_batch(0, 0)
+    torch.manual_seed(7)  # same dropout masks; DeepSpeed restores the RNG for the recompute
+    model(x, y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def plain_grads():
+    return _grads("none")
+
+
+@pytest.mark.parametrize("args", [[p] for p in POLICIES if p != "none"] + VARIANTS,
+                         ids=lambda a: "+".join(s.split(".")[-1] for s in a))
+def test_gradients_equal_without_checkpointing(args, plain_grads):
+    grads = _grads(*args)
+    for name, g in plain_grads.items():
+        assert torch.equal(grads[name], g), name
+
+
+def _peak(policy):
+    cfg = small_cfg(*SHAPE, f"{AC}.policy={policy}", *POLICIES[policy])
+    built = build(cfg)
+    x, y = make_data(cfg, 4).micro_batch(0, 0)
+    measured = measure_step(built.engine.module, x, y)["peak"]
+    return measured, predict_peak(cfg.model, 4, policy, built.plan.segments)
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    return {policy: _peak(policy) for policy in POLICIES}
+
+
+def test_every_layer_keeps_at_most_20_percent(peaks):
+    assert peaks["every_layer"][0] <= 0.20 * peaks["none"][0]
+
+
+def test_other_policies_fall_between_in_the_predicted_order(peaks):
+    lo, hi = peaks["every_layer"][0], peaks["none"][0]
+    for policy, (measured, _) in peaks.items():
+        if policy not in ("none", "every_layer"):
+            assert lo < measured < hi, policy
+    assert sorted(peaks, key=lambda p: peaks[p][0]) == sorted(peaks, key=lambda p: peaks[p][1])
+
+
+def test_prediction_within_10_percent(peaks):
+    for policy, (measured, predicted) in peaks.items():
+        assert predicted == pytest.approx(measured, rel=0.10), policy
+
+
+def test_partition_without_tensor_parallel_warns(caplog):
+    with caplog.at_level("WARNING", logger="harness"):
+        build(small_cfg(*SHAPE, f"{AC}.policy=every_layer", f"{AC}.partition_activations=true"))
+    assert "saves nothing without tensor parallelism" in caplog.text
