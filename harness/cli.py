@@ -29,8 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.run import train
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    return train(load_config(args.config, args.overrides))
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:

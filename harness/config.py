@@ -12,7 +12,11 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.checkpoint import CheckpointConfig
+from harness.data.config import DataConfig
 from harness.errors import HarnessError
+from harness.monitor.config import MonitorConfig
+from harness.slurm import SlurmConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -115,6 +119,10 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def preset_names() -> list[str]:
@@ -209,6 +217,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.parallel.model_parallel_size == 1,
              "parallel.model_parallel_size must be 1: tensor parallelism is not implemented")
     _validate_checkpointing(ac, m.n_layer)
+    for section in (cfg.data, cfg.checkpoint, cfg.monitor, cfg.slurm):
+        section.validate()  # each component checks its own keys
 
 
 def _validate_checkpointing(ac: ActivationCheckpointingConfig, n_layer: int) -> None:

@@ -1,27 +1,31 @@
-"""`harness train`: config -> engine -> data -> callbacks -> fit, and the run directory."""
+"""`harness train`: config -> engine -> data -> callbacks -> fit, in a run directory.
+
+The run directory holds config.yaml, ds_config.json, metrics.jsonl and checkpoints/. A
+second `harness train` with the same run directory resumes from its newest complete
+checkpoint (checkpoint.resume=auto), which is what a requeued Slurm job does.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import torch
+
 from harness.callbacks.loggers import Console, MetricsFile
+from harness.checkpoint import Checkpointer, load
 from harness.config import Config, to_yaml
+from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
-from harness.data.sources import TokenSequences, TrainData, stdlib_bytes
+from harness.data.shards import TokenShards
+from harness.data.sources import TrainData
 from harness.ds_config import dumps
 from harness.engine import Built, build
 from harness.errors import HarnessError
+from harness.preemption import StopSignals
+from harness.slurm import REQUEUE_EXIT_CODE
 from harness.trainer import Trainer
 
 log = logging.getLogger("harness")
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    run_dir = Path(cfg.train.run_dir)
-    if (run_dir / "metrics.jsonl").exists():
-        raise HarnessError(f"train.run_dir={run_dir} already holds a run (metrics.jsonl): "
-                           f"choose another train.run_dir or remove it")
-    return run_dir
 
 
 def write_run_files(run_dir: Path, cfg: Config, built: Built) -> None:
@@ -30,24 +34,76 @@ def write_run_files(run_dir: Path, cfg: Config, built: Built) -> None:
     (run_dir / "ds_config.json").write_text(dumps(built.ds_config))
 
 
-def build_data(cfg: Config, built: Built) -> TrainData:
-    tokens = stdlib_bytes()
-    if cfg.model.vocab_size < 256:
-        raise HarnessError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                           f"byte-level corpus' 256 symbols: set model.vocab_size=256")
-    seqs = TokenSequences(tokens, cfg.model.block_size)
+def open_shards(cfg: Config, built: Built) -> TokenShards:
+    """Rank 0 prepares the shards on first use; the others wait, then everyone validates."""
+    out_dir = Path(cfg.data.out_dir)
+    if built.dist.rank == 0 and not (out_dir / "manifest.json").is_file():
+        prepare_data(cfg.data, progress=False)
+    if built.dist.world_size > 1:
+        torch.distributed.barrier()
+    shards = TokenShards.open(out_dir)
+    if shards.vocab_size > cfg.model.vocab_size:
+        raise HarnessError(f"{out_dir}/manifest.json: the tokenizer has {shards.vocab_size} "
+                           f"pieces but model.vocab_size={cfg.model.vocab_size}: set "
+                           f"model.vocab_size >= {shards.vocab_size}")
+    return shards
+
+
+def build_data(cfg: Config, built: Built, shards: TokenShards) -> TrainData:
+    seqs = shards.sequences("train", cfg.model.block_size)
+    if len(seqs) < built.plan.batch.global_batch:
+        raise HarnessError(f"{cfg.data.out_dir}: {len(seqs)} training sequences of "
+                           f"{cfg.model.block_size} tokens, fewer than one global batch "
+                           f"({built.plan.batch.global_batch}): add data or shrink the batch")
     sampler = GlobalSampler(len(seqs), cfg.train.seed, built.plan.batch.micro_batch,
                             built.dist.rank, built.dist.world_size)
     return TrainData(seqs, sampler, built.engine.device)
 
 
-def train(cfg: Config) -> Trainer:
-    run_dir = prepare_run_dir(cfg)
+def _check_fingerprint(meta: dict, shards: TokenShards, path: Path) -> None:
+    saved = meta.get("data_fingerprint")
+    if saved is not None and saved != shards.fingerprint:
+        raise HarnessError(f"{shards.directory}: data fingerprint {shards.fingerprint[:12]} "
+                           f"differs from the one checkpoint {path} was trained on "
+                           f"({saved[:12]}): point data.out_dir at the original shards or "
+                           f"start a new train.run_dir")
+
+
+def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
+    run_dir = Path(cfg.train.run_dir)
     built = build(cfg)
+    shards = open_shards(cfg, built)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, {"data_fingerprint": shards.fingerprint})
+    checkpointer.clean_partial(built.dist.rank)
+    resume = checkpointer.find_resume()
+    if resume is None and cfg.checkpoint.resume == "never" and (run_dir / "metrics.jsonl").exists():
+        raise HarnessError(f"train.run_dir={run_dir} already holds a run: choose another "
+                           f"train.run_dir, or checkpoint.resume=auto to continue it")
+    metrics_file = MetricsFile(run_dir)
+    callbacks = [checkpointer, metrics_file, Console(cfg.train.log_every)]
+    trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
+    if resume is not None:
+        meta = load(trainer, resume)
+        _check_fingerprint(meta, shards, resume)
+        checkpointer.last_saved_step = trainer.step
+        log.info("resumed from %s at step %d", resume, trainer.step)
     if built.dist.rank == 0:
         write_run_files(run_dir, cfg, built)
-    data = build_data(cfg, built)
-    callbacks = [MetricsFile(run_dir), Console(cfg.train.log_every)]
-    trainer = Trainer(cfg, built, data, callbacks)
-    trainer.fit()
-    return trainer
+        metrics_file.truncate_after(trainer.step)  # steps past the checkpoint are redone
+    return trainer, checkpointer
+
+
+def train(cfg: Config) -> int:
+    """Returns the process exit code: 0 when done, REQUEUE_EXIT_CODE when stopped early."""
+    trainer, _ = make_trainer(cfg)
+    signals = StopSignals().install()
+    trainer.stop_signals = signals
+    try:
+        trainer.fit()
+    finally:
+        signals.uninstall()
+    if trainer.step < cfg.train.max_steps and trainer.stop_reason:
+        log.info("stopped at step %d (%s): checkpoint saved, exiting with %d to be requeued",
+                 trainer.step, trainer.stop_reason, REQUEUE_EXIT_CODE)
+        return REQUEUE_EXIT_CODE
+    return 0

@@ -26,6 +26,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.consumed_samples = 0  # global data position; may run ahead of step x batch
         self.stop_reason: str | None = None
+        self.stop_signals = None  # harness.preemption.StopSignals when signals should stop us
         # DeepSpeed discards the norm at ZeRO 0 in fp32, so we compute it there ourselves
         self._own_norm = cfg.zero.stage == 0 and cfg.train.precision == "fp32"
 
@@ -108,6 +109,9 @@ class Trainer:
             metrics = self.train_step()
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step, metrics)
+            if self.stop_signals is not None and self.stop_signals.should_stop(
+                    self.built.dist.world_size):
+                self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
         for cb in self.callbacks:
             cb.on_train_end(self)
 

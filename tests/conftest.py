@@ -6,3 +6,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory):
+    """Token shards of a 300 kB slice of the built-in corpus, prepared once per session."""
+    from harness.data.config import DataConfig
+    from harness.data.prepare import prepare_data
+
+    out = tmp_path_factory.mktemp("shards") / "stdlib"
+    prepare_data(DataConfig(out_dir=str(out), max_bytes=300_000, vocab_size=512), progress=False)
+    return out

@@ -12,7 +12,8 @@ import torch
 from harness.callbacks.base import Callback
 from harness.config import Config, load_config
 from harness.data.sampler import GlobalSampler
-from harness.data.sources import TokenSequences, TrainData
+from harness.data.shards import Sequences
+from harness.data.sources import TrainData
 from harness.engine import build, seed_everything  # noqa: F401 (re-exported)
 from harness.model import GPT, param_groups
 from harness.plan import lr_at, make_plan
@@ -25,7 +26,7 @@ from harness.trainer import Trainer
 ROUNDING_TOL = 3e-5
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=16",
-         "model.vocab_size=64", "optim.warmup_steps=2", "optim.lr=1e-2", "train.max_steps=3"]
+         "model.vocab_size=64", "train.global_batch_size=null", "optim.warmup_steps=2", "optim.lr=1e-2", "train.max_steps=3"]
 
 
 def small_cfg(*overrides: str) -> Config:
@@ -37,7 +38,7 @@ def tokens(vocab: int = 64, n: int = 4096, seed: int = 0) -> np.ndarray:
 
 
 def make_data(cfg: Config, micro: int, rank: int = 0, dp: int = 1, device="cpu") -> TrainData:
-    seqs = TokenSequences(tokens(cfg.model.vocab_size), cfg.model.block_size)
+    seqs = Sequences(tokens(cfg.model.vocab_size), cfg.model.block_size)
     return TrainData(seqs, GlobalSampler(len(seqs), cfg.train.seed, micro, rank, dp), device)
 
 

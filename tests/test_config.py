@@ -77,7 +77,8 @@ def test_any_two_determine_the_third(g, m, a, dp, want):
 
 
 def test_linear_lr_scaling():
-    cfg = load_config("tiny", ["optim.lr_scaling=true", "optim.base_global_batch=8", "optim.lr=1e-3"])
+    cfg = load_config("tiny", ["optim.lr_scaling=true", "optim.base_global_batch=8", "optim.lr=1e-3",
+                               "train.global_batch_size=null", "train.grad_accum_steps=2"])
     assert make_plan(cfg, 2).lr == pytest.approx(1e-3 * 32 / 8)  # global 8 x 2 x 2 = 32
 
 

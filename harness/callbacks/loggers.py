@@ -31,6 +31,16 @@ class MetricsFile(Callback):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None
 
+    def truncate_after(self, step: int) -> None:
+        """After a resume at `step`, drop the lines of steps that will be trained again."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines(keepends=True)
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(self.path)
+
     def _write(self, record: dict[str, Any]) -> None:
         if self._fh is None:
             self._fh = self.path.open("a", buffering=1)

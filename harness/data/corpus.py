@@ -1,0 +1,151 @@
+"""Documents from the configured sources: text files, directories, JSONL, or the stdlib.
+
+Two passes: `scan_sources` lists, hashes and counts the documents (the split and the manifest
+need the count and hashes before tokenizing); `iter_documents` then yields them in order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from harness.errors import HarnessError
+
+# not representative source code, or not the standard library itself
+STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__",
+                    "encodings", "pydoc_data"}
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    kind: str  # "text" (the whole file is one document) or "jsonl" (one per line)
+    size: int  # bytes in the file
+    bytes_used: int  # less than size only where max_bytes cut a JSONL file
+    sha256: str  # of the bytes used
+    documents: int
+
+
+def scan_sources(paths: list[str], max_bytes: int = 0) -> list[Source]:
+    """Sources in reading order, stopping where `max_bytes` (0: no cap) is reached."""
+    budget = max_bytes if max_bytes > 0 else math.inf
+    sources = []
+    for path, explicit in _files(paths):
+        if path.suffix == ".jsonl":
+            source = _scan_jsonl(path, budget)
+        else:
+            source = _scan_text(path, explicit, budget)
+        if source is None:
+            continue
+        if source.documents:
+            sources.append(source)
+        budget -= source.bytes_used
+        if source.bytes_used < source.size:
+            break  # the cap keeps a prefix of the corpus: stop at the first file it cuts
+    if not sum(s.documents for s in sources):
+        where = ", ".join(paths) if paths else "the built-in corpus"
+        raise HarnessError(f"data.sources: no documents found in {where}; add text files "
+                           "or raise data.max_bytes")
+    return sources
+
+
+def iter_documents(sources: list[Source], text_field: str) -> Iterator[tuple[str, int]]:
+    """(text, source bytes) for every document of `sources`, in order."""
+    for source in sources:
+        if source.kind == "text":
+            data = Path(source.path).read_bytes()
+            yield data.decode("utf-8"), len(data)
+        else:
+            yield from _jsonl_documents(source, text_field)
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _files(paths: list[str]) -> Iterator[tuple[Path, bool]]:
+    """(file, named explicitly) pairs; directories are walked in sorted order."""
+    if not paths:
+        yield from ((p, False) for p in _walk(stdlib_dir(), STDLIB_SKIP_DIRS) if p.suffix == ".py")
+        return
+    for raw in paths:  # check them all first: a typo should not wait for the cap
+        if not Path(raw).expanduser().exists():
+            raise HarnessError(f"data.sources: {raw} does not exist; fix or remove the path")
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            yield from ((p, False) for p in _walk(path, set()))
+        else:
+            yield path, True
+
+
+def _walk(root: Path, skip: set[str]) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        # sorting in place fixes the order os.walk descends in
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _scan_text(path: Path, explicit: bool, budget: float) -> Source | None:
+    data = path.read_bytes()
+    if not _is_text(data):
+        if explicit:
+            raise HarnessError(f"data.sources: {path} is not UTF-8 text; convert or remove it")
+        return None  # binary files inside a directory are expected (images, archives)
+    if not data:
+        return None
+    if len(data) > budget:
+        return Source(str(path), "text", len(data), 0, "", 0)
+    return Source(str(path), "text", len(data), len(data), hashlib.sha256(data).hexdigest(), 1)
+
+
+def _is_text(data: bytes) -> bool:
+    if b"\0" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _scan_jsonl(path: Path, budget: float) -> Source:
+    digest, used, docs = hashlib.sha256(), 0, 0
+    with path.open("rb") as f:
+        for line in f:
+            if used + len(line) > budget:
+                break
+            digest.update(line)
+            used += len(line)
+            docs += bool(line.strip())
+    return Source(str(path), "jsonl", path.stat().st_size, used, digest.hexdigest(), docs)
+
+
+def _jsonl_documents(source: Source, text_field: str) -> Iterator[tuple[str, int]]:
+    used = 0
+    with open(source.path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            used += len(line)
+            if used > source.bytes_used:
+                return
+            if line.strip():
+                yield _jsonl_text(line, text_field, f"{source.path}:{lineno}"), len(line)
+
+
+def _jsonl_text(line: bytes, text_field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise HarnessError(f"{where}: not a JSON line ({e}); fix or remove the line") from None
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise HarnessError(f"{where}: no string field {text_field!r}; set data.jsonl_text_field "
+                           "to the key that holds the text")
+    return text

@@ -1,0 +1,198 @@
+"""`harness prepare-data`: corpus -> tokenizer -> token shards, written atomically.
+
+The output is built in a temp directory beside `out_dir` and renamed into place, so a crash
+never leaves a half-written `out_dir`. An existing `out_dir` is reused when it was prepared
+from the same inputs and settings, and is never overwritten when it was not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from harness.data.config import DataConfig
+from harness.data.corpus import Source, iter_documents, scan_sources
+from harness.data.shards import (FORMAT_VERSION, TOKENIZER_FILE, ShardWriter, TokenShards,
+                                 read_manifest, token_dtype)
+from harness.data.tokenizer import Tokenizer, train_tokenizer
+from harness.errors import HarnessError
+
+# below this, starting workers (each imports numpy and sentencepiece) costs more than it saves
+PARALLEL_MIN_BYTES = 8 << 20
+
+
+def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
+    """Prepare `cfg.out_dir` (a no-op when it is up to date) and return it."""
+    return _prepare(cfg, progress)[0]
+
+
+def main(cfg: DataConfig) -> int:
+    start = time.perf_counter()
+    out_dir, built = _prepare(cfg, progress=True)
+    seconds = time.perf_counter() - start
+    m = TokenShards.open(out_dir).manifest
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    counts = (f"{train['tokens']:,} train + {val['tokens']:,} val tokens, "
+              f"{train['documents'] + val['documents']:,} documents, vocab {m['vocab_size']}")
+    if built:
+        mb = m["source_bytes"] / 1e6
+        print(f"prepared {out_dir}: {counts}; {mb:.1f} MB in {seconds:.1f} s "
+              f"({mb / seconds:.1f} MB/s); fingerprint {m['fingerprint'][:12]}")
+    else:
+        print(f"{out_dir} is up to date: {counts}; fingerprint {m['fingerprint'][:12]}")
+    return 0
+
+
+def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
+    """(out_dir, whether it was built now)."""
+    cfg.validate()
+    out_dir = Path(cfg.out_dir)
+    sources = scan_sources(cfg.sources, cfg.max_bytes)
+    given = Tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
+    settings = _settings(cfg, given)
+    inputs = _sha256({"settings": settings, "sources": _source_keys(sources)})
+    if _up_to_date(out_dir, inputs):
+        return out_dir, False
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # not mkdtemp: its mode 0700 would survive the rename
+    try:
+        _build(cfg, sources, given, settings, inputs, tmp, progress)
+        _fsync_files(tmp)
+        try:
+            tmp.rename(out_dir)  # atomic; replaces only a missing or empty out_dir
+        except OSError:
+            if not _up_to_date(out_dir, inputs):  # another process may have just made it
+                raise _differs(out_dir) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir, True
+
+
+def _settings(cfg: DataConfig, given: Tokenizer | None) -> dict:
+    """Everything besides the source bytes that decides the tokens (max_bytes acts through
+    the sources it selects)."""
+    tokenizer = ({"sha256": given.sha256} if given else
+                 {"type": cfg.tokenizer_type, "vocab_size": cfg.vocab_size})
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer,
+            "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+            "jsonl_text_field": cfg.jsonl_text_field}
+
+
+def _source_keys(sources: list[Source]) -> list:
+    # content, not paths: the same files moved elsewhere give the same tokens
+    return [[s.kind, s.sha256, s.bytes_used] for s in sources]
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _differs(out_dir: Path) -> HarnessError:
+    return HarnessError(f"data.out_dir={out_dir} already exists and was not prepared from these "
+                        f"sources and settings; choose a fresh data.out_dir or delete {out_dir}")
+
+
+def _up_to_date(out_dir: Path, inputs: str) -> bool:
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return False
+    if not out_dir.is_dir():
+        raise _differs(out_dir)
+    try:
+        same = read_manifest(out_dir).get("inputs_sha256") == inputs
+    except HarnessError:
+        same = False
+    if not same:
+        raise _differs(out_dir)
+    TokenShards.open(out_dir)  # up to date only if intact
+    return True
+
+
+def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, settings: dict,
+           inputs: str, tmp: Path, progress: bool) -> None:
+    total = sum(s.bytes_used for s in sources)
+    is_val = _val_mask(sum(s.documents for s in sources), cfg.val_fraction, cfg.seed)
+    model_path = tmp / TOKENIZER_FILE
+    if given:
+        shutil.copyfile(given.path, model_path)
+        tokenizer = Tokenizer(model_path)
+    else:
+        texts = (text for text, _ in iter_documents(sources, cfg.jsonl_text_field))
+        tokenizer = train_tokenizer(texts, model_path, cfg.tokenizer_type, cfg.vocab_size, total)
+    encoded = _encode_all(tokenizer, sources, cfg.jsonl_text_field, _num_workers(cfg, total))
+    with ShardWriter(tmp, tokenizer) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
+                 leave=False) as bar:
+        for i, (tokens, nbytes) in enumerate(encoded):
+            writer.add("val" if is_val[i] else "train", tokens)
+            bar.update(nbytes)
+        fingerprint = _sha256({"tokenizer_sha256": tokenizer.sha256, "settings": settings,
+                               "sources": _source_keys(sources)})
+        writer.finish(fingerprint=fingerprint, inputs_sha256=inputs, settings=settings,
+                      source_bytes=total, sources=[asdict(s) for s in sources])
+
+
+def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
+    if total_bytes < PARALLEL_MIN_BYTES:
+        return 1
+    return cfg.num_workers or min(os.cpu_count() or 1, 4)
+
+
+def _val_mask(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    """Which documents go to the validation split: round(n * fraction), at least one."""
+    mask = np.zeros(n_docs, bool)
+    if fraction == 0:
+        return mask
+    if n_docs < 2:
+        raise HarnessError(f"data.val_fraction={fraction} needs at least 2 documents, the "
+                           "corpus has 1; add documents or set data.val_fraction=0")
+    n_val = min(n_docs - 1, max(1, round(n_docs * fraction)))
+    # legacy RandomState: its stream is frozen across numpy versions
+    mask[np.random.RandomState(seed).choice(n_docs, n_val, replace=False)] = True
+    return mask
+
+
+def _encode_all(tokenizer: Tokenizer, sources: list[Source], text_field: str,
+                workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens with EOS, source bytes) per document, in corpus order."""
+    docs = iter_documents(sources, text_field)
+    init = (str(tokenizer.path), token_dtype(tokenizer.vocab_size).str)
+    if workers == 1:
+        _init_worker(*init)  # the same code path as the workers, in this process
+        yield from map(_encode, docs)
+        return
+    # spawn: forking a parent that may hold torch threads can deadlock the children
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, _init_worker, init) as pool:
+        yield from pool.imap(_encode, docs, chunksize=8)
+
+
+_worker: dict = {}  # per process: the tokenizer and token dtype set by _init_worker
+
+
+def _init_worker(model_path: str, dtype: str) -> None:
+    _worker["tokenizer"] = Tokenizer(model_path)
+    _worker["dtype"] = np.dtype(dtype)
+
+
+def _encode(doc: tuple[str, int]) -> tuple[np.ndarray, int]:
+    text, nbytes = doc
+    tokenizer = _worker["tokenizer"]
+    return np.array(tokenizer.encode(text) + [tokenizer.eos_id], _worker["dtype"]), nbytes
+
+
+def _fsync_files(directory: Path) -> None:
+    """Flush to disk before the rename, which could otherwise persist before the data."""
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())

@@ -1,0 +1,185 @@
+"""Token shards on disk, one directory per prepared corpus:
+
+- `train.bin`, `val.bin`: every document's tokens followed by EOS, concatenated, raw
+  uint16 (vocab <= 65536) or uint32, read back as np.memmap;
+- `train.idx.npy`, `val.idx.npy`: int64 document boundaries, documents + 1 of them
+  (document d is tokens[idx[d]:idx[d + 1]], EOS last);
+- `tokenizer.model` and `manifest.json` (counts, dtype, hashes, fingerprint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from harness.data.tokenizer import Tokenizer
+from harness.errors import HarnessError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class ShardWriter:
+    """Appends tokenized documents to the split files of `directory` (a fresh temp dir)."""
+
+    def __init__(self, directory: Path, tokenizer: Tokenizer):
+        self.directory = directory
+        self.tokenizer = tokenizer
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self._files = {s: open(directory / f"{s}.bin", "wb") for s in SPLITS}
+        self._offsets = {s: [0] for s in SPLITS}
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def add(self, split: str, tokens: np.ndarray) -> None:
+        """`tokens`: one document, EOS included."""
+        self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._offsets[split].append(self._offsets[split][-1] + len(tokens))
+
+    def finish(self, **extra) -> dict:
+        """Close the files, write the indexes and the manifest (with `extra` keys); return it."""
+        self.__exit__()
+        splits = {}
+        for s in SPLITS:
+            np.save(self.directory / f"{s}.idx.npy", np.array(self._offsets[s], np.int64))
+            splits[s] = {"file": f"{s}.bin", "index": f"{s}.idx.npy",
+                         "tokens": self._offsets[s][-1], "documents": len(self._offsets[s]) - 1}
+        manifest = {"format_version": FORMAT_VERSION, **extra,
+                    "tokenizer": {"file": TOKENIZER_FILE, "sha256": self.tokenizer.sha256},
+                    "vocab_size": self.tokenizer.vocab_size, "eos_id": self.tokenizer.eos_id,
+                    "dtype": self.dtype.name, "splits": splits}
+        (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        return manifest
+
+
+class Sequences:
+    """Fixed-length samples: sample i is tokens[i*L : i*L + L + 1], inputs plus the shifted
+    targets, so consecutive samples share one boundary token."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.num_sequences = max(0, (len(tokens) - 1) // seq_len)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_sequences:
+            raise IndexError(f"sequence {i} out of range [0, {self.num_sequences})")
+        start = i * self.seq_len
+        return self.tokens[start:start + self.seq_len + 1].astype(np.int64)
+
+    def batch(self, indices: Sequence[int]) -> np.ndarray:
+        """int64 array [len(indices), seq_len + 1]."""
+        return np.stack([self[int(i)] for i in indices])
+
+
+class TokenShards:
+    """A prepared directory, validated on open: use `TokenShards.open(out_dir)`."""
+
+    def __init__(self, directory: Path, manifest: dict, train: np.ndarray, val: np.ndarray):
+        self.directory = directory
+        self.manifest = manifest
+        self.train = train
+        self.val = val
+        self.fingerprint: str = manifest["fingerprint"]
+        self.vocab_size: int = manifest["vocab_size"]
+        self.eos_id: int = manifest["eos_id"]
+        self.tokenizer_path = directory / manifest["tokenizer"]["file"]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> TokenShards:
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        try:
+            _check_tokenizer(directory, manifest)
+            dtype = np.dtype(manifest["dtype"])
+            tokens = {s: _open_split(directory, manifest, s, dtype) for s in SPLITS}
+            return cls(directory, manifest, tokens["train"], tokens["val"])
+        except (KeyError, TypeError) as e:
+            raise HarnessError(f"{directory / MANIFEST} lacks or mistypes {e}; delete "
+                               f"{directory} and run `harness prepare-data` again") from None
+
+    def offsets(self, split: str) -> np.ndarray:
+        """Document boundaries of `split`: document d is tokens[o[d]:o[d + 1]]."""
+        return np.load(self.directory / self.manifest["splits"][split]["index"])
+
+    def sequences(self, split: str, seq_len: int) -> Sequences:
+        seqs = Sequences(getattr(self, split), seq_len)
+        if not seqs.num_sequences:
+            raise HarnessError(
+                f"{self.directory}: the {split} split has {len(seqs.tokens)} tokens, too few for "
+                f"one sequence of {seq_len} + 1; use a shorter sequence or more data "
+                "(data.sources, data.val_fraction)")
+        return seqs
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise HarnessError(f"{path} not found: {directory} holds no prepared data; run "
+                           f"`harness prepare-data` with data.out_dir={directory}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HarnessError(f"{path} is not valid JSON ({e}); delete {directory} and run "
+                           "`harness prepare-data` again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise HarnessError(f"{path} is not a format {FORMAT_VERSION} manifest; delete "
+                           f"{directory} and run `harness prepare-data` again")
+    return manifest
+
+
+def _corrupt(path: Path, what: str) -> HarnessError:
+    return HarnessError(f"{path}: {what}; the file is truncated or corrupt: delete "
+                        f"{path.parent} and run `harness prepare-data` again")
+
+
+def _check_tokenizer(directory: Path, manifest: dict) -> None:
+    path = directory / manifest["tokenizer"]["file"]
+    if not path.is_file():
+        raise HarnessError(f"{path} not found; delete {directory} and run "
+                           "`harness prepare-data` again")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
+        raise _corrupt(path, "sha256 differs from manifest.json")
+
+
+def _open_split(directory: Path, manifest: dict, split: str, dtype: np.dtype) -> np.ndarray:
+    info = manifest["splits"][split]
+    path, count = directory / info["file"], info["tokens"]
+    size = path.stat().st_size if path.is_file() else -1
+    if size != count * dtype.itemsize:
+        raise _corrupt(path, f"{size} bytes, manifest.json says {count} tokens of "
+                             f"{dtype.itemsize} bytes")
+    # an empty file cannot be memory-mapped
+    tokens = np.memmap(path, dtype, mode="r") if count else np.zeros(0, dtype)
+    if count and int(tokens.max()) >= manifest["vocab_size"]:
+        raise _corrupt(path, f"token id {int(tokens.max())} >= vocab_size "
+                             f"{manifest['vocab_size']}")
+    _check_index(directory / info["index"], count, info["documents"])
+    return tokens
+
+
+def _check_index(path: Path, tokens: int, documents: int) -> None:
+    try:
+        idx = np.load(path)
+    except (OSError, ValueError) as e:
+        raise _corrupt(path, f"unreadable ({e})") from None
+    if (idx.shape != (documents + 1,) or idx[0] != 0 or idx[-1] != tokens
+            or np.any(np.diff(idx) <= 0)):
+        raise _corrupt(path, f"not {documents + 1} increasing offsets from 0 to {tokens}")

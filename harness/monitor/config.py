@@ -1,0 +1,98 @@
+"""The `monitor` config section: what the spike detector watches and what the trainer does.
+
+Defaults are chosen from public evidence (shared/reference/spike-research.md):
+- Statistics are robust (medians and MAD of the log value over 128 steps, the window OLMo-core
+  uses, with a slope term), so one spike does not move the baseline and the baseline follows
+  slow drift such as the grad norm growing over training or the loss still falling.
+- `grad_z` 6 matches OLMo's 6 sigma, which gave ~2.5 alarms / 1000 steps on a stable llm.c run
+  with mean/std; median/MAD on log values is less inflated by heavy tails, so fewer.
+- The loss needs `loss_persist` 2 steps above `loss_z` 5 so one hard batch is not a spike;
+  `min_scale` 0.01 means a change under ~z x 1% of the value never alarms, which keeps a very
+  smooth large-batch loss from alarming on a 2% wobble.
+- Nothing is acted on unless `action` says so: the default only logs ("alert").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from harness.errors import HarnessError
+
+ACTIONS = ("alert", "skip", "lr_cut", "rollback", "stop")
+EVENT_KINDS = ("grad_spike", "loss_spike", "nonfinite")
+STATS = ("median_mad", "ema")
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = True
+    # precursor signals (fnmatch patterns over metric keys); add "grad_norm/*" for the
+    # per-layer-group norms. Keys ending in "loss_scale" use the halving rule, not a z-score.
+    signals: list[str] = field(
+        default_factory=lambda: [
+            "optim/grad_norm_preclip",
+            "optim/update_norm",
+            "optim/loss_scale",
+        ]
+    )
+    loss_signal: str = "train/loss"
+    warmup_steps: int = 100  # no alarms before this step: early training swings are normal
+    window: int = 128  # history per signal; alarms also need window // 2 values first
+    stat: str = "median_mad"  # or "ema" (ZClip-like mean/var of the log, outliers clipped)
+    ema_alpha: float = 0.98  # only for stat=ema: the discount (memory ~ 1 / (1 - alpha) steps)
+    min_scale: float = 0.01  # floor on the log-space spread (~1% of the value)
+    grad_z: float = 6.0  # warning (grad_spike) threshold for precursor signals
+    loss_z: float = 5.0  # loss threshold, one-sided (only rises matter)
+    loss_persist: int = 2  # consecutive steps over loss_z before a loss_spike is confirmed
+    loss_scale_halvings: int = 2  # warn when the loss scale is 2^k below its window max
+    episode_gap: int = 20  # warnings further apart than this start a new episode
+    action: str = "alert"  # alert | skip | lr_cut | rollback | stop
+    # event kinds that trigger `action`; None picks [grad_spike, nonfinite] for skip (act on
+    # the gradient before it is applied) and [loss_spike, nonfinite] for the others
+    act_on: Optional[list[str]] = None
+    lr_cut_factor: float = 0.5
+    lr_cut_steps: int = 200
+    rollback_skip_batches: int = 200  # PaLM skipped 200-500 batches after a restart
+    max_rollbacks: int = 3  # after this many rollbacks the action becomes "stop"
+
+    def resolved_act_on(self) -> list[str]:
+        if self.act_on is not None:
+            return list(self.act_on)
+        if self.action == "skip":
+            return ["grad_spike", "nonfinite"]
+        return ["loss_spike", "nonfinite"]
+
+    def validate(self) -> "MonitorConfig":
+        _one_of("monitor.action", self.action, ACTIONS)
+        _one_of("monitor.stat", self.stat, STATS)
+        for kind in self.act_on or []:
+            _one_of("monitor.act_on", kind, EVENT_KINDS)
+        if not self.signals or not all(isinstance(s, str) and s for s in self.signals):
+            raise HarnessError("monitor.signals must be a non-empty list of metric names")
+        if not self.loss_signal:
+            raise HarnessError("monitor.loss_signal must name the loss metric (e.g. train/loss)")
+        _at_least("monitor.window", self.window, 8)
+        for key in ("warmup_steps", "episode_gap", "rollback_skip_batches", "max_rollbacks"):
+            _at_least(f"monitor.{key}", getattr(self, key), 0)
+        for key in ("loss_persist", "lr_cut_steps", "loss_scale_halvings"):
+            _at_least(f"monitor.{key}", getattr(self, key), 1)
+        for key in ("grad_z", "loss_z", "min_scale"):
+            if not getattr(self, key) > 0:
+                raise HarnessError(f"monitor.{key} must be > 0 (got {getattr(self, key)})")
+        if not 0 < self.ema_alpha < 1:
+            raise HarnessError(f"monitor.ema_alpha must be in (0, 1) (got {self.ema_alpha})")
+        if not 0 < self.lr_cut_factor <= 1:
+            raise HarnessError(
+                f"monitor.lr_cut_factor must be in (0, 1] (got {self.lr_cut_factor})"
+            )
+        return self
+
+
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise HarnessError(f"{key} must be one of {'|'.join(allowed)} (got {value!r})")
+
+
+def _at_least(key: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise HarnessError(f"{key} must be an integer >= {low} (got {value!r})")

@@ -1,0 +1,306 @@
+"""Online loss/gradient spike detector: warnings from precursor signals, confirmed loss spikes.
+
+Two-phase API, because the trainer can only skip an update it has not applied yet:
+
+    det = SpikeDetector(cfg)
+    events = det.check_pre_step(step, {"train/loss": l, "optim/grad_norm_preclip": g, ...})
+    if any(e["action"] == "skip" for e in events): ...don't call engine.step()...
+    events += det.check_post_step(step, {"optim/update_norm": u})
+    scale = det.lr_scale(step)  # < 1 while an lr_cut is active
+
+Each signal has its own statistics, so one step may be split over both calls in any way; the
+phase only decides whether an event may carry action "skip". Within one call the precursors
+are read before the loss, so a warning in the same step as the loss rise counts (lead 0).
+
+Method, per signal, on log values (spikes are multiplicative and log makes drift additive):
+- stat=median_mad (default): a robust line through the last `window` values, its level and
+  slope from the medians of the two half-windows, extrapolated to this step; spread = 1.4826 x
+  MAD of the residuals. Medians ignore a short spike (it cannot poison the baseline) and the
+  slope removes the lag and the widened spread a trend would otherwise cause (a loss still
+  falling, a grad norm growing over training).
+- stat=ema: Brown's double exponential smoothing (level + trend, discount ema_alpha) and an EMA
+  of squared errors, with errors clipped to +- z spreads before they update anything.
+- The spread is floored at `min_scale`, so near-constant signals do not alarm on tiny changes.
+- z = (log x - baseline) / spread, one-sided upwards. No alarm before `warmup_steps` or before a
+  signal has window/2 values. Loss-scale keys instead count halvings below their window max.
+- NaN/inf in any watched signal is a `nonfinite` event at once (value "nan"/"inf"/"-inf").
+
+Events (dicts, JSON-able; every one has "event", "step", "signal", "action"):
+- grad_spike: a precursor crossed its threshold. One event per excursion: the signal re-arms
+  only once z falls below threshold / 2. Fields value, z, baseline, episode.
+- loss_spike: the loss stayed >= loss_z for loss_persist consecutive observations (one hard
+  batch is not a spike); re-arms like grad_spike. `onset` is the first of those steps;
+  `warned_at` is the first warning of the open episode or None, `warned_by` its signals;
+  lead_steps = onset - warned_at (0: same step; negative: the warning came after the loss
+  had started to rise).
+- Episode: warnings (and non-finite precursors) at most `episode_gap` steps apart form one
+  episode; a loss_spike closes it.
+- action: cfg.action when the event kind is in cfg.resolved_act_on(), else None; "skip" only
+  from check_pre_step, and only for the first step of an excursion (skipping every step of a
+  real level shift would stall training); "rollback" turns into "stop" after max_rollbacks
+  rewinds. With fp16, an overflow step has an inf grad norm by design: feed the loss scale,
+  not the grad norm, on steps the engine skipped.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from fnmatch import fnmatchcase
+from typing import Any, Optional
+
+import numpy as np
+
+from harness.monitor.config import MonitorConfig
+
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
+
+
+class _MedianMAD:
+    """Robust line through the window: two half-window medians give level and slope, so a
+    trend (a loss still falling, a grad norm creeping up) neither lags nor widens the spread."""
+
+    def __init__(self, window: int, min_scale: float):
+        self.values: deque[float] = deque(maxlen=window)
+        self.min_scale = min_scale
+
+    def count(self) -> int:
+        return len(self.values)
+
+    def score(self, x: float) -> tuple[float, float]:
+        v = np.fromiter(self.values, dtype=np.float64)
+        m, h = len(v), len(v) // 2
+        c1, c2 = (h - 1) / 2, m - h + (h - 1) / 2  # centres of the two halves
+        m1, m2 = float(np.median(v[:h])), float(np.median(v[m - h:]))
+        slope = (m2 - m1) / (c2 - c1)
+        resid = v - (m2 + slope * (np.arange(m) - c2))
+        spread = _MAD_TO_SIGMA * float(np.median(np.abs(resid - np.median(resid))))
+        center = m2 + slope * (m - c2)  # the line extrapolated to this step
+        return (x - center) / max(spread, self.min_scale), center
+
+    def push(self, x: float, clip_z: Optional[float]) -> None:
+        self.values.append(x)  # medians are already robust: no clipping needed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.values.clear()
+        self.values.extend(float(v) for v in state["values"])
+
+
+class _EMA:
+    """Brown's double exponential smoothing (level + trend) with an EMA of squared errors;
+    errors are clipped to +-clip_z spreads before they update anything, so a spike can't
+    move the baseline."""
+
+    def __init__(self, alpha: float, min_scale: float):
+        self.alpha, self.min_scale = alpha, min_scale
+        self.n, self.level, self.trend, self.var = 0, 0.0, 0.0, 0.0
+
+    def count(self) -> int:
+        return self.n
+
+    def _spread(self) -> float:
+        return max(math.sqrt(self.var), self.min_scale)
+
+    def score(self, x: float) -> tuple[float, float]:
+        center = self.level + self.trend
+        return (x - center) / self._spread(), center
+
+    def push(self, x: float, clip_z: Optional[float]) -> None:
+        err = x - (self.level + self.trend) if self.n else 0.0
+        if clip_z is not None:
+            bound = clip_z * self._spread()
+            err = min(max(err, -bound), bound)
+        # plain running averages at first, so the first values do not weigh forever
+        first = 1.0 / (self.n + 1)
+        gain = max(first, 1.0 - self.alpha**2)
+        self.level = x if self.n == 0 else self.level + self.trend + gain * err
+        self.trend += (1.0 - self.alpha) ** 2 * err
+        self.var += max(first, 1.0 - self.alpha) * (err * err - self.var)
+        self.n += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "level": self.level, "trend": self.trend, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n = int(state["n"])
+        self.level, self.trend = float(state["level"]), float(state["trend"])
+        self.var = float(state["var"])
+
+
+class _Halvings(_MedianMAD):
+    """Loss scale: a value of powers of two, so count halvings below the window's maximum."""
+
+    def __init__(self, window: int):
+        super().__init__(window, min_scale=0.0)
+
+    def score(self, x: float) -> tuple[float, float]:
+        top = max(self.values)
+        return round((top - x) / math.log(2.0), 6), top
+
+
+class _Signal:
+    """One watched metric: its statistics, its current run of over-threshold steps and
+    whether it has fired in the current excursion (`hot`: cleared below threshold / 2, so a
+    value hovering at the threshold after a level shift fires once, not on every crossing)."""
+
+    def __init__(self, stat: Any, threshold: float):
+        self.stat, self.threshold = stat, threshold
+        self.run, self.onset, self.hot = 0, -1, False
+
+
+class SpikeDetector:
+    def __init__(self, cfg: MonitorConfig):
+        self.cfg = cfg.validate()
+        self._act_on = set(cfg.resolved_act_on())
+        self._kinds: dict[str, Optional[str]] = {}  # metric key -> "loss" | "precursor" | None
+        self.signals: dict[str, _Signal] = {}
+        self.episode: Optional[dict[str, Any]] = None
+        self.n_episodes = 0
+        self.rollbacks = 0
+        self.lr_cut_until = -1
+
+    # ---- public API -------------------------------------------------------------------
+    def check_pre_step(self, step: int, signals: dict[str, float]) -> list[dict[str, Any]]:
+        """Signals known before the optimizer step (loss, grad norms, loss scale)."""
+        return self._update(step, signals, can_skip=True)
+
+    def check_post_step(self, step: int, signals: dict[str, float]) -> list[dict[str, Any]]:
+        """Signals known only after the optimizer step (update norm)."""
+        return self._update(step, signals, can_skip=False)
+
+    def lr_scale(self, step: int) -> float:
+        return self.cfg.lr_cut_factor if step < self.lr_cut_until else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        sigs = {k: {"stat": s.stat.state_dict(), "run": s.run, "onset": s.onset, "hot": s.hot}
+                for k, s in self.signals.items()}
+        ep = self.episode
+        episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
+        return {"version": 1, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
+                "n_episodes": self.n_episodes, "rollbacks": self.rollbacks,
+                "lr_cut_until": self.lr_cut_until}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict(); statistics of another `stat` kind are dropped (relearned)."""
+        self.signals = {}
+        same_stat = state.get("stat") == self.cfg.stat
+        for name, s in state["signals"].items() if same_stat else ():
+            sig = self._new_signal(name)
+            sig.stat.load_state_dict(s["stat"])
+            sig.run, sig.onset, sig.hot = int(s["run"]), int(s["onset"]), bool(s["hot"])
+            self.signals[name] = sig
+        ep = state["episode"]
+        self.episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
+        self.n_episodes = int(state["n_episodes"])
+        self.rollbacks = int(state["rollbacks"])
+        self.lr_cut_until = int(state["lr_cut_until"])
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """After a rollback: statistics from the checkpoint, but this rollback is counted."""
+        done = self.rollbacks + 1
+        self.load_state_dict(state)
+        self.rollbacks = done
+
+    # ---- internals ----------------------------------------------------------------------
+    def _kind(self, name: str) -> Optional[str]:
+        if name not in self._kinds:
+            if name == self.cfg.loss_signal:
+                self._kinds[name] = "loss"
+            elif any(fnmatchcase(name, p) for p in self.cfg.signals):
+                self._kinds[name] = "precursor"
+            else:
+                self._kinds[name] = None
+        return self._kinds[name]
+
+    def _new_signal(self, name: str) -> _Signal:
+        cfg = self.cfg
+        if name.endswith("loss_scale"):
+            return _Signal(_Halvings(cfg.window), float(cfg.loss_scale_halvings))
+        threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
+        if cfg.stat == "ema":
+            return _Signal(_EMA(cfg.ema_alpha, cfg.min_scale), threshold)
+        return _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold)
+
+    def _update(self, step: int, signals: dict[str, float], can_skip: bool) -> list[dict]:
+        watched = [(k, v) for k, v in signals.items()
+                   if v is not None and self._kind(k) is not None]
+        watched.sort(key=lambda kv: (self._kind(kv[0]) == "loss", kv[0]))  # loss last
+        events: list[dict[str, Any]] = []
+        for name, value in watched:
+            ev = self._observe(step, name, float(value))
+            if ev is not None:
+                ev["action"] = self._action(ev["event"], step, can_skip)
+                events.append(ev)
+        return events
+
+    def _observe(self, step: int, name: str, x: float) -> Optional[dict[str, Any]]:
+        is_loss = self._kind(name) == "loss"
+        if not math.isfinite(x):
+            ev = {"event": "nonfinite", "step": step, "signal": name, "value": str(x)}
+            if not is_loss:
+                ev["episode"] = self._touch_episode(step, name)
+            return ev
+        if x <= 0:  # log space needs positive values; a zero norm says nothing about spikes
+            return None
+        sig = self.signals.get(name)
+        if sig is None:
+            sig = self.signals[name] = self._new_signal(name)
+        lx = math.log(x)
+        armed = step >= self.cfg.warmup_steps and sig.stat.count() >= self.cfg.window // 2
+        z, center = sig.stat.score(lx) if armed else (0.0, lx)
+        sig.stat.push(lx, sig.threshold if armed else None)
+        if z < sig.threshold / 2:
+            sig.hot = False
+        if z < sig.threshold:
+            sig.run = 0
+            return None
+        sig.run += 1
+        if sig.run == 1:
+            sig.onset = step
+        episode = None if is_loss else self._touch_episode(step, name)
+        if sig.hot or sig.run < (self.cfg.loss_persist if is_loss else 1):
+            return None
+        sig.hot = True
+        base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
+                "baseline": float(f"{math.exp(center):.6g}")}
+        if is_loss:
+            return self._confirm(base, sig)
+        return dict(base, event="grad_spike", episode=episode)
+
+    def _open_episode(self, step: int) -> Optional[dict[str, Any]]:
+        ep = self.episode
+        if ep is not None and 0 <= step - ep["last"] <= self.cfg.episode_gap:
+            return ep
+        return None
+
+    def _touch_episode(self, step: int, name: str) -> int:
+        ep = self._open_episode(step)
+        if ep is None:
+            self.n_episodes += 1
+            ep = self.episode = {"id": self.n_episodes, "start": step, "last": step,
+                                 "signals": []}
+        ep["last"] = step
+        if name not in ep["signals"]:
+            ep["signals"].append(name)
+        return ep["id"]
+
+    def _confirm(self, base: dict[str, Any], sig: _Signal) -> dict[str, Any]:
+        ep = self._open_episode(base["step"])
+        self.episode = None  # this spike consumes the episode: the next warning starts anew
+        warned = None if ep is None else ep["start"]
+        lead = None if warned is None else sig.onset - warned
+        return dict(base, event="loss_spike", onset=sig.onset, warned_at=warned,
+                    lead_steps=lead, episode=None if ep is None else ep["id"],
+                    warned_by=[] if ep is None else list(ep["signals"]))
+
+    def _action(self, kind: str, step: int, can_skip: bool) -> Optional[str]:
+        action = self.cfg.action
+        if kind not in self._act_on or (action == "skip" and not can_skip):
+            return None
+        if action == "rollback" and self.rollbacks >= self.cfg.max_rollbacks:
+            return "stop"
+        if action == "lr_cut":
+            self.lr_cut_until = step + self.cfg.lr_cut_steps
+        return action

@@ -1,0 +1,122 @@
+"""Offline replay: run a recorded trace through the spike detector (`harness monitor replay`).
+
+Reads the harness's own metrics.jsonl (one JSON object per line with "step" and namespaced
+keys; lines without "step" or with an "event" key are skipped, non-numeric values ignored) or
+a CSV with a `step` column and any of loss, grad_norm, update_norm, clip_coef, loss_scale, lr,
+grad_norm_<group> (mapped to the namespaced keys; columns already namespaced pass through).
+The format is sniffed from the first character, not the file name. Each record is fed the way
+the trainer feeds a step: update norm after the step, everything else before it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.errors import HarnessError
+from harness.monitor.config import MonitorConfig
+from harness.monitor.detector import SpikeDetector
+
+CSV_NAMES = {
+    "loss": "train/loss",
+    "grad_norm": "optim/grad_norm_preclip",
+    "grad_norm_preclip": "optim/grad_norm_preclip",
+    "update_norm": "optim/update_norm",
+    "clip_coef": "optim/clip_coef",
+    "loss_scale": "optim/loss_scale",
+    "lr": "optim/lr",
+}
+GROUPS = ("embeddings", "attention", "mlp", "norms", "head")
+CSV_NAMES.update({f"grad_norm_{g}": f"grad_norm/{g}" for g in GROUPS})
+POST_STEP = frozenset({"optim/update_norm"})
+
+Trace = list[tuple[int, dict[str, float]]]
+
+
+def read_trace(path: str | Path) -> Trace:
+    """The (step, signals) records of a metrics.jsonl or CSV file, in file order."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HarnessError(f"cannot read trace {path}: {e}") from None
+    if not text.strip():
+        raise HarnessError(f"trace {path} is empty")
+    records = _read_jsonl(path, text) if text.lstrip().startswith("{") else _read_csv(path, text)
+    if not records:
+        raise HarnessError(f"trace {path} has no records with a 'step'")
+    return records
+
+
+def _read_jsonl(path: str | Path, text: str) -> Trace:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HarnessError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise HarnessError(f"{path}:{lineno}: expected a JSON object per line")
+        if "step" not in obj or "event" in obj:  # event lines are monitor output, not metrics
+            continue
+        step = _step(path, lineno, obj["step"])
+        nums = {k: float(v) for k, v in obj.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        records.append((step, nums))
+    return records
+
+
+def _read_csv(path: str | Path, text: str) -> Trace:
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in reader.fieldnames or []]
+    if "step" not in header:
+        raise HarnessError(f"trace {path} is neither JSONL nor a CSV with a 'step' column")
+    reader.fieldnames = header
+    records = []
+    for lineno, row in enumerate(reader, 2):
+        step = _step(path, lineno, row["step"])
+        signals = {}
+        for col, cell in row.items():
+            if col == "step" or col is None or cell is None or not cell.strip():
+                continue
+            try:
+                signals[CSV_NAMES.get(col, col)] = float(cell)
+            except ValueError:
+                raise HarnessError(
+                    f"{path}:{lineno}: column {col!r}: {cell!r} is not a number"
+                ) from None
+        records.append((step, signals))
+    return records
+
+
+def _step(path: str | Path, lineno: int, value: Any) -> int:
+    try:
+        step = float(value)
+    except (TypeError, ValueError):
+        step = float("nan")
+    if not step.is_integer():
+        raise HarnessError(f"{path}:{lineno}: step {value!r} is not an integer")
+    return int(step)
+
+
+def replay(path: str | Path, cfg: MonitorConfig, detector: Optional[Any] = None) -> list[dict]:
+    """Events that `detector` (default: SpikeDetector(cfg)) gives on the trace at `path`."""
+    records = read_trace(path)
+    det = detector if detector is not None else SpikeDetector(cfg)
+    events: list[dict] = []
+    for step, signals in records:
+        pre = {k: v for k, v in signals.items() if k not in POST_STEP}
+        post = {k: v for k, v in signals.items() if k in POST_STEP}
+        events += det.check_pre_step(step, pre)
+        events += det.check_post_step(step, post)
+    return events
+
+
+def main(path: str | Path, cfg: MonitorConfig) -> int:
+    """CLI body: one JSON line per event on stdout. Bad input raises HarnessError."""
+    for event in replay(path, cfg):
+        print(json.dumps(event))
+    return 0

@@ -1,0 +1,40 @@
+"""Stop at a step boundary on SIGUSR1/SIGTERM (Slurm's preemption and time-limit warnings).
+
+The handler only records the signal, so a second signal during a save cannot interrupt it.
+Ranks agree before acting: a signal seen by one rank stops all of them after the same step.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+import torch
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopSignals:
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def should_stop(self, world_size: int) -> bool:
+        flag = torch.tensor([1 if self.received else 0])
+        if world_size > 1:  # one tiny all-reduce per step: ranks must stop together
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())

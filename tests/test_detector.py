@@ -1,0 +1,259 @@
+"""Spike detector, baselines and replay on synthetic traces.
+
+tests/data/spike_trace.csv was written by `python tests/test_detector.py` (spike_trace below):
+600 steps of noisy training; the update norm triples at 398, the grad norm x5 at 400, the
+loss x1.4 from 402, and the grad norm is NaN at 500.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.errors import HarnessError
+from harness.monitor import MonitorConfig, SpikeDetector, replay
+from harness.monitor.baselines import BASELINES
+from harness.monitor.replay import main as replay_main
+
+GRAD, UPD, LOSS = "optim/grad_norm_preclip", "optim/update_norm", "train/loss"
+CSV = Path(__file__).parent / "data" / "spike_trace.csv"
+
+
+def synth(n: int, seed: int = 0, df: float = 8, drift: float = 1.0) -> dict[str, np.ndarray]:
+    """Noisy but stable training: heavy-tailed (Student t) log noise, loss decaying to 2.5."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(n)
+    return {
+        GRAD: 0.5 * drift ** (s / n) * np.exp(0.12 * rng.standard_t(df, n)),
+        UPD: 0.02 * np.exp(0.08 * rng.standard_t(df, n)),
+        LOSS: (2.5 + 4 * np.exp(-s / 400)) * np.exp(0.015 * rng.standard_t(df, n)),
+    }
+
+
+def spike_trace() -> dict[str, np.ndarray]:
+    tr = synth(600, seed=1)
+    tr[UPD][398:410] *= 3
+    tr[GRAD][400:420] *= 5
+    tr[LOSS][402:417] *= 1.4
+    tr[GRAD][500] = np.nan
+    return tr
+
+
+def feed(det, tr, start: int = 0, stop: int | None = None) -> list[dict]:
+    events: list[dict] = []
+    for i in range(start, stop if stop is not None else len(tr[LOSS])):
+        pre = {k: float(v[i]) for k, v in tr.items() if k != UPD}
+        events += det.check_pre_step(i, pre)
+        if UPD in tr:
+            events += det.check_post_step(i, {UPD: float(tr[UPD][i])})
+    return events
+
+
+def kinds(events: list[dict]) -> list[tuple]:
+    return [(e["event"], e["step"], e["signal"]) for e in events]
+
+
+def test_warmup_has_no_events():
+    tr = synth(150)
+    tr[GRAD][[10, 50, 99]] *= 100
+    tr[LOSS][60:70] *= 3
+    assert feed(SpikeDetector(MonitorConfig(warmup_steps=100)), tr, stop=100) == []
+
+
+def test_grad_step_change_leads_loss_by_two_steps():
+    tr = synth(400)
+    tr[GRAD][300:] *= 5
+    tr[LOSS][302:] *= 1.3
+    events = feed(SpikeDetector(MonitorConfig()), tr)
+    assert kinds(events) == [("grad_spike", 300, GRAD), ("loss_spike", 303, LOSS)]
+    loss = events[1]
+    assert (loss["onset"], loss["warned_at"], loss["lead_steps"]) == (302, 300, 2)
+    assert loss["warned_by"] == [GRAD]
+    assert loss["episode"] == events[0]["episode"] == 1 and loss["action"] == "alert"
+    assert events[0]["action"] is None  # by default only the loss spike is acted on
+
+
+def test_same_step_warning_is_lead_zero_and_no_warning_is_none():
+    tr = synth(400)
+    tr[GRAD][300:] *= 5
+    tr[LOSS][300:] *= 1.3
+    assert feed(SpikeDetector(MonitorConfig()), tr)[-1]["lead_steps"] == 0
+    tr = synth(400)
+    tr[LOSS][300:] *= 1.3
+    (only,) = feed(SpikeDetector(MonitorConfig()), tr)
+    assert only["event"] == "loss_spike" and only["warned_at"] is None
+    assert only["lead_steps"] is None
+
+
+def test_one_bad_batch_is_not_a_loss_spike():
+    tr = synth(400)
+    tr[LOSS][300] *= 2
+    assert feed(SpikeDetector(MonitorConfig()), tr) == []
+
+
+def test_slow_drift_gives_no_events():
+    tr = synth(2000, seed=3, drift=3.0)  # grad norm x3 over the trace
+    assert feed(SpikeDetector(MonitorConfig()), tr) == []
+
+
+@pytest.mark.parametrize("stat", ["median_mad", "ema"])
+def test_stable_run_false_alarms_at_most_one_per_1000_steps(stat):
+    events = feed(SpikeDetector(MonitorConfig(stat=stat)), synth(5000, seed=7))
+    assert len(events) <= 5
+    assert not [e for e in events if e["event"] == "loss_spike"]
+
+
+def test_nonfinite_fires_immediately_even_in_warmup():
+    det = SpikeDetector(MonitorConfig())
+    assert det.check_pre_step(0, {GRAD: float("nan"), LOSS: float("inf")}) == [
+        {"event": "nonfinite", "step": 0, "signal": GRAD, "value": "nan", "episode": 1,
+         "action": "alert"},
+        {"event": "nonfinite", "step": 0, "signal": LOSS, "value": "inf", "action": "alert"},
+    ]
+
+
+@pytest.mark.parametrize("stat", ["median_mad", "ema"])
+def test_state_dict_round_trip_gives_identical_events(stat):
+    cfg = MonitorConfig(stat=stat)
+    tr = spike_trace()
+    whole = feed(SpikeDetector(cfg), tr)
+    first = SpikeDetector(cfg)
+    head = feed(first, tr, stop=401)  # cut inside the episode: warned, loss not yet up
+    resumed = SpikeDetector(cfg)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + feed(resumed, tr, start=401) == whole
+    assert any(e["event"] == "loss_spike" for e in whole[len(head):])
+    other = SpikeDetector(MonitorConfig(stat="median_mad" if stat == "ema" else "ema"))
+    other.load_state_dict(first.state_dict())  # a changed monitor.stat relearns, no crash
+    assert other.signals == {} and other.episode == first.episode
+
+
+def test_skip_only_before_the_update():
+    cfg = MonitorConfig(action="skip")
+    events = feed(SpikeDetector(cfg), spike_trace())
+    acts = {(e["step"], e["signal"]): e["action"] for e in events}
+    assert acts[(398, UPD)] is None  # the update norm is known too late to skip
+    assert acts[(400, GRAD)] == "skip" and acts[(500, GRAD)] == "skip"
+    assert acts[(403, LOSS)] is None
+
+
+def test_lr_cut_and_rollback_escalation():
+    det = SpikeDetector(MonitorConfig(action="lr_cut", lr_cut_steps=50))
+    (spike,) = [e for e in feed(det, spike_trace(), stop=450) if e["event"] == "loss_spike"]
+    assert spike["action"] == "lr_cut"
+    assert det.lr_scale(403) == det.lr_scale(452) == 0.5 and det.lr_scale(453) == 1.0
+
+    det = SpikeDetector(MonitorConfig(action="rollback", max_rollbacks=1))
+    feed(det, spike_trace(), stop=390)
+    saved = det.state_dict()  # the checkpoint the trainer would roll back to
+    for expected in ("rollback", "stop"):  # replaying the same batches spikes again
+        events = feed(det, spike_trace(), start=390, stop=450)
+        assert [e["action"] for e in events if e["event"] == "loss_spike"] == [expected]
+        det.rewind(saved)
+    assert det.rollbacks == 2
+
+
+def test_loss_scale_halvings_and_group_norm_patterns():
+    cfg = MonitorConfig(signals=["optim/loss_scale", "grad_norm/*"])
+    det = SpikeDetector(cfg)
+    tr = synth(300)
+    scale = np.full(300, 65536.0)
+    scale[[150, 250]] = 32768.0  # a lone overflow each: normal for fp16
+    scale[200:] = 16384.0  # two halvings
+    groups = {f"grad_norm/{g}": tr[GRAD] * w for g, w in (("mlp", 1.0), ("head", 0.3))}
+    groups["grad_norm/mlp"][260] *= 10
+    events = feed(det, {**tr, "optim/loss_scale": scale, **groups})
+    assert kinds(events) == [("grad_spike", 200, "optim/loss_scale"),
+                             ("grad_spike", 260, "grad_norm/mlp")]
+    assert events[0]["z"] == 2.0 and events[0]["baseline"] == 65536.0
+
+
+def test_config_validation_names_the_key():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(OmegaConf.structured(MonitorConfig))
+    assert cfg.validate().resolved_act_on() == ["loss_spike", "nonfinite"]
+    bad = [({"action": "explode"}, "monitor.action"), ({"window": 2}, "monitor.window"),
+           ({"act_on": ["oops"]}, "monitor.act_on"), ({"loss_z": 0}, "monitor.loss_z"),
+           ({"lr_cut_factor": 2.0}, "monitor.lr_cut_factor"), ({"stat": "x"}, "monitor.stat")]
+    for kwargs, key in bad:
+        with pytest.raises(HarnessError, match=key):
+            MonitorConfig(**kwargs).validate()
+
+
+EXPECTED = [("grad_spike", 398, UPD), ("grad_spike", 400, GRAD), ("loss_spike", 403, LOSS),
+            ("nonfinite", 500, GRAD)]
+
+
+def test_replay_csv_gives_expected_events():
+    events = replay(CSV, MonitorConfig())
+    assert kinds(events) == EXPECTED
+    assert events[2]["lead_steps"] == 4 and events[2]["warned_at"] == 398
+
+
+def test_replay_jsonl_and_main(tmp_path, capsys):
+    rows = np.genfromtxt(CSV, delimiter=",", names=True)
+    path = tmp_path / "metrics.jsonl"
+    with path.open("w") as f:
+        f.write(json.dumps({"run": "x", "note": "no step: skipped"}) + "\n")
+        for r in rows:
+            f.write(json.dumps({"step": int(r["step"]), GRAD: r["grad_norm"], LOSS: r["loss"],
+                                UPD: r["update_norm"], "optim/lr": 1e-3, "tag": "a"}) + "\n")
+        f.write(json.dumps({"step": 510, "event": "grad_spike", GRAD: 99.0}) + "\n")
+    assert kinds(replay(path, MonitorConfig())) == EXPECTED
+    assert replay_main(path, MonitorConfig()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["event"] for x in lines] == [e[0] for e in EXPECTED]
+
+
+@pytest.mark.parametrize("text, why", [
+    (None, "cannot read"), ("", "empty"), ("loss,grad_norm\n3,1\n", "'step' column"),
+    ("step,loss\n1,abc\n", "not a number"), ("step,loss\n1.5,3\n", "not an integer"),
+    ('{"step": 1}\n{oops\n', "not valid JSON"), ('{"loss": 1}\n', "no records"),
+])
+def test_bad_replay_file_is_a_harness_error(tmp_path, text, why):
+    path = tmp_path / "trace.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(HarnessError, match=why) as err:
+        replay(path, MonitorConfig())
+    assert str(path) in str(err.value)
+
+
+def test_baselines_fire_on_obvious_spikes_megatron_only_on_extreme():
+    tr = synth(400)
+    tr[GRAD][300] *= 20
+    tr[LOSS][300] *= 4
+    extreme = {k: v.copy() for k, v in tr.items()}
+    extreme[LOSS][350] *= 30
+    for name, cls in BASELINES.items():
+        events = feed(cls(), tr)
+        steps = {e["step"] for e in events}
+        if name == "megatron":
+            assert steps == set()
+            assert {e["step"] for e in feed(cls(), extreme)} == {350}
+        else:
+            assert 300 in steps, name
+
+
+def test_baseline_state_round_trip():
+    tr = spike_trace()
+    det = BASELINES["olmo"]()
+    head = feed(det, tr, stop=390)
+    again = BASELINES["olmo"]()
+    again.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert head + feed(again, tr, start=390) == feed(BASELINES["olmo"](), tr)
+
+
+def write_spike_csv(path: Path = CSV) -> None:
+    tr = spike_trace()
+    lines = ["step,loss,grad_norm,update_norm"]
+    lines += [f"{i},{tr[LOSS][i]:.6g},{tr[GRAD][i]:.6g},{tr[UPD][i]:.6g}"
+              for i in range(len(tr[LOSS]))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    write_spike_csv()

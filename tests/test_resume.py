@@ -1,0 +1,116 @@
+"""Checkpoints resume bit-identically: after a signal, a kill -9, or on fewer ranks."""
+import os
+import signal
+
+import pytest
+import torch
+
+from engine_utils import ROUNDING_TOL, max_diff
+from harness.callbacks.base import Callback
+from harness.checkpoint import complete_checkpoints
+from harness.config import load_config
+from harness.run import make_trainer, train
+from harness.slurm import REQUEUE_EXIT_CODE
+
+TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=32",
+        "model.dropout=0.1", "train.global_batch_size=8", "train.micro_batch_size=2",
+        "train.max_steps=6", "optim.warmup_steps=2", "checkpoint.every=2"]
+
+
+def cfg_for(run_dir, shards_dir, *extra):
+    return load_config("tiny", [*TINY, f"train.run_dir={run_dir}", f"data.out_dir={shards_dir}",
+                                *extra])
+
+
+class StopAt(Callback):
+    """Ends the loop after `step` (like a crash right after a save, minus the crash)."""
+
+    order = 0
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            trainer.stop_reason = "test"
+
+
+def final_params(cfg, stop_at=None):
+    trainer, _ = make_trainer(cfg)
+    if stop_at:
+        trainer.callbacks.insert(0, StopAt(stop_at))
+    trainer.fit()
+    return {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+
+
+class SignalAt(Callback):
+    order = 0
+
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards_dir):
+    return final_params(cfg_for(tmp_path_factory.mktemp("whole"), shards_dir))
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, shards_dir, uninterrupted, stage):
+    if stage:
+        uninterrupted = final_params(cfg_for(tmp_path / "whole", shards_dir, f"zero.stage={stage}"))
+    cfg = cfg_for(tmp_path / "run", shards_dir, f"zero.stage={stage}")
+    final_params(cfg, stop_at=3)  # saves at 2 and when the loop ends (3)
+    resumed = final_params(cfg)
+    assert max_diff(resumed, uninterrupted) == 0.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_and_exits_for_requeue(tmp_path, shards_dir, uninterrupted, monkeypatch, signum):
+    import harness.run as run_mod
+
+    made = {}
+    real = run_mod.make_trainer
+
+    def with_signal(cfg):
+        trainer, ckpt = real(cfg)
+        trainer.callbacks.insert(0, SignalAt(3, signum))
+        made["trainer"] = trainer
+        return trainer, ckpt
+
+    monkeypatch.setattr(run_mod, "make_trainer", with_signal)
+    cfg = cfg_for(tmp_path, shards_dir)
+    assert train(cfg) == REQUEUE_EXIT_CODE
+    assert made["trainer"].step == 3  # finished the step it was in, then stopped
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")][-1] == "step00000003"
+    monkeypatch.setattr(run_mod, "make_trainer", real)
+    assert max_diff(final_params(cfg), uninterrupted) == 0.0
+
+
+def test_metrics_after_resume_have_each_step_once(tmp_path, shards_dir):
+    import json
+
+    cfg = cfg_for(tmp_path, shards_dir, "checkpoint.every=0")
+    final_params(cfg, stop_at=3)
+    final_params(cfg)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_other_data(tmp_path, shards_dir, tmp_path_factory):
+    from harness.data.config import DataConfig
+    from harness.data.prepare import prepare_data
+    from harness.errors import HarnessError
+
+    final_params(cfg_for(tmp_path, shards_dir), stop_at=2)
+    text = tmp_path_factory.mktemp("text") / "words.txt"
+    text.write_text(" ".join(f"word{i % 97} line{i % 13}\n" for i in range(20_000)))
+    other = text.parent / "shards"
+    prepare_data(DataConfig(sources=[str(text)], out_dir=str(other), vocab_size=300,
+                            val_fraction=0.0), progress=False)
+    with pytest.raises(HarnessError, match="fingerprint"):
+        final_params(cfg_for(tmp_path, other))
