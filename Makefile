@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make train` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the CPU build on this disk; GPU users install their CUDA torch into $(VENV) first (README)
+TORCH_PIN ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install train test ds-configs bench clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: an open range resolved with no torch present pulls a multi-GB CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(VENV)/bin/harness train $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+ds-configs: install
+	$(PY) -m harness.ds_config ds_configs
+
+bench: install
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
