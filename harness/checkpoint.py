@@ -115,7 +115,7 @@ class Checkpointer(Callback):
                     **self.extra_meta}
             _fsync_write(tmp / META, json.dumps(meta, indent=2))
             if final.exists():  # a re-save of the same step (e.g. after a rollback)
-                shutil.rmtree(final)
+                self._delete(final)
             os.replace(tmp, final)
             _fsync_write(self.root / "latest", name + "\n")
             self._prune()
@@ -125,7 +125,13 @@ class Checkpointer(Callback):
 
     def _prune(self) -> None:
         for old in complete_checkpoints(self.root)[:-self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._delete(old)
+
+    def _delete(self, path: Path) -> None:
+        # rename first: a kill inside rmtree must not leave meta.json beside missing files
+        doomed = self.root / f".del-{path.name}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     # ---- resuming -------------------------------------------------------------------------
     def find_resume(self) -> Optional[Path]:
@@ -139,8 +145,8 @@ class Checkpointer(Callback):
     def clean_partial(self, rank: int) -> None:
         """Leftovers of a save that was killed; never visible as checkpoints."""
         if rank == 0 and self.root.is_dir():
-            for tmp in self.root.glob(".tmp-step*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            for partial in [*self.root.glob(".tmp-step*"), *self.root.glob(".del-step*")]:
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 def load(trainer, path: Path) -> dict[str, Any]:

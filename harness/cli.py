@@ -1,4 +1,8 @@
-"""The `harness` command: thin argument parsing over the modules that do the work."""
+"""The `harness` command: thin argument parsing over the modules that do the work.
+
+Heavy imports (torch, deepspeed) stay inside the commands so that `--help`, config errors
+and prepare-data's worker processes start fast.
+"""
 from __future__ import annotations
 
 import argparse
@@ -14,37 +18,77 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    parser = argparse.ArgumentParser(prog="harness", description="GPT pretraining on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("train", help="train a model"))
+    _config_args(sub.add_parser("train", help="train a model (resumes its run directory)"))
     ds = sub.add_parser("ds-config", help="print the generated DeepSpeed JSON")
     _config_args(ds)
     ds.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
     ds.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="device the JSON is for (default: this machine's)")
+    _config_args(sub.add_parser("prepare-data", help="tokenize the data.sources into shards"))
+    submit = sub.add_parser("submit", help="render the sbatch script and submit it")
+    _config_args(submit)
+    submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    report = sub.add_parser("report", help="plot and summarise RUN_DIR/metrics.jsonl")
+    report.add_argument("run_dir")
+    monitor = sub.add_parser("monitor", help="spike monitor tools")
+    replay = monitor.add_subparsers(dest="monitor_command", required=True).add_parser(
+        "replay", help="run the spike detector over a metrics trace (JSONL or CSV)")
+    replay.add_argument("trace")
+    _config_args(replay)
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _load(args):
     from harness.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from harness.run import train
 
-    return train(load_config(args.config, args.overrides))
+    return train(_load(args))
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
-    from harness.config import load_config
     from harness.ds_config import build_ds_config, dumps
     from harness.engine import resolve_device
     from harness.plan import make_plan
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     device = args.device or resolve_device(cfg)
     sys.stdout.write(dumps(build_ds_config(cfg, make_plan(cfg, args.world_size), device)))
     return 0
 
 
-COMMANDS = {"train": cmd_train, "ds-config": cmd_ds_config}
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from harness.data.prepare import main
+
+    return main(_load(args).data)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from harness.submit import submit_job
+
+    return submit_job(_load(args), dry_run=args.dry_run)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from harness.monitor.replay import main
+
+    return main(args.trace, _load(args).monitor)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import main
+
+    return main(args.run_dir)
+
+
+COMMANDS = {"train": cmd_train, "ds-config": cmd_ds_config, "prepare-data": cmd_prepare_data,
+            "submit": cmd_submit, "monitor": cmd_monitor, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.callbacks.wandb_logger import WandbConfig
 from harness.checkpoint import CheckpointConfig
 from harness.data.config import DataConfig
 from harness.errors import HarnessError
@@ -123,6 +124,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def preset_names() -> list[str]:
@@ -217,7 +219,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.parallel.model_parallel_size == 1,
              "parallel.model_parallel_size must be 1: tensor parallelism is not implemented")
     _validate_checkpointing(ac, m.n_layer)
-    for section in (cfg.data, cfg.checkpoint, cfg.monitor, cfg.slurm):
+    for section in (cfg.data, cfg.checkpoint, cfg.monitor, cfg.slurm, cfg.wandb):
         section.validate()  # each component checks its own keys
 
 

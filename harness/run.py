@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from harness.callbacks.loggers import Console, MetricsFile
+from harness.callbacks.throughput import Throughput
+from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint import Checkpointer, load
 from harness.config import Config, to_yaml
 from harness.data.prepare import prepare_data
@@ -22,6 +24,7 @@ from harness.ds_config import dumps
 from harness.engine import Built, build
 from harness.errors import HarnessError
 from harness.preemption import StopSignals
+from harness.report import write_report
 from harness.slurm import REQUEUE_EXIT_CODE
 from harness.trainer import Trainer
 
@@ -80,7 +83,8 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
         raise HarnessError(f"train.run_dir={run_dir} already holds a run: choose another "
                            f"train.run_dir, or checkpoint.resume=auto to continue it")
     metrics_file = MetricsFile(run_dir)
-    callbacks = [checkpointer, metrics_file, Console(cfg.train.log_every)]
+    callbacks = [checkpointer, Throughput(), metrics_file, Console(cfg.train.log_every),
+                 WandbLogger(cfg.wandb)]
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
         meta = load(trainer, resume)
@@ -96,12 +100,18 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
 def train(cfg: Config) -> int:
     """Returns the process exit code: 0 when done, REQUEUE_EXIT_CODE when stopped early."""
     trainer, _ = make_trainer(cfg)
+    if trainer.step >= cfg.train.max_steps:
+        log.info("%s is complete at step %d: nothing to do (a new train.run_dir starts a new "
+                 "run)", cfg.train.run_dir, trainer.step)
+        return 0
     signals = StopSignals().install()
     trainer.stop_signals = signals
     try:
         trainer.fit()
     finally:
         signals.uninstall()
+    if trainer.is_main:
+        log.info("report: %s", write_report(Path(cfg.train.run_dir)))
     if trainer.step < cfg.train.max_steps and trainer.stop_reason:
         log.info("stopped at step %d (%s): checkpoint saved, exiting with %d to be requeued",
                  trainer.step, trainer.stop_reason, REQUEUE_EXIT_CODE)

@@ -112,3 +112,13 @@ def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32):
 
 def max_diff(a: dict, b: dict) -> float:
     return max((a[n].double() - b[n].double()).abs().max().item() for n in a)
+
+
+def child_env(**extra) -> dict:
+    """Environment for a subprocess: without the rank variables an in-process engine build
+    exported (a child would try to reuse this process's MASTER_PORT), one thread per rank."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}

@@ -7,6 +7,7 @@ import pytest
 from harness.config import load_config, preset_names
 from harness.errors import HarnessError
 from harness.plan import checkpoint_segments, make_plan, plan_batch
+from engine_utils import child_env
 
 AC = "activation_checkpointing"
 BAD = [  # (overrides, the key the message must name)
@@ -53,7 +54,7 @@ def test_bad_config_names_the_key(overrides, key):
 ])
 def test_cli_exit_2_one_line_no_traceback(args, needle):
     proc = subprocess.run([sys.executable, "-m", "harness.cli", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=child_env())
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr

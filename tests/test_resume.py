@@ -3,9 +3,8 @@ import os
 import signal
 
 import pytest
-import torch
 
-from engine_utils import ROUNDING_TOL, max_diff
+from engine_utils import max_diff
 from harness.callbacks.base import Callback
 from harness.checkpoint import complete_checkpoints
 from harness.config import load_config

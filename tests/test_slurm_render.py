@@ -116,7 +116,7 @@ def test_hostile_values_stay_data(tmp_path):
     assert f"({name})" in result.stdout
     argv = (tmp_path / "fake" / "srun.argv").read_text().splitlines()
     assert argv[-2:] == ["--note", "$(touch pwned); `touch pwned`"]
-    assert f'#SBATCH --job-name="x\\"; rm -rf ~; echo \\""' in script
+    assert '#SBATCH --job-name="x\\"; rm -rf ~; echo \\""' in script
 
 
 def _render_in(run_dir: Path) -> str:

@@ -1,0 +1,79 @@
+"""kill -9 at random moments (saves included), then resume: the end is bit-identical.
+
+One run is killed 10 times, each time a random number of steps (1-12) plus a random 0-40 ms
+after it got going, and restarted with the same command (checkpoint.resume=auto). Saving
+every step makes kills inside a save likely. After every kill, every complete checkpoint
+must load; none may be half-written.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_utils import child_env
+from harness.checkpoint import complete_checkpoints
+
+pytestmark = pytest.mark.slow
+WORKER = str(Path(__file__).with_name("dist_worker.py"))
+ARGS = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=32",
+        "model.dropout=0.1", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "train.max_steps=150", "optim.warmup_steps=2", "checkpoint.every=1",
+        "checkpoint.keep_last=2"]
+
+
+def command(out, run, shards):
+    return [sys.executable, WORKER, str(out), "0", *ARGS, f"train.run_dir={run}",
+            f"data.out_dir={shards}"]
+
+
+def last_step(metrics):
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return len(lines)  # one line per step, truncated to the checkpoint on resume
+
+
+def wait_for_steps(metrics, n, proc, timeout=120):
+    start, deadline = None, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        step = last_step(metrics)
+        if start is None and step >= 0:
+            start = step
+        if step >= start + n:
+            return
+        time.sleep(0.005)
+
+
+def test_kill9_then_resume_is_bit_identical(tmp_path, shards_dir):
+    subprocess.run(command(tmp_path / "ref", tmp_path / "ref_run", shards_dir), env=child_env(),
+                   check=True, timeout=300, capture_output=True)
+    reference = torch.load(tmp_path / "ref" / "rank0.pt")
+    rng, run, kills = random.Random(0), tmp_path / "run", 0
+    while kills < 10:
+        log = open(tmp_path / f"life{kills}.log", "w")
+        proc = subprocess.Popen(command(tmp_path / "out", run, shards_dir), env=child_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+        wait_for_steps(run / "metrics.jsonl", rng.randint(1, 12), proc)
+        time.sleep(rng.uniform(0.0, 0.04))
+        if proc.poll() is not None:  # finished before the kill: nothing more to kill
+            assert proc.returncode == 0, (tmp_path / f"life{kills}.log").read_text()[-3000:]
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        kills += 1
+        for ckpt in complete_checkpoints(run / "checkpoints"):  # none half-written
+            assert (ckpt / "ds" / "mp_rank_00_model_states.pt").is_file()
+            torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
+    final = subprocess.run(command(tmp_path / "out", run, shards_dir), env=child_env(), timeout=300,
+                           capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert kills >= 10
+    result = torch.load(tmp_path / "out" / "rank0.pt")
+    assert all(torch.equal(result[n], reference[n]) for n in reference)
