@@ -78,6 +78,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     # same initial weights on every rank and every run with this seed
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model)
+    # checkpointing.configure asks the process group for ranks: it must exist first
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
     peak = plan.lr
 

@@ -33,3 +33,13 @@ def test_tiny_trains_to_lower_loss_and_writes_the_run_dir(tmp_path):
     before = (run / "metrics.jsonl").read_text()
     again = harness("train", f"train.run_dir={run}", f"data.out_dir={data}")
     assert again.returncode == 0 and (run / "metrics.jsonl").read_text() == before
+
+
+def test_fresh_process_with_checkpointing_and_zero2(tmp_path, shards_dir):
+    """Module-global DeepSpeed state (process group, checkpointing config) from scratch."""
+    proc = harness("train", f"train.run_dir={tmp_path}", f"data.out_dir={shards_dir}",
+                   "activation_checkpointing.policy=sqrt", "zero.stage=2", "train.max_steps=3",
+                   "optim.warmup_steps=1",
+                   "model.dropout=0.1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
