@@ -132,21 +132,25 @@ def _units(cfg, micro: int, policy: str, segments, act_bytes: int) -> list[tuple
     p = block_parts(cfg, micro, act_bytes)
     full = p["input"] + p["attention"] + p["mlp"]
     units = [(p["input"] if cfg.dropout > 0 else 0, 0)]  # embedding dropout mask
-    if policy in ("attention", "mlp"):
-        inner = p["attention"] + p["input"] if policy == "attention" else p["mlp"]
-        units += [(full - inner + p["input"], inner)] * cfg.n_layer
+    if policy == "attention":  # its own MLP's tensors are freed before the attention recompute
+        units += [(p["input"], p["input"] + p["attention"]), (p["mlp"], 0)] * cfg.n_layer
+    elif policy == "mlp":  # the recompute's ln_2 input is the checkpoint's input: one storage
+        units += [(p["input"] + p["attention"], 0),
+                  (p["input"], p["mlp"] - p["input"])] * cfg.n_layer
     else:
         starts = {a: b_ for a, b_ in segments}
         i = 0
         while i < cfg.n_layer:
             if i in starts:
-                units.append((p["input"], (starts[i] - i) * full))
+                # the recompute re-saves the segment, its input storage excepted
+                units.append((p["input"], (starts[i] - i) * full - p["input"]))
                 i = starts[i]
             else:
                 units.append((full, 0))
                 i += 1
     b, t, v = micro, cfg.block_size, cfg.vocab_size
-    head = 2 * b * t * cfg.d_model * act_bytes + 2 * b * t * 4 + 2 * b * t * v * 4
+    # ln_f input and output, its stats, and one fp32 copy of the logits (log_softmax's output)
+    head = 2 * b * t * cfg.d_model * act_bytes + 2 * b * t * 4 + b * t * v * 4
     return units + [(head, 0)]
 
 

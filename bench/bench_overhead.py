@@ -1,0 +1,117 @@
+"""Harness overhead: a step through harness.trainer.Trainer on the real DeepSpeed engine vs a
+bare PyTorch loop doing the same arithmetic, timed alternately in one process.
+
+    python bench/bench_overhead.py [--quick] [--rounds N] [key=value ...]
+
+The bare loop is what a user would write by hand: the same GPT and initial weights, the same
+micro-batches, loss / accumulation, clip_grad_norm_, torch AdamW and LR schedule, and it reads
+the loss and the norm back (.item()) as any logging loop does. Target: harness / bare <= 1.03.
+Also times the spike detector (harness.monitor) per step, relative to the harness step.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from common import alternate, median, print_table, save_json, synthetic_data, timed
+
+import numpy as np  # noqa: E402 (common sets the thread count before torch loads)
+import torch
+
+from harness.config import load_config
+from harness.engine import build, seed_everything
+from harness.model import GPT, param_groups
+from harness.plan import lr_at, make_plan
+from harness.trainer import Trainer
+
+QUICK = ["model.n_layer=2", "model.d_model=64", "model.block_size=64", "model.n_head=2",
+         "train.global_batch_size=8", "train.micro_batch_size=4", "train.grad_accum_steps=2"]
+
+
+def harness_step(cfg):
+    built = build(cfg)
+    b = built.plan.batch
+    trainer = Trainer(cfg, built, synthetic_data(cfg, b.micro_batch, built.device), [])
+    return trainer.train_step, built.device
+
+
+def bare_step(cfg, device: str):
+    plan = make_plan(cfg, 1)
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
+                            betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, plan, cfg) / plan.lr)
+    accum, data = plan.batch.grad_accum, synthetic_data(cfg, plan.batch.micro_batch, device)
+    state = {"consumed": 0}
+
+    def step():
+        total = torch.zeros((), device=device)
+        for k in range(accum):
+            x, y = data.micro_batch(state["consumed"], k)
+            loss = model(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip.max_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        state["consumed"] += plan.batch.global_batch
+        return (total / accum).item(), norm.item()  # .item() also waits for a GPU
+
+    return step
+
+
+def monitor_seconds_per_step(steps: int) -> float | None:
+    """check_pre_step + check_post_step per step, with full windows (the steady state)."""
+    if importlib.util.find_spec("harness.monitor") is None:
+        return None
+    from harness.monitor import MonitorConfig, SpikeDetector
+
+    cfg = MonitorConfig()
+    det, rng = SpikeDetector(cfg), np.random.default_rng(0)
+    warm = cfg.window + cfg.warmup_steps
+
+    def feed(step):
+        det.check_pre_step(step, {"train/loss": 3.0 + 0.01 * rng.standard_normal(),
+                                  "optim/grad_norm_preclip": float(rng.lognormal(0, 0.1)),
+                                  "optim/lr": 1e-3})
+        det.check_post_step(step, {"optim/update_norm": float(rng.lognormal(-3, 0.1))})
+
+    for s in range(warm):
+        feed(s)
+    return timed(lambda: [feed(s) for s in range(warm, warm + steps)]) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, a few rounds (CI)")
+    p.add_argument("--rounds", type=int, default=None, help="timed steps per side")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("overrides", nargs="*", help="config overrides on the tiny preset")
+    args = p.parse_args()
+    cfg = load_config("tiny", (QUICK if args.quick else []) + args.overrides)
+    rounds = args.rounds or (4 if args.quick else 40)
+    harness, device = harness_step(cfg)
+    bare = bare_step(cfg, device)
+    times = alternate({"bare PyTorch": bare, "harness": harness}, rounds, warmup=2)
+    base = median(times["bare PyTorch"])
+    rows = [(name, f"{median(t) * 1e3:.2f}", f"{min(t) * 1e3:.2f}", f"{median(t) / base:.3f}")
+            for name, t in times.items()]
+    m, b = cfg.model, make_plan(cfg, 1).batch
+    print_table(["loop", "median ms/step", "min ms/step", "ratio to bare"], rows,
+                f"{m.n_layer} layers, d {m.d_model}, seq {m.block_size}, micro "
+                f"{b.micro_batch} x accum {b.grad_accum}, "
+                f"{cfg.train.precision}, {device}, {rounds} alternating rounds "
+                f"(target harness/bare <= 1.03)")
+    per_step = monitor_seconds_per_step(50 if args.quick else 500)
+    if per_step is not None:
+        print(f"\nmonitor overhead: SpikeDetector pre+post checks {per_step * 1e3:.3f} ms/step "
+              f"= {per_step / median(times['harness']):.2%} of the harness step")
+    save_json(args.out, {"seconds": times, "ratio": median(times["harness"]) / base,
+                         "monitor_seconds_per_step": per_step})
+
+
+if __name__ == "__main__":
+    main()

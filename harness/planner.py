@@ -1,0 +1,318 @@
+"""`harness plan`: per-GPU memory from the config alone, and the micro batch / checkpointing
+choices that fit a GPU, fastest first.
+
+Model states, per parameter (GB = 1e9 bytes throughout). Mixed precision (bf16/fp16) keeps
+low-precision parameters 2 B and gradients 2 B, an fp32 master copy 4 B and Adam's m and v
+8 B: 16 B. The usual quote "7B needs 14 GB params + 14 GB grads + 56 GB Adam" counts m+v as
+the Adam states; the fp32 master copy is another 28 GB, listed on its own line (the ZeRO
+paper folds it into K = 12 B of optimizer state). fp32 training: 4 + 4 + 8, no master copy.
+ZeRO 1 shards master and Adam states over the data-parallel ranks, ZeRO 2 also the
+gradients, ZeRO 3 also the parameters; zero.offload_optimizer moves master and Adam states
+(and the optimizer step) to the CPU.
+
+Activations come from harness.memory.predict_peak (bytes saved for backward, recompute
+included). On top of them the loss needs working memory in its backward: the fp32 gradients
+of the log-softmax output and input, 2 x 4 B per logit, alive while everything is still held.
+The optimizer step briefly makes an fp32 copy of the (sharded) gradients; activations are
+gone by then, so the peak is the larger of the two moments.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import astuple, replace
+from functools import lru_cache
+
+import torch
+
+from harness.config import Config, ModelConfig, load_config
+from harness.engine import resolve_device
+from harness.errors import HarnessError
+from harness.memory import block_parts, predict_peak
+from harness.model import GPT, count_params, flops_per_token
+from harness.plan import checkpoint_segments, make_plan
+
+GB = 1e9
+MARGIN = 0.10  # allocator fragmentation and what the model does not see
+GPU_FIXED_BYTES = 2 * GB  # CUDA context, cuBLAS workspace, NCCL buffers
+# cost model: a micro-step has a fixed cost (launches, hooks, Python) of about 5 ms, which
+# at an assumed 400 TFLOP/s (40% of an H100) is worth this many FLOPs of real work
+MICRO_STEP_OVERHEAD_FLOPS = 5e-3 * 400e12
+SEARCH_POLICIES = ("none", "attention", "mlp", "every_k", "sqrt", "every_layer")
+
+
+# ---- model states ---------------------------------------------------------------------
+def model_state_bytes(n_params: int, precision: str, zero_stage: int, dp: int,
+                      offload_optimizer: bool = False) -> dict[str, int]:
+    """Per-GPU parameters, gradients, fp32 master copy and Adam m+v; `cpu` is what offload
+    moved off the GPU. Shards round up, as DeepSpeed pads partitions."""
+    mixed = precision in ("bf16", "fp16")
+    weight = 2 if mixed else 4
+
+    def per_gpu(nbytes: int, sharded_from_stage: int) -> int:
+        n = math.ceil(n_params / dp) if zero_stage >= sharded_from_stage else n_params
+        return n * nbytes
+
+    out = {"parameters": per_gpu(weight, 3), "gradients": per_gpu(weight, 2),
+           "master_params": per_gpu(4, 1) if mixed else 0, "optimizer_states": per_gpu(8, 1),
+           "cpu": 0}
+    if offload_optimizer:  # the CPU also keeps an fp32 copy of its gradient shard
+        out["cpu"] = out["master_params"] + out["optimizer_states"] + per_gpu(4, 1)
+        out["master_params"] = out["optimizer_states"] = 0
+    return out
+
+
+def _param_counts(cfg: Config) -> dict[str, int]:
+    return _counts(astuple(cfg.model))
+
+
+@lru_cache(maxsize=16)
+def _counts(model_fields: tuple) -> dict[str, int]:
+    """Counted on a meta-device GPT (no memory, no init cost), so they match the model."""
+    with torch.device("meta"):
+        model = GPT(ModelConfig(*model_fields))
+    block = model.blocks[0]
+    return {"total": count_params(model), "block": count_params(block),
+            "attention": count_params(block.attn) + count_params(block.ln_1),
+            "mlp": count_params(block.mlp) + count_params(block.ln_2)}
+
+
+def _comm_buffers(cfg: Config, counts: dict[str, int]) -> int:
+    """ZeRO's reduce bucket (two with overlap_comm); ZeRO 3 also holds the gathered
+    parameters of the block in use and the one being prefetched."""
+    z, weight = cfg.zero, 2 if cfg.train.precision != "fp32" else 4
+    if z.stage == 0:
+        return 0
+    buckets = z.reduce_bucket_size * weight * (2 if z.overlap_comm else 1)
+    return buckets + (2 * counts["block"] * weight if z.stage == 3 else 0)
+
+
+# ---- activations ----------------------------------------------------------------------
+def _segments(cfg: Config, policy: str):
+    ac = replace(cfg.activation_checkpointing, policy=policy)
+    if policy == "count" and ac.number_checkpoints is None:
+        raise HarnessError("policy count needs activation_checkpointing.number_checkpoints")
+    return checkpoint_segments(ac, cfg.model.n_layer)
+
+
+def _attention_view(cfg: Config, fused: bool):
+    # predict_peak models SDPA's math path (T x T scores kept) whenever dropout > 0, as on a
+    # CPU; on a GPU FlashAttention applies dropout inside the fused kernel. n_head=0 removes
+    # exactly the T x T terms (the fused kernel's logsumexp it also drops is < 0.5% of a block).
+    return replace(cfg.model, n_head=0) if fused and cfg.model.dropout > 0 else cfg.model
+
+
+def _act_bytes(cfg: Config) -> int:
+    return 4 if cfg.train.precision == "fp32" else 2
+
+
+def activation_bytes(cfg: Config, micro: int, policy: str, fused: bool) -> int:
+    """Peak bytes saved for backward under `policy`; fused: FlashAttention (GPU) vs math path."""
+    return predict_peak(_attention_view(cfg, fused), micro, policy, _segments(cfg, policy),
+                        _act_bytes(cfg))
+
+
+def recompute_share(cfg: Config, policy: str, counts: dict[str, int]) -> float:
+    """Extra FLOPs of a policy as a share of a step without it: the recomputed forwards.
+    Forward FLOPs per token are a third of flops_per_token: 2 per weight plus attention's
+    4 d T per layer."""
+    m = cfg.model
+    attention = 2 * counts["attention"] + 4 * m.d_model * m.block_size
+    per_layer = {"attention": attention, "mlp": 2 * counts["mlp"]}.get(
+        policy, attention + 2 * counts["mlp"])
+    n_recomputed = 0 if policy == "none" else (
+        m.n_layer if policy in ("attention", "mlp") else
+        sum(b - a for a, b in _segments(cfg, policy)))
+    return n_recomputed * per_layer / flops_per_token(m, counts["total"])
+
+
+# ---- the whole picture ----------------------------------------------------------------
+def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
+                   policy: str | None = None, gpu_memory_bytes: float | None = None,
+                   device: str | None = None) -> dict:
+    """Per-GPU bytes of one training step (device: where it runs; default cuda when
+    gpu_memory_bytes is given). Keys: parameters, gradients, master_params, optimizer_states
+    (Adam m+v), comm_buffers, model_states (their sum); activations (peak saved for backward
+    under `policy`), activations_per_layer / checkpointed_per_layer (what one block keeps
+    without / with block checkpointing); logits (the loss backward's fp32 working memory);
+    step_transient; cpu (offloaded); peak (estimates torch.cuda.max_memory_allocated);
+    required (peak + margin + CUDA overhead on a GPU); fits (None without gpu_memory_bytes)."""
+    if world_size < 1:
+        raise HarnessError(f"world size {world_size} must be >= 1")
+    micro = (micro_batch or cfg.train.micro_batch_size
+             or make_plan(cfg, world_size).batch.micro_batch)
+    policy = policy or cfg.activation_checkpointing.policy
+    if device is None:
+        device = "cuda" if gpu_memory_bytes is not None else resolve_device(cfg)
+    fused = device == "cuda"
+    counts = _param_counts(cfg)
+    states = model_state_bytes(counts["total"], cfg.train.precision, cfg.zero.stage, world_size,
+                               cfg.zero.offload_optimizer)
+    m, mixed = cfg.model, _act_bytes(cfg) == 2
+    parts = block_parts(_attention_view(cfg, fused), micro, _act_bytes(cfg))
+    out = {"n_params": counts["total"], "device": device, "micro_batch": micro, "policy": policy,
+           **states, "comm_buffers": _comm_buffers(cfg, counts),
+           "activations": activation_bytes(cfg, micro, policy, fused),
+           "activations_per_layer": parts["input"] + parts["attention"] + parts["mlp"],
+           "checkpointed_per_layer": parts["input"],
+           "logits": 2 * micro * m.block_size * m.vocab_size * 4}
+    on_gpu = ("parameters", "gradients", "master_params", "optimizer_states", "comm_buffers")
+    out["model_states"] = sum(out[k] for k in on_gpu)
+    shard = math.ceil(counts["total"] / (world_size if cfg.zero.stage >= 1 else 1))
+    out["step_transient"] = 4 * shard if mixed and not cfg.zero.offload_optimizer else 0
+    out["peak"] = out["model_states"] + max(out["activations"] + out["logits"],
+                                            out["step_transient"])
+    out["required"] = int(out["peak"] * (1 + MARGIN) + (GPU_FIXED_BYTES if fused else 0))
+    out["gpu_memory"] = gpu_memory_bytes
+    out["fits"] = None if gpu_memory_bytes is None else out["required"] <= gpu_memory_bytes
+    return out
+
+
+def recommend(cfg: Config, world_size: int, gpu_memory_bytes: float,
+              target_global_batch: int) -> list[dict]:
+    """Every (micro_batch, grad_accum, policy) that reaches the global batch and fits, fastest
+    first. Relative time per sample = (1 + recompute share) x (1 + overhead / micro tokens):
+    recompute costs its FLOPs; each micro-step also pays a fixed cost, so small micro
+    batches waste more of it (ZeRO 2/3 gradient traffic per micro-step is not modelled)."""
+    if target_global_batch < 1 or target_global_batch % world_size:
+        raise HarnessError(f"--target-global-batch={target_global_batch} must be a positive "
+                           f"multiple of the world size {world_size}")
+    counts = _param_counts(cfg)
+    overhead_tokens = MICRO_STEP_OVERHEAD_FLOPS / flops_per_token(cfg.model, counts["total"])
+    policies = SEARCH_POLICIES + (("count",) if cfg.activation_checkpointing.number_checkpoints
+                                  else ())
+    per_rank, found = target_global_batch // world_size, []
+    for micro in (d for d in range(1, per_rank + 1) if per_rank % d == 0):
+        for policy in policies:
+            mem = predict_memory(cfg, world_size, micro, policy, gpu_memory_bytes, "cuda")
+            if not mem["fits"]:
+                continue
+            share = recompute_share(cfg, policy, counts)
+            waste = overhead_tokens / (micro * cfg.model.block_size)
+            found.append({"micro_batch": micro, "grad_accum": per_rank // micro,
+                          "policy": policy, "cost": (1 + share) * (1 + waste),
+                          "required": mem["required"], "peak": mem["peak"],
+                          "why": _why(policy, share, micro, waste, mem, gpu_memory_bytes)})
+    found.sort(key=lambda c: (c["cost"], c["required"]))
+    for c in found:
+        c["relative"] = c["cost"] / found[0]["cost"]
+    return found
+
+
+def _why(policy: str, share: float, micro: int, waste: float, mem: dict, gpu: float) -> str:
+    redo = "no recompute" if policy == "none" else f"recomputes {share:.0%} more FLOPs"
+    fixed = f"{waste:.0%}" if waste < 10 else f"{waste:.0f}x"
+    return (f"{redo}; the fixed per-micro-step cost adds {fixed} to micro {micro}'s compute; "
+            f"needs {mem['required'] / GB:.1f} of {gpu / GB:.1f} GB")
+
+
+# ---- the command ----------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str = "--gpu-memory") -> float:
+    """'80GB' = 80e9 bytes, '80GiB' and '24G' (Slurm's --mem style) binary, plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise HarnessError(f"{flag}='{text}' is not a size: write e.g. 80GB, 80GiB or 24G")
+    return float(match.group(1)) * _UNITS[unit]
+
+
+def _positive_int(text: str, flag: str) -> int:
+    if not str(text).isdigit() or int(text) < 1:
+        raise HarnessError(f"{flag}='{text}' must be a whole number >= 1")
+    return int(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The plan-specific flags (the CLI adds --config and the overrides itself)."""
+    p.add_argument("--world-size", default="1", help="data-parallel GPUs (default 1)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default 80GB)")
+    p.add_argument("--target-global-batch", default=None,
+                   help="global batch in samples (default: the config's)")
+    p.add_argument("--top", default="10", help="recommendations shown (default 10)")
+
+
+def run(args: argparse.Namespace) -> int:
+    world = _positive_int(args.world_size, "--world-size")
+    gpu = parse_size(args.gpu_memory)
+    top = _positive_int(args.top, "--top")
+    cfg = load_config(args.config, args.overrides)
+    target = args.target_global_batch or cfg.train.global_batch_size
+    if target is None:
+        try:
+            target = make_plan(cfg, world).batch.global_batch
+        except HarnessError as err:
+            raise HarnessError(f"pass --target-global-batch ({err})") from None
+    target = _positive_int(target, "--target-global-batch")
+    mem = predict_memory(cfg, world, gpu_memory_bytes=gpu)
+    _print_breakdown(cfg, world, mem)
+    _print_policies(cfg, mem)
+    _print_recommendations(recommend(cfg, world, gpu, target), world, gpu, target, top)
+    return 0
+
+
+def _print_breakdown(cfg: Config, world: int, mem: dict) -> None:
+    t, z = cfg.train, cfg.zero
+    print(f"{mem['n_params'] / 1e6:,.1f}M parameters, {t.precision}, ZeRO {z.stage}"
+          f"{' + optimizer offload' if z.offload_optimizer else ''}, world size {world}, "
+          f"micro batch {mem['micro_batch']} x {cfg.model.block_size} tokens, "
+          f"checkpointing {mem['policy']} (GB = 1e9 bytes, per GPU)")
+    rows = [("parameters", "parameters"), ("gradients", "gradients"),
+            ("fp32 master parameters", "master_params"), ("Adam m + v", "optimizer_states"),
+            ("ZeRO buffers", "comm_buffers"), ("activations (saved for backward)", "activations"),
+            ("loss backward working memory", "logits"), ("optimizer-step fp32 grads (transient)",
+                                                         "step_transient"),
+            ("peak allocated (estimate)", "peak"), ("offloaded to CPU", "cpu")]
+    for label, key in rows:
+        print(f"  {label:<40}{mem[key] / GB:>9.2f}")
+    verdict = "fits" if mem["fits"] else "does NOT fit"
+    print(f"  {'required (+10%, +2 GB CUDA overhead)':<40}{mem['required'] / GB:>9.2f}"
+          f"   {verdict} in {mem['gpu_memory'] / GB:.1f} GB")
+
+
+def _print_policies(cfg: Config, mem: dict) -> None:
+    counts = _param_counts(cfg)
+    print(f"\nactivations by checkpointing policy at micro batch {mem['micro_batch']} "
+          f"(a block keeps {mem['activations_per_layer'] / GB:.3f} GB unless checkpointed, "
+          f"{mem['checkpointed_per_layer'] / GB:.3f} GB if it is):")
+    print(f"  {'policy':<12}{'activations GB':>15}{'extra FLOPs':>13}")
+    for policy in SEARCH_POLICIES:
+        act = activation_bytes(cfg, mem["micro_batch"], policy, mem["device"] == "cuda")
+        print(f"  {policy:<12}{act / GB:>15.2f}{recompute_share(cfg, policy, counts):>13.0%}")
+
+
+def _print_recommendations(found: list[dict], world: int, gpu: float, target: int,
+                           top: int) -> None:
+    print(f"\nfastest configurations for global batch {target} on {world} x {gpu / GB:.1f} GB "
+          f"(time per sample relative to the fastest):")
+    if not found:
+        print("  none fits: raise the ZeRO stage, offload the optimizer or add GPUs")
+        return
+    print(f"  {'micro':>5} {'accum':>5}  {'policy':<12}{'time':>6}  why")
+    for c in found[:top]:
+        print(f"  {c['micro_batch']:>5} {c['grad_accum']:>5}  {c['policy']:<12}"
+              f"{c['relative']:>6.2f}  {c['why']}")
+    if len(found) > top:
+        print(f"  ... {len(found) - top} more fit (--top N shows them)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="harness plan", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny", help="preset name or YAML file (default: tiny)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. zero.stage=2")
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Every bench script runs in --quick mode and prints its table (bench_gpu: a clean skip on a
+CPU-only machine). The JSON each writes is checked for the property the bench is about."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# engines built earlier in this pytest process exported their rank and store port: a child
+# that inherited them would try to bind the same port
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict | None]:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, f"bench/{script}.py", "--quick", "--out", str(out),
+                           *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_overhead(tmp_path):
+    stdout, result = run_bench("bench_overhead", tmp_path)
+    assert "ratio to bare" in stdout and "harness" in stdout and "bare PyTorch" in stdout
+    assert "monitor overhead" in stdout
+    assert result["ratio"] > 0
+
+
+def test_checkpointing(tmp_path):
+    stdout, result = run_bench("bench_checkpointing", tmp_path)
+    assert "memory growth with depth" in stdout and "growth 4->8" in stdout
+    for depth in ("4", "8"):
+        peaks = {p: r["peak"] for p, r in result["results"][depth].items()}
+        assert peaks["every_layer"] < peaks["sqrt"] < peaks["none"]
+
+
+def test_accumulation(tmp_path):
+    stdout, result = run_bench("bench_accumulation", tmp_path)
+    assert "mem / accum 1" in stdout
+    assert len(set(result["peak_bytes"].values())) == 1  # flat in the accumulation steps
+
+
+def test_gpu(tmp_path):
+    stdout, result = run_bench("bench_gpu", tmp_path)
+    if torch.cuda.is_available():
+        assert "planner/meas" in stdout and result["rows"]
+    else:
+        assert "skipped" in stdout and result is None
+

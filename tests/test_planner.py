@@ -1,0 +1,163 @@
+"""The planner: model-state arithmetic by hand, activation predictions against the exact meter
+on small CPU models, recommendations that fit and are ordered by the cost model, bad input."""
+import pytest
+
+from engine_utils import make_data, small_cfg
+from harness import planner
+from harness.config import load_config
+from harness.engine import build
+from harness.errors import HarnessError
+from harness.memory import measure_step
+from harness.model import GPT, count_params
+
+GB = 1e9
+AC = "activation_checkpointing"
+
+
+def test_seed_7b_mixed_precision_arithmetic():
+    # the seeds: 7B x 2 B = 14 GB params, 14 GB grads, 7B x 8 B = 56 GB Adam m+v;
+    # the fp32 master copy is another 7B x 4 B = 28 GB: 16 B/param in all
+    s = planner.model_state_bytes(7_000_000_000, "bf16", zero_stage=0, dp=1)
+    assert (s["parameters"], s["gradients"], s["optimizer_states"], s["master_params"]) == \
+        (14 * GB, 14 * GB, 56 * GB, 28 * GB)
+    fp32 = planner.model_state_bytes(7_000_000_000, "fp32", zero_stage=0, dp=1)
+    assert (fp32["parameters"], fp32["gradients"], fp32["optimizer_states"],
+            fp32["master_params"]) == (28 * GB, 28 * GB, 56 * GB, 0)
+
+
+def test_zero2_on_8_gpus_by_hand():
+    # 1.3B bf16, ZeRO 2 over 8 ranks: params whole (2.6 GB), grads / 8 (0.325 GB),
+    # master 5.2 / 8 = 0.65 GB, Adam 10.4 / 8 = 1.3 GB: 4.875 GB per GPU
+    s = planner.model_state_bytes(1_300_000_000, "bf16", zero_stage=2, dp=8)
+    assert s == {"parameters": 2.6 * GB, "gradients": 0.325 * GB, "master_params": 0.65 * GB,
+                 "optimizer_states": 1.3 * GB, "cpu": 0}
+    assert planner.model_state_bytes(1_300_000_000, "bf16", 1, 8)["gradients"] == 2.6 * GB
+    assert planner.model_state_bytes(1_300_000_000, "bf16", 3, 8)["parameters"] == 0.325 * GB
+    off = planner.model_state_bytes(1_300_000_000, "bf16", 2, 8, offload_optimizer=True)
+    assert off["master_params"] == off["optimizer_states"] == 0
+    assert off["cpu"] == pytest.approx((0.65 + 1.3 + 0.65) * GB)  # + its fp32 grad shard
+
+
+def test_parameter_count_matches_the_model():
+    cfg = small_cfg("model.bias=false")
+    assert planner.predict_memory(cfg, 1, device="cpu")["n_params"] == count_params(GPT(cfg.model))
+
+
+SHAPES = {
+    "A": ["model.n_layer=4", "model.d_model=64", "model.block_size=32", "model.n_head=2"],
+    "B": ["model.n_layer=6", "model.d_model=96", "model.block_size=48", "model.n_head=3"],
+    "C": ["model.n_layer=8", "model.d_model=32", "model.block_size=64", "model.n_head=4"],
+}
+CASES = [  # (policy, dropout, shape, precision, extra overrides)
+    ("none", 0.0, "A", "fp32", []),
+    ("every_layer", 0.1, "A", "fp32", []),
+    ("mlp", 0.1, "A", "fp32", []),
+    ("every_k", 0.0, "B", "fp32", [f"{AC}.every_k=2"]),
+    ("sqrt", 0.1, "B", "fp32", []),
+    ("none", 0.0, "B", "bf16", []),
+    ("count", 0.0, "C", "fp32", [f"{AC}.number_checkpoints=3"]),
+    ("attention", 0.0, "C", "fp32", []),
+    ("none", 0.0, "A", "fp32", ["model.vocab_size=4096"]),  # the logits dominate
+    ("attention", 0.1, "C", "fp32", []),
+]
+
+
+def _measured_and_predicted(policy, dropout, shape, precision, extra, micro=4):
+    cfg = small_cfg(*SHAPES[shape], f"model.dropout={dropout}", f"train.precision={precision}",
+                    f"train.micro_batch_size={micro}", "train.grad_accum_steps=1",
+                    f"{AC}.policy={policy}", *extra)
+    built = build(cfg)
+    x, y = make_data(cfg, micro).micro_batch(0, 0)
+    measured = measure_step(built.engine.module, x, y)["peak"]
+    return measured, planner.predict_memory(cfg, 1, device="cpu")["activations"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-p{c[1]}-{c[2]}-{c[3]}")
+def test_activation_prediction_within_10_percent(case):
+    measured, predicted = _measured_and_predicted(*case)
+    assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_gpu_dropout_uses_the_fused_attention_path():
+    cfg = small_cfg(*SHAPES["C"], "model.dropout=0.1")
+    cpu = planner.predict_memory(cfg, 1, device="cpu")["activations"]
+    gpu = planner.predict_memory(cfg, 1, device="cuda")["activations"]
+    no_dropout = planner.predict_memory(small_cfg(*SHAPES["C"]), 1, device="cuda")["activations"]
+    assert no_dropout < gpu < cpu  # masks kept, T x T matrices not
+
+
+def test_recompute_shares():
+    cfg = small_cfg("model.n_layer=8", f"{AC}.every_k=2")
+    counts = planner._param_counts(cfg)
+    share = {p: planner.recompute_share(cfg, p, counts) for p in planner.SEARCH_POLICIES}
+    assert share["none"] == 0
+    assert share["every_layer"] == share["sqrt"] < 1 / 3  # one extra forward of the blocks
+    assert share["every_k"] == pytest.approx(share["every_layer"] / 2)
+    assert share["attention"] + share["mlp"] == pytest.approx(share["every_layer"])
+
+
+def _gpt2_small(*extra):
+    return load_config("gpt2-small", list(extra))
+
+
+def test_recommend_returns_only_fitting_configs_fastest_first():
+    cfg, gpu = _gpt2_small(), 24 * GB
+    found = planner.recommend(cfg, 8, gpu, 512)
+    assert found
+    for c in found:
+        assert c["micro_batch"] * c["grad_accum"] * 8 == 512
+        assert c["required"] <= gpu
+        mem = planner.predict_memory(cfg, 8, c["micro_batch"], c["policy"], gpu)
+        assert mem["fits"] and mem["required"] == c["required"]
+    costs = [c["cost"] for c in found]
+    assert costs == sorted(costs)
+    # everything that fits is offered: micro 64 without checkpointing does not
+    offered = {(c["micro_batch"], c["policy"]) for c in found}
+    assert (64, "none") not in offered
+    assert not planner.predict_memory(cfg, 8, 64, "none", gpu)["fits"]
+    assert found[0]["policy"] == "none" and found[0]["why"]
+
+
+def test_more_memory_allows_bigger_micro_batches():
+    cfg = _gpt2_small()
+    small = planner.recommend(cfg, 8, 24 * GB, 512)[0]
+    big = planner.recommend(cfg, 8, 80 * GB, 512)[0]
+    assert big["micro_batch"] > small["micro_batch"] and big["cost"] < small["cost"]
+
+
+def test_tight_memory_needs_checkpointing():
+    cfg = _gpt2_small()
+    need = {p: planner.predict_memory(cfg, 1, 1, p, 80 * GB)["required"]
+            for p in ("none", "every_layer")}
+    found = planner.recommend(cfg, 1, (need["none"] + need["every_layer"]) / 2, 64)
+    assert found and all(c["policy"] != "none" for c in found)
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80e9), ("80GiB", 80 * 2**30),
+                                           ("24G", 24 * 2**30), ("1.5 TB", 1.5e12),
+                                           ("1024", 1024)])
+def test_parse_size(text, expected):
+    assert planner.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80XB", "", "GB", "-3GB", "0GB", "eighty"])
+def test_bad_gpu_memory_names_the_flag(text):
+    with pytest.raises(HarnessError, match="--gpu-memory"):
+        planner.parse_size(text)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--gpu-memory", "80XB"], "--gpu-memory"),
+                                       (["--world-size", "two"], "--world-size"),
+                                       (["--target-global-batch", "7", "--world-size", "2"],
+                                        "--target-global-batch")])
+def test_main_reports_bad_flags(argv, flag, capsys):
+    assert planner.main(argv) == 2
+    assert f"error: {flag}" in capsys.readouterr().err
+
+
+def test_main_prints_the_tables(capsys):
+    assert planner.main(["--config", "gpt2-small", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    for line in ("Adam m + v", "fp32 master parameters", "peak allocated",
+                 "activations by checkpointing policy", "fastest configurations"):
+        assert line in out
