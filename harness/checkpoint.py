@@ -90,7 +90,9 @@ class Checkpointer(Callback):
 
     # ---- saving ---------------------------------------------------------------------------
     def on_step_end(self, trainer, step, metrics):
-        if self.cfg.every and step % self.cfg.every == 0:
+        # trainer.step, not `step`: a monitor rollback may just have moved it back
+        if self.cfg.every and trainer.step % self.cfg.every == 0 \
+                and self.last_saved_step != trainer.step:
             self.save(trainer)
 
     def on_train_end(self, trainer):
@@ -126,6 +128,13 @@ class Checkpointer(Callback):
     def _prune(self) -> None:
         for old in complete_checkpoints(self.root)[:-self.cfg.keep_last]:
             self._delete(old)
+
+    def discard_after(self, step: int, rank: int) -> None:
+        """After a rollback: checkpoints of the abandoned trajectory must never be resumed."""
+        if rank == 0:
+            for ckpt in complete_checkpoints(self.root):
+                if int(ckpt.name.removeprefix("step")) > step:
+                    self._delete(ckpt)
 
     def _delete(self, path: Path) -> None:
         # rename first: a kill inside rmtree must not leave meta.json beside missing files

@@ -44,6 +44,7 @@ class Built:
     ds_config: dict[str, Any]
     dist: distributed.DistEnv
     device: str
+    lr_scale: list[float]  # a box the LR schedule reads: the spike monitor's lr_cut sets it
 
 
 def import_deepspeed(device: str):
@@ -81,14 +82,15 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     # checkpointing.configure asks the process group for ranks: it must exist first
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
-    peak = plan.lr
+    peak, lr_scale = plan.lr, [1.0]
 
     def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, plan, cfg) / peak)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, plan, cfg) / peak * lr_scale[0])
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds, lr_scheduler=scheduler, dist_init_required=True)
     # per-rank data order and dropout streams differ; weights were already drawn identically
     seed_everything(cfg.train.seed + 1000 * dist.rank)
-    return Built(engine, model, plan, ds, dist, device)
+    return Built(engine, model, plan, ds, dist, device, lr_scale)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from harness.callbacks.loggers import Console, MetricsFile
+from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint import Checkpointer, load
@@ -29,6 +30,7 @@ from harness.slurm import REQUEUE_EXIT_CODE
 from harness.trainer import Trainer
 
 log = logging.getLogger("harness")
+MONITOR_STOP_EXIT_CODE = 3  # the spike monitor ended the run: a person should look
 
 
 def write_run_files(run_dir: Path, cfg: Config, built: Built) -> None:
@@ -85,6 +87,8 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     metrics_file = MetricsFile(run_dir)
     callbacks = [checkpointer, Throughput(), metrics_file, Console(cfg.train.log_every),
                  WandbLogger(cfg.wandb)]
+    if cfg.monitor.enabled:
+        callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
         meta = load(trainer, resume)
@@ -112,6 +116,10 @@ def train(cfg: Config) -> int:
         signals.uninstall()
     if trainer.is_main:
         log.info("report: %s", write_report(Path(cfg.train.run_dir)))
+    if trainer.stop_reason and trainer.stop_reason.startswith("monitor"):
+        log.error("%s: stopped at step %d; see %s/metrics.jsonl for the events",
+                  trainer.stop_reason, trainer.step, cfg.train.run_dir)
+        return MONITOR_STOP_EXIT_CODE
     if trainer.step < cfg.train.max_steps and trainer.stop_reason:
         log.info("stopped at step %d (%s): checkpoint saved, exiting with %d to be requeued",
                  trainer.step, trainer.stop_reason, REQUEUE_EXIT_CODE)

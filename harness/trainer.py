@@ -1,8 +1,8 @@
 """The training loop: micro-steps up to the accumulation boundary, one optimizer step, metrics.
 
 Everything cross-cutting (loggers, monitor, checkpoints) is a Callback; this file only
-trains and measures what only the loop can see: the loss, the PRE-clip gradient norm, the
-clip coefficient, the learning rate and the time per step.
+trains and measures what only the loop can see: the loss, the PRE-clip gradient norm (also
+per layer group), the clip coefficient, the learning rate, the update norm, the step time.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from harness.callbacks.base import Callback
 from harness.config import Config
 from harness.data.sources import TrainData
 from harness.engine import Built
+from harness.grad_norms import GradNorms
 
 
 class Trainer:
@@ -27,8 +28,9 @@ class Trainer:
         self.consumed_samples = 0  # global data position; may run ahead of step x batch
         self.stop_reason: str | None = None
         self.stop_signals = None  # harness.preemption.StopSignals when signals should stop us
-        # DeepSpeed discards the norm at ZeRO 0 in fp32, so we compute it there ourselves
-        self._own_norm = cfg.zero.stage == 0 and cfg.train.precision == "fp32"
+        self.skip_update = False  # set by a callback in on_before_step
+        self.norms = GradNorms(self.engine, built.dist.world_size,
+                               fp16=cfg.train.precision == "fp16")
 
     @property
     def is_main(self) -> bool:
@@ -47,35 +49,58 @@ class Trainer:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         return total / accum
 
-    def _local_grad_norm(self) -> float:
-        # at ZeRO 0 the gradients are all-reduced inside backward() at the boundary
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
-
-    def _clip_values(self) -> None:
-        v = self.cfg.clip.value
-        for p in self.engine.module.parameters():
-            if p.grad is not None:
-                p.grad.clamp_(-v, v)
+    def _pre_step_signals(self, loss: float) -> dict[str, Any]:
+        norm, groups = self.norms.preclip()
+        signals = {"train/loss": loss, "optim/grad_norm_preclip": norm,
+                   **{f"grad_norm/{g}": v for g, v in groups.items()}}
+        if self.cfg.train.precision == "fp16":
+            signals["optim/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        return signals
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        loss = self._forward_backward()
-        norm = self._local_grad_norm() if self._own_norm else None
-        if self.cfg.clip.value is not None:
-            self._clip_values()
-        self.engine.step()  # boundary: clip by global norm, update, advance the LR schedule
-        if norm is None:
-            norm = float(self.engine.get_global_grad_norm())
-        loss = self._mean_over_ranks(loss)
+        loss = self._mean_over_ranks(self._forward_backward())
+        signals = self._pre_step_signals(loss)
+        self.skip_update = False
+        for cb in self.callbacks:
+            cb.on_before_step(self, self.step + 1, signals)
+        skipped = self.skip_update
+        if skipped:
+            self._step_without_update()
+        else:
+            if self.cfg.clip.value is not None:
+                self._clip_values()
+            self.engine.step()  # boundary: clip by global norm, update, advance the LR schedule
         self.step += 1
         self.consumed_samples += self.plan.batch.global_batch
+        update = 0.0 if skipped else self.norms.update_ratio(lr)
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        return self._metrics(loss, norm, lr, dt)
+        return self._metrics(signals, lr, update, skipped, time.perf_counter() - t0)
+
+    def _clip_values(self) -> None:
+        v = self.cfg.clip.value  # ZeRO 0 only (validated): p.grad is the full gradient
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.clamp_(-v, v)
+
+    def _step_without_update(self) -> None:
+        """Advance DeepSpeed's counters and LR schedule but leave parameters and optimizer
+        state exactly as they were: zero the gradients this rank holds (NaN included), step
+        with learning rate 0 (AdamW's weight decay is scaled by it too), restore the moments."""
+        from harness.grad_norms import local_grads
+
+        for g in local_grads(self.engine):
+            g.zero_()
+        opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        saved = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                 for p, st in opt.state.items()}
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        self.engine.step()  # the scheduler sets the next step's learning rate again
+        for p, st in saved.items():
+            opt.state[p] = st
 
     def _mean_over_ranks(self, loss: torch.Tensor) -> float:
         if self.built.dist.world_size > 1:
@@ -83,18 +108,20 @@ class Trainer:
             loss /= self.built.dist.world_size
         return loss.item()
 
-    def _metrics(self, loss: float, norm: float, lr: float, dt: float) -> dict[str, Any]:
-        max_norm = self.cfg.clip.max_norm
+    def _metrics(self, signals: dict[str, Any], lr: float, update: float, skipped: bool,
+                 dt: float) -> dict[str, Any]:
+        max_norm, norm = self.cfg.clip.max_norm, signals["optim/grad_norm_preclip"]
         # DeepSpeed's rule: scale by max_norm / (norm + 1e-6) when that is below 1
         coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
         tokens = self.plan.tokens_per_step
         return {
             "step": self.step,
-            "train/loss": loss,
-            "optim/grad_norm_preclip": norm,
+            **signals,
             "optim/clip_coef": coef,
             "optim/clipped": coef < 1.0,
             "optim/lr": lr,
+            "optim/update_norm": update,
+            "optim/skipped": skipped,
             "train/tokens_seen": self.consumed_samples * self.plan.seq_len,
             "throughput/step_time_s": dt,
             "throughput/tokens_per_s": tokens / dt,
@@ -107,8 +134,9 @@ class Trainer:
             cb.on_train_start(self)
         while self.step < self.cfg.train.max_steps and self.stop_reason is None:
             metrics = self.train_step()
+            step = self.step  # every callback sees this step, even if one rolls back
             for cb in self.callbacks:
-                cb.on_step_end(self, self.step, metrics)
+                cb.on_step_end(self, step, metrics)
             if self.stop_signals is not None and self.stop_signals.should_stop(
                     self.built.dist.world_size):
                 self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from engine_utils import Record
 from harness.config import load_config
 from harness.run import make_trainer
 
@@ -25,12 +26,10 @@ def test_tiny_bf16_zero1_checkpointed(tmp_path, shards_dir, device):
                                "train.max_steps=30", f"train.run_dir={tmp_path}",
                                f"data.out_dir={shards_dir}", "checkpoint.every=0"])
     trainer, _ = make_trainer(cfg)
-    seen = []
-    trainer.callbacks.append(type("Keep", (), {
-        "order": 200, "on_train_start": lambda s, t: None, "on_event": lambda *a: None,
-        "on_step_end": lambda s, t, step, m: seen.append(dict(m)),
-        "on_train_end": lambda s, t: None, "state_dict": lambda s: {}})())
+    keep = Record()
+    trainer.callbacks.append(keep)
     trainer.fit()
+    seen = keep.metrics
     assert trainer.engine.device.type == device
     assert next(trainer.engine.module.parameters()).dtype == torch.bfloat16
     assert len(seen) == 30

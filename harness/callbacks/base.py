@@ -16,6 +16,10 @@ class Callback:
     def on_train_start(self, trainer: Any) -> None:
         pass
 
+    def on_before_step(self, trainer: Any, step: int, signals: dict[str, Any]) -> None:
+        """At the accumulation boundary, before the update: signals holds the step's loss and
+        pre-clip gradient norms; set trainer.skip_update = True to drop this update."""
+
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
         pass
 
