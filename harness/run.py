@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from harness.callbacks.evaluator import Evaluator
 from harness.callbacks.loggers import Console, MetricsFile
 from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.throughput import Throughput
@@ -89,6 +90,11 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
                  WandbLogger(cfg.wandb)]
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
+    if cfg.data.eval_every:
+        callbacks.append(Evaluator(shards.sequences("val", cfg.model.block_size),
+                                   cfg.data.eval_every, cfg.data.eval_batches,
+                                   built.plan.batch.micro_batch, built.dist.rank,
+                                   built.dist.world_size))
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
         meta = load(trainer, resume)

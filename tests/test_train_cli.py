@@ -25,6 +25,9 @@ def test_tiny_trains_to_lower_loss_and_writes_the_run_dir(tmp_path):
     assert [m["step"] for m in steps] == list(range(1, 61))  # one line per optimizer step
     first, last = steps[0]["train/loss"], sum(m["train/loss"] for m in steps[-5:]) / 5
     assert last < first - 1.0, (first, last)
+    evals = [(m["step"], m["eval/loss"]) for m in steps if "eval/loss" in m]
+    assert [s for s, _ in evals] == [20, 40, 60]  # data.eval_every: 20 in the tiny preset
+    assert evals[-1][1] < evals[0][1]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 60
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
