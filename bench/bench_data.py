@@ -1,4 +1,5 @@
-"""Data pipeline throughput: `prepare-data` MB/s with 1 and 2 workers, and loader tokens/s.
+"""Data pipeline throughput: `prepare-data` MB/s with 1 and 2 workers, and loader tokens/s
+against the tiny model's training tokens/s measured in the same run (target: >= 100x).
 
     OMP_NUM_THREADS=1 python bench/bench_data.py [--quick]
 
@@ -39,6 +40,32 @@ def loader_tokens_per_s(shards: TokenShards, seq_len: int, batch: int, seconds: 
     return tokens / elapsed
 
 
+def training_tokens_per_s(shards_dir: str, run_dir: str, steps: int) -> float:
+    """The tiny preset's training throughput on these shards (median over `steps` steps)."""
+    import statistics
+
+    from harness.callbacks.base import Callback
+    from harness.config import load_config
+    from harness.run import make_trainer
+
+    class Rates(Callback):
+        def __init__(self):
+            self.rates = []
+
+        def on_step_end(self, trainer, step, metrics):
+            self.rates.append(metrics["throughput/tokens_per_s"])
+
+    cfg = load_config("tiny", [f"data.out_dir={shards_dir}", f"train.run_dir={run_dir}",
+                               f"train.max_steps={steps + 2}", "optim.warmup_steps=1",
+                               "checkpoint.every=0",
+                               "monitor.enabled=false", "data.eval_every=0"])
+    trainer, _ = make_trainer(cfg)
+    rates = Rates()
+    trainer.callbacks.append(rates)
+    trainer.fit()
+    return statistics.median(rates.rates[2:])  # the first steps include warm-up
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run: 0.5 MB, 0.5 s loader")
@@ -58,8 +85,11 @@ def main() -> None:
                 print(f"prepare {max_bytes / 2**20:.1f} MB, {workers} worker(s), {what}: "
                       f"{runs[workers, reuse]:.2f} MB/s")
         shards = TokenShards.open(f"{tmp}/t1_0")
-        rate = loader_tokens_per_s(shards, 256, 16, 0.5 if args.quick else 3.0)
-        print(f"loader seq_len 256 batch 16: {rate:,.0f} tokens/s")
+        rate = loader_tokens_per_s(shards, 128, 8, 0.5 if args.quick else 3.0)
+        train = training_tokens_per_s(f"{tmp}/t1_0", f"{tmp}/run", 3 if args.quick else 10)
+        print(f"loader (tiny shapes: seq_len 128, micro batch 8): {rate:,.0f} tokens/s")
+        print(f"tiny model training:                           {train:,.0f} tokens/s")
+        print(f"loader / training: {rate / train:,.0f}x (target >= 100x)")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,23 @@
 """Every bench script runs in --quick mode and prints its table (bench_gpu: a clean skip on a
 CPU-only machine). The JSON each writes is checked for the property the bench is about."""
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from engine_utils import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
-# engines built earlier in this pytest process exported their rank and store port: a child
-# that inherited them would try to bind the same port
-ENV = {k: v for k, v in os.environ.items()
-       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict | None]:
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, f"bench/{script}.py", "--quick", "--out", str(out),
-                           *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    out_args = [] if script == "bench_data" else ["--out", str(out)]
+    proc = subprocess.run([sys.executable, f"bench/{script}.py", "--quick", *out_args, *args],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout, json.loads(out.read_text()) if out.exists() else None
 
@@ -51,3 +50,14 @@ def test_gpu(tmp_path):
     else:
         assert "skipped" in stdout and result is None
 
+
+
+def test_checkpoint(tmp_path):
+    stdout, result = run_bench("bench_checkpoint", tmp_path)
+    assert result[0]["preset"] == "tiny" and float(result[0]["size MiB"]) > 0
+
+
+def test_data_loader_outruns_training(tmp_path):
+    stdout, _ = run_bench("bench_data", tmp_path)
+    ratio = float(re.search(r"loader / training: ([\d,]+)x", stdout)[1].replace(",", ""))
+    assert ratio >= 100  # the loader must never be the bottleneck
