@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from harness.callbacks.evaluator import Evaluator
 from harness.callbacks.loggers import Console, MetricsFile
@@ -17,7 +18,7 @@ from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint import Checkpointer, load
-from harness.config import Config, to_yaml
+from harness.config import Config, to_dict, to_yaml
 from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import TokenShards
@@ -75,6 +76,19 @@ def _check_fingerprint(meta: dict, shards: TokenShards, path: Path) -> None:
                            f"start a new train.run_dir")
 
 
+def _check_same_model(run_dir: Path, cfg: Config) -> None:
+    """A checkpoint of another model shape would fail deep inside DeepSpeed's loader."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.load(saved_file).get("model", {})
+    for key, value in to_dict(cfg)["model"].items():
+        if key in saved and saved[key] != value:
+            raise HarnessError(f"train.run_dir={run_dir} holds a run with model.{key}="
+                               f"{saved[key]}, not {value}: choose another train.run_dir "
+                               f"(or checkpoint.resume=never with a new one)")
+
+
 def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     run_dir = Path(cfg.train.run_dir)
     built = build(cfg)
@@ -97,6 +111,7 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
                                    built.dist.world_size))
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
+        _check_same_model(run_dir, cfg)
         meta = load(trainer, resume)
         _check_fingerprint(meta, shards, resume)
         checkpointer.last_saved_step = trainer.step

@@ -13,7 +13,7 @@ from harness.slurm import REQUEUE_EXIT_CODE
 
 TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=32",
         "model.dropout=0.1", "train.global_batch_size=8", "train.micro_batch_size=2",
-        "train.max_steps=6", "optim.warmup_steps=2", "checkpoint.every=2"]
+        "train.max_steps=6", "optim.warmup_steps=2", "checkpoint.every=2", "data.eval_every=0"]
 
 
 def cfg_for(run_dir, shards_dir, *extra):
@@ -113,3 +113,11 @@ def test_resume_refuses_other_data(tmp_path, shards_dir, tmp_path_factory):
                             val_fraction=0.0), progress=False)
     with pytest.raises(HarnessError, match="fingerprint"):
         final_params(cfg_for(tmp_path, other))
+
+
+def test_resume_refuses_another_model_shape(tmp_path, shards_dir):
+    from harness.errors import HarnessError
+
+    final_params(cfg_for(tmp_path, shards_dir), stop_at=2)
+    with pytest.raises(HarnessError, match="model.d_model=32, not 64"):
+        final_params(cfg_for(tmp_path, shards_dir, "model.d_model=64"))
