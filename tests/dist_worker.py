@@ -8,20 +8,9 @@ from pathlib import Path
 
 import torch
 
-from harness.callbacks.base import Callback
+from engine_utils import StopAt
 from harness.config import load_config
 from harness.run import make_trainer
-
-
-class StopAt(Callback):
-    order = 0
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, metrics):
-        if step == self.step:
-            trainer.stop_reason = "test"
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from engine_utils import max_diff
+from engine_utils import StopAt, max_diff
 from harness.callbacks.base import Callback
 from harness.checkpoint import complete_checkpoints
 from harness.config import load_config
@@ -19,19 +19,6 @@ TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_si
 def cfg_for(run_dir, shards_dir, *extra):
     return load_config("tiny", [*TINY, f"train.run_dir={run_dir}", f"data.out_dir={shards_dir}",
                                 *extra])
-
-
-class StopAt(Callback):
-    """Ends the loop after `step` (like a crash right after a save, minus the crash)."""
-
-    order = 0
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, metrics):
-        if step == self.step:
-            trainer.stop_reason = "test"
 
 
 def final_params(cfg, stop_at=None):
