@@ -19,6 +19,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="GPT pretraining on DeepSpeed")
+    # the deepspeed launcher appends --local_rank=N; it also sets LOCAL_RANK, which we read
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("train", help="train a model (resumes its run directory)"))
     ds = sub.add_parser("ds-config", help="print the generated DeepSpeed JSON")

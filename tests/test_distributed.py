@@ -22,12 +22,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(nproc, out, run_dir, shards, stop_at=0, *extra):
+def launch(nproc, out, run_dir, shards, stop_at=0, *extra, launcher="torchrun"):
     args = [str(out), str(stop_at), *BASE, f"train.run_dir={run_dir}", f"data.out_dir={shards}",
             *extra]
     env = child_env()
     if nproc == 1:
         cmd = [sys.executable, WORKER, *args]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
+               f"--master_port={_free_port()}", "--no_local_rank", WORKER, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={_free_port()}", WORKER, *args]
@@ -48,6 +51,12 @@ def test_two_ranks_agree_and_match_one_rank(tmp_path, shards_dir, one_rank, stag
     assert max_diff(r0, r1) == 0.0
     # 2 ranks x accumulation 2 vs 1 rank x accumulation 4: the same 8 samples per step
     assert max_diff(r0, one_rank) <= ROUNDING_TOL
+
+
+def test_deepspeed_launcher_trains_like_torchrun(tmp_path, shards_dir):
+    torchrun = launch(2, tmp_path / "a", tmp_path / "ra", shards_dir)
+    deepspeed = launch(2, tmp_path / "b", tmp_path / "rb", shards_dir, launcher="deepspeed")
+    assert max_diff(torchrun[0], deepspeed[0]) == 0.0 and max_diff(deepspeed[0], deepspeed[1]) == 0.0
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, shards_dir, one_rank):
