@@ -268,3 +268,16 @@ def test_throughput_on_a_gpu(run, monkeypatch, caplog, name, expect_mfu):
         assert metrics["throughput/mfu"] == pytest.approx(cb.flops_per_token * 1e6 / (4 * 989e12))
     else:
         assert "throughput/mfu" not in metrics and name in caplog.text
+
+
+def test_api_key_not_in_the_sbatch_script(tmp_path, monkeypatch):
+    import harness.submit as submit_mod
+
+    key = secrets.token_hex(20)
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setattr(submit_mod, "submit", lambda path: "12345")  # no cluster needed here
+    cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "wandb.mode=online"])
+    assert submit_mod.submit_job(cfg) == 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"train.sbatch", "job_config.yaml"}
+    assert not any(key in p.read_text(errors="replace") for p in written)
