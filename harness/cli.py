@@ -57,9 +57,9 @@ def _load(args):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.run import train
+    from harness.run import train_process
 
-    return train(_load(args))
+    return train_process(_load(args))
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ checkpoint (checkpoint.resume=auto), which is what a requeued Slurm job does.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -124,14 +125,16 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
 
 def train(cfg: Config) -> int:
     """Returns the process exit code: 0 when done, REQUEUE_EXIT_CODE when stopped early."""
-    trainer, _ = make_trainer(cfg)
-    if trainer.step >= cfg.train.max_steps:
-        log.info("%s is complete at step %d: nothing to do (a new train.run_dir starts a new "
-                 "run)", cfg.train.run_dir, trainer.step)
-        return 0
+    # installed before the engine is built (tens of seconds on a busy node): a USR1 meanwhile
+    # stops the run after its first step instead of killing the task
     signals = StopSignals().install()
-    trainer.stop_signals = signals
     try:
+        trainer, _ = make_trainer(cfg)
+        if trainer.step >= cfg.train.max_steps:
+            log.info("%s is complete at step %d: nothing to do (a new train.run_dir starts a "
+                     "new run)", cfg.train.run_dir, trainer.step)
+            return 0
+        trainer.stop_signals = signals
         trainer.fit()
     finally:
         signals.uninstall()
@@ -146,3 +149,19 @@ def train(cfg: Config) -> int:
                  trainer.step, trainer.stop_reason, REQUEUE_EXIT_CODE)
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def train_process(cfg: Config) -> int:
+    """A whole training process (what `harness train` runs): train, then leave together."""
+    code = train(cfg)
+    # Saved and done. srun --kill-on-bad-exit answers the first rank to exit 42 with TERM to
+    # the others: ignored from here on (SIG_IGN, since interpreter shutdown resets Python
+    # handlers), it cannot turn their own 42 into 143.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 writes the report last: leave together
+        # left to interpreter exit, gloo's threads can be destroyed unjoined ("terminate
+        # called without an active exception", exit 134 after a finished run)
+        torch.distributed.destroy_process_group()
+    return code
