@@ -4,6 +4,8 @@ Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
     step000120/ds/...        DeepSpeed engine state (model, optimizer, LR schedule)
     step000120/rank0.pt ...  per-rank RNG states (DeepSpeed does not save them)
     step000120/meta.json     step, data position, world size, callbacks' state; written last
+    step000120/universal/    world-size-independent copy, made on the first resume at
+                             another data-parallel size (harness/reshard.py)
     latest                   the newest complete step directory's name, for people and tools
 A save goes to .tmp-step000120/ and is renamed into place by rank 0 once every rank has
 finished and meta.json is on disk, so a crash at any moment leaves either the old or the
@@ -24,6 +26,7 @@ import torch
 
 from harness.callbacks.base import Callback
 from harness.errors import HarnessError
+from harness.reshard import load_resharded, needs_reshard
 
 META = "meta.json"
 
@@ -162,13 +165,13 @@ def load(trainer, path: Path) -> dict[str, Any]:
     """Restore engine, data position, RNG and callbacks' state from a step directory."""
     meta = json.loads((path / META).read_text())
     world = trainer.built.dist.world_size
-    if meta["world_size"] != world and trainer.cfg.zero.stage > 0:
-        raise HarnessError(
-            f"checkpoint {path} was saved by {meta['world_size']} data-parallel ranks, this run "
-            f"has {world}: ZeRO stage {trainer.cfg.zero.stage} state cannot be re-partitioned "
-            f"yet; resume with {meta['world_size']} ranks or zero.stage=0")
-    trainer.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
+    if needs_reshard(meta["world_size"], world, trainer.cfg.zero.stage):
+        # ZeRO partitioned the optimizer over the saving ranks: re-partition it through
+        # DeepSpeed's universal checkpoint, converted once into path/universal/ by rank 0
+        load_resharded(trainer.engine, path, tag="ds")
+    else:
+        trainer.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
     trainer.step, trainer.consumed_samples = meta["step"], meta["consumed_samples"]
     rng_file = path / f"rank{trainer.built.dist.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved

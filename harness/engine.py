@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,9 @@ class Built:
 def import_deepspeed(device: str):
     # pin the accelerator before the first import; detection warns and can pick wrongly
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    # JIT-compiled ops are rebuilt whenever another ninja version built them last: always use
+    # the environment's own (deepspeed depends on the ninja package)
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     import deepspeed  # noqa: WPS433 (deliberately late)
 
     return deepspeed

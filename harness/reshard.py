@@ -32,9 +32,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ def load_resharded(engine, step_dir: Path, tag: str = "ds", load_optimizer_state
         try:
             load_dir, seconds = convert(step_dir, tag, workers)
             outcome[0] = {"load_dir": str(load_dir), "convert_s": seconds}
-        except Exception as exc:  # every rank must learn of it, not hang in a barrier
+        except Exception as exc:  # noqa: BLE001 (every rank must learn of it, not hang)
             outcome[0] = {"error": f"{type(exc).__name__}: {exc}"}
     if distributed and torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(outcome, src=0)
@@ -218,9 +219,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def saved_world_size(step_dir: Path) -> Optional[int]:
-    """The data-parallel world size the checkpoint was saved with (meta.json, else DeepSpeed's)."""
-    meta = Path(step_dir) / "meta.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("world_size")
-    return None
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.reshard STEP_DIR...`: convert ahead of time (say, before a job on
+    another number of GPUs starts), so that no rank waits for it at resume."""
+    parser = argparse.ArgumentParser(prog="python -m harness.reshard", description=main.__doc__)
+    parser.add_argument("step_dirs", nargs="+", type=Path)
+    parser.add_argument("--tag", default="ds")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes for ds_to_universal's extract and merge passes")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion is file work; no device needed
+    for step_dir in args.step_dirs:
+        try:
+            out, seconds = convert(step_dir, args.tag, args.workers)
+        except HarnessError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        print(f"{out}: {'reused' if not seconds else f'converted in {seconds:.1f} s'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
