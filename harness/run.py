@@ -154,14 +154,19 @@ def train(cfg: Config) -> int:
 def train_process(cfg: Config) -> int:
     """A whole training process (what `harness train` runs): train, then leave together."""
     code = train(cfg)
-    # Saved and done. srun --kill-on-bad-exit answers the first rank to exit 42 with TERM to
-    # the others: ignored from here on (SIG_IGN, since interpreter shutdown resets Python
-    # handlers), it cannot turn their own 42 into 143.
+    leave_together()
+    return code
+
+
+def leave_together() -> None:
+    """The end of a training process, once its checkpoint is saved."""
+    # srun --kill-on-bad-exit answers the first rank to exit 42 with TERM to the others:
+    # ignored from here on (SIG_IGN, since interpreter shutdown resets Python handlers), it
+    # cannot turn their own 42 into 143
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 writes the report last: leave together
         # left to interpreter exit, gloo's threads can be destroyed unjoined ("terminate
-        # called without an active exception", exit 134 after a finished run)
+        # called without an active exception", SIGABRT after a finished run)
         torch.distributed.destroy_process_group()
-    return code

@@ -10,7 +10,7 @@ import torch
 
 from engine_utils import StopAt
 from harness.config import load_config
-from harness.run import make_trainer
+from harness.run import leave_together, make_trainer
 
 
 def main() -> None:
@@ -22,6 +22,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     params = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
     torch.save(params, out / f"rank{trainer.built.dist.rank}.pt")
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def main() -> None:
         torch.save(state, out / "end.pt")
     params = {n: p.detach().clone() for n, p in full_params(trainer.engine)}
     torch.save(params, out / f"rank{rank}.pt")
+    hr.leave_together()
 
 
 if __name__ == "__main__":
