@@ -10,9 +10,9 @@ sample should stay flat or fall slightly (the optimizer step is shared by more s
 """
 from __future__ import annotations
 
-import argparse
 
-from common import MB, alternate, median, print_table, save_json, synthetic_data
+from common import (MB, alternate, bench_parser, median, print_table, save_json,
+                    synthetic_data)
 
 from harness.config import load_config
 from harness.engine import build
@@ -41,10 +41,7 @@ def saved_peak(trainer: Trainer) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, 2 rounds (CI)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=None, help="write the results as JSON")
+    p = bench_parser(__doc__, "small model, 2 rounds (CI)")
     args = p.parse_args()
     setup = dict(QUICK if args.quick else FULL)
     setup["rounds"] = args.rounds or setup["rounds"]

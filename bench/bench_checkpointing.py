@@ -10,10 +10,9 @@ medians of alternating rounds over the policies at each depth.
 """
 from __future__ import annotations
 
-import argparse
 
-from common import (MB, alternate, median, one_micro_step, print_table, save_json,
-                    synthetic_data)
+from common import (MB, alternate, bench_parser, median, one_micro_step, print_table,
+                    save_json, synthetic_data)
 
 from harness.config import load_config
 from harness.engine import build
@@ -85,10 +84,7 @@ def print_growth(results: dict[int, dict]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4 and 8 layers, small shapes (CI)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=None, help="write the results as JSON")
+    p = bench_parser(__doc__, "4 and 8 layers, small shapes (CI)")
     args = p.parse_args()
     setup = dict(QUICK if args.quick else FULL)
     setup["rounds"] = args.rounds or setup["rounds"]

@@ -11,9 +11,9 @@ signals: per-group gradient norms, the Adam update norm, and the detector) vs of
 """
 from __future__ import annotations
 
-import argparse
 
-from common import alternate, median, print_table, save_json, synthetic_data, timed
+from common import (alternate, bench_parser, median, print_table, save_json, synthetic_data,
+                    timed)
 
 import numpy as np  # noqa: E402 (common sets the thread count before torch loads)
 import torch
@@ -94,10 +94,7 @@ def monitor_seconds_per_step(steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, a few rounds (CI)")
-    p.add_argument("--rounds", type=int, default=None, help="timed steps per side")
-    p.add_argument("--out", default=None, help="write the results as JSON")
+    p = bench_parser(__doc__, "tiny model, a few rounds (CI)")
     p.add_argument("overrides", nargs="*", help="config overrides on the tiny preset")
     args = p.parse_args()
     cfg = load_config("tiny", (QUICK if args.quick else []) + args.overrides)

@@ -6,6 +6,7 @@ same drift, so their ratio is far steadier than two back-to-back timing runs.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -16,6 +17,16 @@ from typing import Callable, Sequence
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MB = 2**20
+
+
+def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The flags every timed bench takes: --quick (what CI runs), --rounds, --out."""
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    return p
 
 
 def timed(fn: Callable[[], object]) -> float:

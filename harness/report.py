@@ -9,12 +9,12 @@ run kept, so it replaces the earlier one. Events are all kept.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from harness.callbacks.loggers import read_lines
 from harness.errors import HarnessError
 
 
@@ -29,16 +29,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
         raise HarnessError(f"{path} not found: is {run_dir} a run directory (train.run_dir)?")
     by_step: dict[int, dict[str, Any]] = {}
     events: list[dict[str, Any]] = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):  # torn by a crash mid-write: report what came before
-                break
-            raise HarnessError(f"{path}:{n} is not a JSON line") from None
+    for obj in read_lines(path):
         if "event" in obj:
             events.append(obj)
         elif "step" in obj and "train/loss" in obj:

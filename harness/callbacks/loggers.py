@@ -14,12 +14,30 @@ from typing import Any
 from tqdm import tqdm
 
 from harness.callbacks.base import Callback
+from harness.errors import HarnessError
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible as strings
     return value
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in file order. A last line that does not parse was torn
+    by a crash mid-write and is dropped; a bad line elsewhere is an error naming it."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise HarnessError(f"{path}:{n} is not a JSON line") from None
+    return records
 
 
 class MetricsFile(Callback):
@@ -35,10 +53,9 @@ class MetricsFile(Callback):
         """After a resume at `step`, drop the lines of steps that will be trained again."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines(keepends=True)
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [r for r in read_lines(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(self.path)
 
     def _write(self, record: dict[str, Any]) -> None:
