@@ -47,8 +47,10 @@ EVAL_SEQS = 16  # the fixed held-out batch: the first 16 validation sequences
 FINAL_EVAL_SEQS = 64
 
 # small enough that ~25 runs of a few hundred steps fit in minutes on one CPU core
+LR_WARMUP = 20
 MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.block_size=64",
-         "train.global_batch_size=16", "train.micro_batch_size=16", "optim.warmup_steps=20"]
+         "train.global_batch_size=16", "train.micro_batch_size=16",
+         f"optim.warmup_steps={LR_WARMUP}"]
 # short runs: the monitor arms after 50 steps and 32 values, with 64-step windows (the
 # defaults, 100 and 128, would leave little of a 300-step run to score)
 MONITOR = ["monitor.warmup_steps=50", "monitor.window=64"]
@@ -102,14 +104,16 @@ class Recorder(Callback):
 
 
 class TimedMonitor:
-    """CPU time of this thread spent inside the SpikeMonitor callback (detector + event
-    handling). Thread CPU time, not wall time: other processes on a shared machine would
-    otherwise inflate short sections unevenly."""
+    """CPU time of this thread spent on the monitor: the SpikeMonitor callback (detector +
+    event handling) and the update-norm pass the trainer makes only for it. Thread CPU time,
+    not wall time: other processes on a shared machine would otherwise inflate short
+    sections unevenly."""
 
-    def __init__(self, monitor):
+    def __init__(self, monitor, norms):
         self.seconds = 0.0
-        for name in ("on_before_step", "on_step_end"):
-            setattr(monitor, name, self._timed(getattr(monitor, name)))
+        for obj, name in ((monitor, "on_before_step"), (monitor, "on_step_end"),
+                          (norms, "update_ratio")):
+            setattr(obj, name, self._timed(getattr(obj, name)))
 
     def _timed(self, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -249,7 +253,7 @@ def run_scenario(name: str, seed: int, steps: int, inject_at: int, shards: Path,
     trainer, _ = make_trainer(cfg)
     held, rec = HeldOut(shards, cfg.model.block_size), Recorder()
     monitors = [c for c in trainer.callbacks if isinstance(c, SpikeMonitor)]
-    timer = TimedMonitor(monitors[0]) if monitors else None
+    timer = TimedMonitor(monitors[0], trainer.norms) if monitors else None
     injected = SCENARIOS[name][2](trainer, inject_at, seed)
     trainer.callbacks = sorted([*trainer.callbacks, held, rec, *injected], key=lambda c: c.order)
     log = _EventLog(trainer)

@@ -175,6 +175,8 @@ def load_config(source: str = "tiny", overrides: list[str] | None = None) -> Con
             raise _explain(err, f"override '{item}'") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
+    if cfg.monitor.trend_after is None:  # the update norm rises by design until the LR peaks
+        cfg.monitor.trend_after = cfg.optim.warmup_steps
     return cfg
 
 

@@ -87,6 +87,16 @@ def test_skip_leaves_parameters_and_adam_state_unchanged(tmp_path, shards_dir, h
                for p in trainer.engine.module.parameters())
 
 
+def test_monitor_without_the_update_norm_makes_no_update_pass(tmp_path, shards_dir):
+    _, trainer, _, lines = run(tmp_path, shards_dir, "skip", "scale",
+                               "monitor.signals=[optim/grad_norm_preclip]",
+                               "monitor.trend_signals=[]")
+    assert not trainer.measure_update
+    steps = [ln for ln in lines if "event" not in ln]
+    assert len(steps) == 10 and not any("optim/update_norm" in ln for ln in steps)
+    assert [ln["step"] for ln in lines if ln.get("action") == "skip"] == [SPIKE]
+
+
 def test_lr_cut_scales_the_learning_rate(tmp_path, shards_dir):
     cfg, trainer, _, lines = run(tmp_path, shards_dir, "lr_cut", "scale",
                                  "monitor.act_on=[grad_spike]", "monitor.lr_cut_steps=2",

@@ -38,8 +38,8 @@ class SpikeMonitor(Callback):
         self._pending = events
 
     def on_step_end(self, trainer, step, metrics):
-        events = self._pending + self.detector.check_post_step(
-            step, {"optim/update_norm": metrics["optim/update_norm"]})
+        post = {k: metrics[k] for k in ("optim/update_norm",) if k in metrics}
+        events = self._pending + self.detector.check_post_step(step, post)
         self._pending = []
         for event in events:
             metrics[f"monitor/{event['event']}"] = 1

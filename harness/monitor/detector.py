@@ -24,12 +24,22 @@ Method, per signal, on log values (spikes are multiplicative and log makes drift
 - z = (log x - baseline) / spread, one-sided upwards. No alarm before `warmup_steps` or before a
   signal has window/2 values. Loss-scale keys instead count halvings below their window max.
 - NaN/inf in any watched signal is a `nonfinite` event at once (value "nan"/"inf"/"-inf").
+- Trend rule (signals matching `trend_signals`): the line's rise over one window, exp(slope x
+  window), at or above `trend_growth` is a warning too: a steady ramp (an LR schedule gone
+  wrong, Adam's update growing step after step) moves the line with it and never scores a high
+  z. Once it has warned, it warns again every `episode_gap` steps for as long as the line keeps
+  rising at all, so the episode stays open until the loss spike it leads to; it re-arms when
+  the line stops rising. Armed once a whole window lies after `trend_after` (default: the end
+  of the LR warm-up, whose rise it would otherwise flag).
 
 Events (dicts, JSON-able; every one has "event", "step", "signal", "action"):
-- grad_spike: a precursor crossed its threshold. One event per excursion: the signal re-arms
-  only once z falls below threshold / 2. Fields value, z, baseline, episode.
+- grad_spike: a precursor crossed its threshold (rule "level"; one event per excursion: the
+  signal re-arms only once z falls below threshold / 2; fields value, z, baseline, episode),
+  or its trend did (rule "trend"; fields value, growth, episode).
 - loss_spike: the loss stayed >= loss_z for loss_persist consecutive observations (one hard
-  batch is not a spike); re-arms like grad_spike. `onset` is the first of those steps;
+  batch is not a spike); re-arms like grad_spike. The first of those steps is a grad_spike
+  warning with signal = the loss (so `skip` can drop that batch's update at once); it joins
+  no episode, so lead_steps still measures the precursors' lead. `onset` is the first of those steps;
   `warned_at` is the first warning of the open episode or None, `warned_by` its signals;
   lead_steps = onset - warned_at (0: same step; negative: the warning came after the loss
   had started to rise).
@@ -83,6 +93,12 @@ class _MedianMAD:
         center = m2 + slope * (m - c2)  # the line extrapolated to this step
         return (x - center) / max(spread, self.min_scale), center
 
+    def growth(self) -> float:
+        """The line's rise in log units over one window (its slope x the window)."""
+        v, h = list(self.values), len(self.values) // 2
+        m = len(v)
+        return (_median(v[m - h:]) - _median(v[:h])) / (m - h) * self.values.maxlen
+
     def push(self, x: float, clip_z: Optional[float]) -> None:
         self.values.append(x)  # medians are already robust: no clipping needed
 
@@ -112,6 +128,9 @@ class _EMA:
     def score(self, x: float) -> tuple[float, float]:
         center = self.level + self.trend
         return (x - center) / self._spread(), center
+
+    def growth(self) -> float:
+        return self.trend / (1.0 - self.alpha)  # per-step trend x the memory length
 
     def push(self, x: float, clip_z: Optional[float]) -> None:
         err = x - (self.level + self.trend) if self.n else 0.0
@@ -151,9 +170,10 @@ class _Signal:
     whether it has fired in the current excursion (`hot`: cleared below threshold / 2, so a
     value hovering at the threshold after a level shift fires once, not on every crossing)."""
 
-    def __init__(self, stat: Any, threshold: float):
-        self.stat, self.threshold = stat, threshold
+    def __init__(self, stat: Any, threshold: float, trend: bool = False):
+        self.stat, self.threshold, self.trend = stat, threshold, trend
         self.run, self.onset, self.hot = 0, -1, False
+        self.trend_at = -1  # step of the last trend warning of the current rise, -1: none
 
 
 class SpikeDetector:
@@ -180,11 +200,11 @@ class SpikeDetector:
         return self.cfg.lr_cut_factor if step < self.lr_cut_until else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        sigs = {k: {"stat": s.stat.state_dict(), "run": s.run, "onset": s.onset, "hot": s.hot}
-                for k, s in self.signals.items()}
+        sigs = {k: {"stat": s.stat.state_dict(), "run": s.run, "onset": s.onset, "hot": s.hot,
+                    "trend_at": s.trend_at} for k, s in self.signals.items()}
         ep = self.episode
         episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
-        return {"version": 1, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
+        return {"version": 2, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
                 "n_episodes": self.n_episodes, "rollbacks": self.rollbacks,
                 "lr_cut_until": self.lr_cut_until}
 
@@ -196,6 +216,7 @@ class SpikeDetector:
             sig = self._new_signal(name)
             sig.stat.load_state_dict(s["stat"])
             sig.run, sig.onset, sig.hot = int(s["run"]), int(s["onset"]), bool(s["hot"])
+            sig.trend_at = int(s.get("trend_at", -1))  # absent before the trend rule
             self.signals[name] = sig
         ep = state["episode"]
         self.episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
@@ -225,9 +246,10 @@ class SpikeDetector:
         if name.endswith("loss_scale"):
             return _Signal(_Halvings(cfg.window), float(cfg.loss_scale_halvings))
         threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
+        trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
         if cfg.stat == "ema":
-            return _Signal(_EMA(cfg.ema_alpha, cfg.min_scale), threshold)
-        return _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold)
+            return _Signal(_EMA(cfg.ema_alpha, cfg.min_scale), threshold, trend)
+        return _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold, trend)
 
     def _update(self, step: int, signals: dict[str, float], can_skip: bool) -> list[dict]:
         watched = [(k, v) for k, v in signals.items()
@@ -256,7 +278,17 @@ class SpikeDetector:
         lx = math.log(x)
         armed = step >= self.cfg.warmup_steps and sig.stat.count() >= self.cfg.window // 2
         z, center = sig.stat.score(lx) if armed else (0.0, lx)
+        # only once the whole window lies after trend_after (the LR warm-up's rise)
+        trending = armed and sig.trend and step >= (self.cfg.trend_after or 0) + self.cfg.window
+        growth = sig.stat.growth() if trending else None
         sig.stat.push(lx, sig.threshold if armed else None)
+        ev = self._level(step, name, x, sig, z, center, is_loss)
+        if ev is None and growth is not None:
+            ev = self._trend(step, name, x, sig, growth)
+        return ev
+
+    def _level(self, step: int, name: str, x: float, sig: _Signal, z: float, center: float,
+               is_loss: bool) -> Optional[dict[str, Any]]:
         if z < sig.threshold / 2:
             sig.hot = False
         if z < sig.threshold:
@@ -266,14 +298,30 @@ class SpikeDetector:
         if sig.run == 1:
             sig.onset = step
         episode = None if is_loss else self._touch_episode(step, name)
-        if sig.hot or sig.run < (self.cfg.loss_persist if is_loss else 1):
+        persist = self.cfg.loss_persist if is_loss else 1
+        if sig.hot or sig.run > persist or 1 < sig.run < persist:
             return None
-        sig.hot = True
         base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
                 "baseline": float(f"{math.exp(center):.6g}")}
+        if sig.run < persist:  # the loss's first step over: a warning, not yet a spike
+            return dict(base, event="grad_spike", rule="level", episode=None)
+        sig.hot = True
         if is_loss:
             return self._confirm(base, sig)
-        return dict(base, event="grad_spike", episode=episode)
+        return dict(base, event="grad_spike", rule="level", episode=episode)
+
+    def _trend(self, step: int, name: str, x: float, sig: _Signal,
+               growth: float) -> Optional[dict[str, Any]]:
+        limit = math.log(self.cfg.trend_growth)
+        if growth <= 0:  # the line has stopped rising: re-arm
+            sig.trend_at = -1
+        rising = sig.trend_at >= 0  # still rising since the last warning: remind, don't wait
+        if growth < limit and not rising or rising and step - sig.trend_at < self.cfg.episode_gap:
+            return None
+        sig.trend_at = step
+        return {"event": "grad_spike", "rule": "trend", "step": step, "signal": name,
+                "value": x, "growth": round(math.exp(growth), 3),
+                "episode": self._touch_episode(step, name)}
 
     def _open_episode(self, step: int) -> Optional[dict[str, Any]]:
         ep = self.episode
