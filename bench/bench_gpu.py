@@ -8,14 +8,16 @@ Each row builds the preset with harness.engine.build (world size 1, the preset's
 trains WARMUP + MEASURED steps of synthetic tokens with harness.trainer.Trainer at global
 batch = micro batch, and reports the median step. Peak memory is reset after the warm-up, so
 it is the steady state the planner predicts. MFU = flops_per_token x tokens/s / the GPU's
-dense bf16 peak (harness.flops). Rows that run out of memory print OOM; on a CPU-only machine
-the script prints why it skipped and exits 0.
+dense bf16 peak (harness.flops). "monitor" is the spike monitor's update-norm pass (included in
+every step) timed alone, as a share of the step. Rows that run out of memory print OOM; on a
+CPU-only machine the script prints why it skipped and exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import sys
+import time
 
 from common import median, one_micro_step, print_table, save_json, synthetic_data
 
@@ -70,7 +72,9 @@ def run_row(preset: str, policy: str, micro: int, steps: tuple[int, int], extra:
                                f"activation_checkpointing.policy={policy}", *extra])
     built = build(cfg)
     timer = StepTimes(warmup)
-    Trainer(cfg, built, synthetic_data(cfg, micro, "cuda"), [timer]).fit()
+    trainer = Trainer(cfg, built, synthetic_data(cfg, micro, "cuda"), [timer])
+    trainer.fit()
+    update_ms = update_norm_ms(trainer)
     tokens_per_s = micro * cfg.model.block_size / median(timer.times)
     peak = peak_flops(torch.cuda.get_device_name())
     fpt = flops_per_token(cfg.model, count_params(built.model))
@@ -80,7 +84,22 @@ def run_row(preset: str, policy: str, micro: int, steps: tuple[int, int], extra:
     return {"tokens_per_s": tokens_per_s, "step_ms": median(timer.times) * 1e3,
             "mfu": mfu(fpt, tokens_per_s, 1, peak) if peak else None,
             "max_allocated_gb": measured_bytes / GB, "planner_gb": predicted / GB,
-            "planner_ratio": predicted / measured_bytes, "flash": flash_runs(cfg), "status": "ok"}
+            "planner_ratio": predicted / measured_bytes, "flash": flash_runs(cfg),
+            "update_norm_ms": update_ms, "status": "ok"}
+
+
+def update_norm_ms(trainer, repeats: int = 5) -> float:
+    """The spike monitor's update-norm pass over the optimizer state (part of every step
+    above, since the monitor is on by default), timed alone: its share of the step is the
+    monitor's overhead on this GPU."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.norms.update_ratio(1e-4)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return median(times) * 1e3
 
 
 def guarded_row(preset: str, policy: str, micro: int, steps, extra) -> dict:
@@ -98,11 +117,12 @@ def guarded_row(preset: str, policy: str, micro: int, steps, extra) -> dict:
 
 def fmt(row: dict) -> list[str]:
     if row["status"] != "ok":
-        return [row["preset"], row["policy"], str(row["micro"])] + ["-"] * 7 + [row["status"]]
+        return [row["preset"], row["policy"], str(row["micro"])] + ["-"] * 8 + [row["status"]]
     mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
     return [row["preset"], row["policy"], str(row["micro"]), f"{row['tokens_per_s']:,.0f}", mfu,
             f"{row['step_ms']:.1f}", f"{row['max_allocated_gb']:.1f}", f"{row['planner_gb']:.1f}",
-            f"{row['planner_ratio']:.2f}", "yes" if row["flash"] else "no", "ok"]
+            f"{row['planner_ratio']:.2f}", "yes" if row["flash"] else "no",
+            f"{row['update_norm_ms'] / row['step_ms']:.2%}", "ok"]
 
 
 def main() -> int:
@@ -130,7 +150,8 @@ def main() -> int:
             rows.append(guarded_row(preset, policy, MICRO.get(preset, 8), steps, extra))
             print(f"  done {preset} {policy}: {rows[-1]['status']}", flush=True)
     print_table(["preset", "policy", "micro", "tokens/s", "MFU", "step ms", "max alloc GB",
-                 "planner GB", "planner/meas", "flash", "status"], [fmt(r) for r in rows],
+                 "planner GB", "planner/meas", "flash", "monitor", "status"],
+                [fmt(r) for r in rows],
                 "\nbf16, 1 GPU, synthetic tokens, global batch = micro batch")
     save_json(args.out, {"device": name, "torch": torch.__version__, "rows": rows})
     return 0

@@ -49,6 +49,26 @@ def alternate(variants: dict[str, Callable[[], object]], rounds: int,
     return times
 
 
+class CpuTimer:
+    """Thread CPU time spent inside the wrapped methods, e.g. a callback's hooks. CPU time, not
+    wall time: other processes on a shared machine would otherwise inflate short sections
+    unevenly. (On a GPU this counts launch time only: synchronize inside for device time.)"""
+
+    def __init__(self, *methods: tuple[object, str]):
+        self.seconds = 0.0
+        for obj, name in methods:
+            setattr(obj, name, self._timed(getattr(obj, name)))
+
+    def _timed(self, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.thread_time() - t0
+        return wrapper
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from common import CpuTimer
 from harness.callbacks.base import Callback
 from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.config import load_config
@@ -101,28 +102,6 @@ class Recorder(Callback):
     def on_step_end(self, trainer, step, metrics):
         self.trace.append({k: float(v) for k, v in metrics.items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-
-
-class TimedMonitor:
-    """CPU time of this thread spent on the monitor: the SpikeMonitor callback (detector +
-    event handling) and the update-norm pass the trainer makes only for it. Thread CPU time,
-    not wall time: other processes on a shared machine would otherwise inflate short
-    sections unevenly."""
-
-    def __init__(self, monitor, norms):
-        self.seconds = 0.0
-        for obj, name in ((monitor, "on_before_step"), (monitor, "on_step_end"),
-                          (norms, "update_ratio")):
-            setattr(obj, name, self._timed(getattr(obj, name)))
-
-    def _timed(self, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            t0 = time.thread_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.thread_time() - t0
-        return wrapper
 
 
 # ---- injections ---------------------------------------------------------------------------
@@ -253,7 +232,9 @@ def run_scenario(name: str, seed: int, steps: int, inject_at: int, shards: Path,
     trainer, _ = make_trainer(cfg)
     held, rec = HeldOut(shards, cfg.model.block_size), Recorder()
     monitors = [c for c in trainer.callbacks if isinstance(c, SpikeMonitor)]
-    timer = TimedMonitor(monitors[0], trainer.norms) if monitors else None
+    # the monitor's cost: its callback and the update-norm pass the trainer makes for it
+    timer = CpuTimer((monitors[0], "on_before_step"), (monitors[0], "on_step_end"),
+                     (trainer.norms, "update_ratio")) if monitors else None
     injected = SCENARIOS[name][2](trainer, inject_at, seed)
     trainer.callbacks = sorted([*trainer.callbacks, held, rec, *injected], key=lambda c: c.order)
     log = _EventLog(trainer)

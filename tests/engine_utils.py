@@ -50,7 +50,7 @@ class Record(Callback):
         self.metrics.append(metrics)
 
 
-def run_harness(cfg: Config, dtype=torch.float32, dist=None):
+def run_harness(cfg: Config, dtype=torch.float32, dist=None, callbacks=()):
     """Train cfg.train.max_steps steps on the real DeepSpeed engine; returns (params, metrics)."""
     torch.set_default_dtype(dtype)
     try:
@@ -58,7 +58,7 @@ def run_harness(cfg: Config, dtype=torch.float32, dist=None):
         rec = Record()
         b = built.plan.batch
         data = make_data(cfg, b.micro_batch, built.dist.rank, b.dp_size)
-        Trainer(cfg, built, data, [rec]).fit()
+        Trainer(cfg, built, data, [rec, *callbacks]).fit()
         params = {n: p.detach().clone() for n, p in full_params(built.engine)}
         return params, rec.metrics, built
     finally:

@@ -39,7 +39,7 @@ Events (dicts, JSON-able; every one has "event", "step", "signal", "action"):
 - loss_spike: the loss stayed >= loss_z for loss_persist consecutive observations (one hard
   batch is not a spike); re-arms like grad_spike. The first of those steps is a grad_spike
   warning with signal = the loss (so `skip` can drop that batch's update at once); it joins
-  no episode, so lead_steps still measures the precursors' lead. `onset` is the first of those steps;
+  no episode, so lead_steps still measures the precursors' lead. `onset` is that first step;
   `warned_at` is the first warning of the open episode or None, `warned_by` its signals;
   lead_steps = onset - warned_at (0: same step; negative: the warning came after the loss
   had started to rise).
@@ -316,7 +316,8 @@ class SpikeDetector:
         if growth <= 0:  # the line has stopped rising: re-arm
             sig.trend_at = -1
         rising = sig.trend_at >= 0  # still rising since the last warning: remind, don't wait
-        if growth < limit and not rising or rising and step - sig.trend_at < self.cfg.episode_gap:
+        if (not rising and growth < limit) or (
+                rising and step - sig.trend_at < self.cfg.episode_gap):
             return None
         sig.trend_at = step
         return {"event": "grad_spike", "rule": "trend", "step": step, "signal": name,
