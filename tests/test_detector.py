@@ -226,6 +226,8 @@ def test_config_validation_names_the_key():
     assert cfg.validate().resolved_act_on() == ["loss_spike", "nonfinite"]
     bad = [({"action": "explode"}, "monitor.action"), ({"window": 2}, "monitor.window"),
            ({"act_on": ["oops"]}, "monitor.act_on"), ({"loss_z": 0}, "monitor.loss_z"),
+           ({"trend_growth": 1.0}, "monitor.trend_growth"),
+           ({"trend_after": -1}, "monitor.trend_after"),
            ({"lr_cut_factor": 2.0}, "monitor.lr_cut_factor"), ({"stat": "x"}, "monitor.stat")]
     for kwargs, key in bad:
         with pytest.raises(HarnessError, match=key):
@@ -313,3 +315,10 @@ def test_update_norm_pass_only_when_the_monitor_reads_it():
     off = MonitorConfig(signals=["optim/grad_norm_preclip"], trend_signals=[])
     assert not off.watches(UPD) and off.watches(LOSS) and off.watches(GRAD)
     assert MonitorConfig(signals=["optim/*"], trend_signals=[]).watches(UPD)
+
+
+def test_trend_after_defaults_to_the_lr_warmup():
+    from harness.config import load_config
+
+    assert load_config("tiny", ["optim.warmup_steps=7"]).monitor.trend_after == 7
+    assert load_config("tiny", ["monitor.trend_after=0"]).monitor.trend_after == 0
