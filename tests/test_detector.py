@@ -185,6 +185,13 @@ def test_steady_update_ramp_warns_by_trend_and_reminds_while_it_rises():
     assert len({e["episode"] for e in events}) == 1  # one episode all along
 
 
+def test_ema_statistics_warn_on_the_ramp_too():
+    tr = ramp(synth(700, seed=2), 300, 0.03, stop=520)
+    events = feed(SpikeDetector(MonitorConfig(stat="ema")), tr)
+    trend = [e["step"] for e in events if e.get("rule") == "trend"]
+    assert 330 <= trend[0] <= 400 and trend[-1] > 520  # it follows the rise, then lags it
+
+
 def test_trend_rule_waits_for_the_lr_warmup():
     tr = ramp(synth(700, seed=2), 0, 0.03, stop=300)  # like a linear LR warm-up's update norm
     cfg = MonitorConfig(warmup_steps=100, trend_after=300)

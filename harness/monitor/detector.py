@@ -115,8 +115,8 @@ class _EMA:
     errors are clipped to +-clip_z spreads before they update anything, so a spike can't
     move the baseline."""
 
-    def __init__(self, alpha: float, min_scale: float):
-        self.alpha, self.min_scale = alpha, min_scale
+    def __init__(self, alpha: float, min_scale: float, window: int):
+        self.alpha, self.min_scale, self.window = alpha, min_scale, window
         self.n, self.level, self.trend, self.var = 0, 0.0, 0.0, 0.0
 
     def count(self) -> int:
@@ -130,7 +130,7 @@ class _EMA:
         return (x - center) / self._spread(), center
 
     def growth(self) -> float:
-        return self.trend / (1.0 - self.alpha)  # per-step trend x the memory length
+        return self.trend * self.window  # the per-step trend over one window, as for medians
 
     def push(self, x: float, clip_z: Optional[float]) -> None:
         err = x - (self.level + self.trend) if self.n else 0.0
@@ -248,7 +248,7 @@ class SpikeDetector:
         threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
         trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
         if cfg.stat == "ema":
-            return _Signal(_EMA(cfg.ema_alpha, cfg.min_scale), threshold, trend)
+            return _Signal(_EMA(cfg.ema_alpha, cfg.min_scale, cfg.window), threshold, trend)
         return _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold, trend)
 
     def _update(self, step: int, signals: dict[str, float], can_skip: bool) -> list[dict]:
