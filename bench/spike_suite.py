@@ -239,14 +239,14 @@ def tuned(run: dict) -> bool:
     return run["seed"] <= TUNED_SEEDS["stable" if run["scenario"] == "stable" else "other"]
 
 
-def print_held_out(runs: list[dict], mon: dict, arm: int) -> dict:
-    """SpikeDetector at its defaults on the seeds its defaults were tuned on vs the rest."""
+def print_held_out(runs: list[dict], alarms: list[list[int]], arm: int) -> dict:
+    """SpikeDetector at its defaults (its `alarms` per run) on the seeds its defaults were
+    tuned on vs the rest."""
     out = {}
     for name, keep in (("tuning seeds", tuned), ("held-out seeds", lambda r: not tuned(r))):
-        part = [r for r in runs if keep(r)]
-        if any(r["scenario"] == "stable" for r in part):
-            al = [[a for a in alarm_steps(_ours(1.0, mon), r["trace"]) if a >= arm] for r in part]
-            out[name] = score(part, al, arm)
+        idx = [i for i, r in enumerate(runs) if keep(r)]
+        if any(runs[i]["scenario"] == "stable" for i in idx):
+            out[name] = score([runs[i] for i in idx], [alarms[i] for i in idx], arm)
     rows = [[n, s["n_pre"], _f(s["recall_ahead"]), _f(s["recall_onset"]),
              _f(s["recall_onset_none"]), s["false_alarms"], s["stable_steps"],
              _f(s["fa_per_1000"], 1)] for n, s in out.items()]
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     # the target budget, and ours' own rate at its defaults when that is higher
     budgets = sorted({FA_BUDGET, max(FA_BUDGET, round(ours_fa, 2))})
     picks = print_detection(res, budgets)
-    held_out = print_held_out(runs, args.mon, args.arm)
+    held_out = print_held_out(runs, res["ours"]["alarms"], args.arm)
     clean = next(r for r in runs if r["scenario"] == "stable" and r["seed"] == 1)
     broken = next(r for r in runs if r["scenario"] == args.rollback and r["seed"] == 1)
     rollback = print_rollback(clean, broken, saved)

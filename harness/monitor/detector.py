@@ -299,7 +299,7 @@ class SpikeDetector:
             sig.onset = step
         episode = None if is_loss else self._touch_episode(step, name)
         persist = self.cfg.loss_persist if is_loss else 1
-        if sig.hot or sig.run > persist or 1 < sig.run < persist:
+        if sig.hot or sig.run not in (1, persist):  # fire on the first step and the persist-th
             return None
         base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
                 "baseline": float(f"{math.exp(center):.6g}")}
