@@ -49,7 +49,8 @@ class OptimConfig:
     # linear scaling rule (Goyal et al.): lr * global_batch / base_global_batch
     lr_scaling: bool = False
     base_global_batch: int = 0
-    # None: torch.optim.AdamW on CPU (no JIT compile), DeepSpeed's fused Adam on GPU
+    # None: torch.optim.AdamW everywhere (fused kernel on GPU): nothing is JIT-compiled at
+    # start; false asks for DeepSpeed's FusedAdam, built on first use on every node (nvcc)
     torch_adam: Optional[bool] = None
 
 
@@ -65,6 +66,10 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_every: int = 10  # console line cadence when stdout is not a terminal
     device: str = "auto"  # auto | cpu | cuda
+    # under bf16/fp16: the dtype micro-batch gradients are summed in, and the dtype of the
+    # gradient all-reduce; fp32 as in Megatron, torchtitan and OLMo-core, or the precision's own
+    grad_accum_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
 
 
 @dataclass
@@ -211,6 +216,7 @@ def validate(cfg: Config) -> None:
     _require(t.precision in PRECISIONS,
              f"train.precision='{t.precision}' is not one of {', '.join(PRECISIONS)}")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+    _validate_dtypes(t, cfg.zero.stage)
     _require(cfg.clip.max_norm >= 0, "clip.max_norm must be >= 0 (0 disables clipping)")
     _require(cfg.clip.value is None or cfg.clip.value > 0, "clip.value must be > 0 or null")
     _require(cfg.clip.value is None or cfg.zero.stage == 0,
@@ -223,6 +229,18 @@ def validate(cfg: Config) -> None:
     _validate_checkpointing(ac, m.n_layer)
     for section in (cfg.data, cfg.checkpoint, cfg.monitor, cfg.slurm, cfg.wandb):
         section.validate()  # each component checks its own keys
+
+
+def _validate_dtypes(t: TrainConfig, stage: int) -> None:
+    for key in ("grad_accum_dtype", "reduce_dtype"):
+        value = getattr(t, key)
+        _require(value in ("fp32", t.precision) or t.precision == "fp32" and value in PRECISIONS,
+                 f"train.{key}={value} must be fp32 or train.precision ({t.precision})")
+    # DeepSpeed 0.19.8 sums low-precision gradients in fp32 only inside its ZeRO optimizers
+    _require(not (stage == 0 and t.precision != "fp32" and t.grad_accum_dtype == "fp32"),
+             f"zero.stage=0 with train.precision={t.precision} cannot accumulate gradients in "
+             f"fp32 (DeepSpeed does that only with ZeRO): use zero.stage=1 (same gradient "
+             f"memory at stage 0 and 1), or train.grad_accum_dtype={t.precision}")
 
 
 def _validate_checkpointing(ac: ActivationCheckpointingConfig, n_layer: int) -> None:

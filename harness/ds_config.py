@@ -8,36 +8,42 @@ from harness.config import Config
 from harness.plan import Plan
 
 
-def use_torch_adam(cfg: Config, device: str) -> bool:
-    # DeepSpeed's CPU FusedAdam JIT-compiles for ~40 s; torch's AdamW is as good on CPU
-    if cfg.optim.torch_adam is not None:
-        return cfg.optim.torch_adam
-    return device == "cpu"
+def use_torch_adam(cfg: Config) -> bool:
+    # DeepSpeed's FusedAdam (and its CPU Adam for offload) is JIT-compiled on first use on
+    # every node: nvcc and CUDA_HOME needed there, ranks racing on one extension cache, a
+    # lock left behind by a job killed mid-build. torch's AdamW needs no build, and on a GPU
+    # its fused kernel is one launch per step like FusedAdam's.
+    return True if cfg.optim.torch_adam is None else cfg.optim.torch_adam
+
+
+def _adam_params(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
+    o = cfg.optim
+    params: dict[str, Any] = {"lr": plan.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                              "weight_decay": o.weight_decay, "torch_adam": use_torch_adam(cfg)}
+    # DeepSpeed passes the remaining keys to torch.optim.AdamW; the fused kernel wants the
+    # parameters on the GPU (not with the optimizer offloaded to the CPU)
+    if params["torch_adam"] and device == "cuda" and not cfg.zero.offload_optimizer:
+        params["fused"] = True
+    return params
 
 
 def build_ds_config(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
-    b, o = plan.batch, cfg.optim
+    b = plan.batch
     ds: dict[str, Any] = {
         "train_batch_size": b.global_batch,
         "train_micro_batch_size_per_gpu": b.micro_batch,
         "gradient_accumulation_steps": b.grad_accum,
         "gradient_clipping": cfg.clip.max_norm,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": plan.lr,
-                "betas": [o.beta1, o.beta2],
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                "torch_adam": use_torch_adam(cfg, device),
-            },
-        },
+        "optimizer": {"type": "AdamW", "params": _adam_params(cfg, plan, device)},
         "zero_optimization": _zero(cfg),
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": _fp16(cfg),
         "steps_per_print": 10**9,  # the harness logs; keep DeepSpeed's own prints out
         "wall_clock_breakdown": False,
     }
+    if cfg.train.precision != "fp32":
+        ds["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}
+        ds["communication_data_type"] = cfg.train.reduce_dtype
     if plan.segments:
         ac = cfg.activation_checkpointing
         ds["activation_checkpointing"] = {

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from harness import distributed
+from harness.collectives import Collectives
 from harness.config import Config
 from harness.ds_config import build_ds_config
-from harness.model import GPT, param_groups
+from harness.model import GPT, count_params, param_groups
 from harness.plan import Plan, lr_at, make_plan
 
 log = logging.getLogger("harness")
@@ -46,6 +47,8 @@ class Built:
     dist: distributed.DistEnv
     device: str
     lr_scale: list[float]  # a box the LR schedule reads: the spike monitor's lr_cut sets it
+    comm: Collectives  # every collective the harness makes, on the engine's device
+    n_params: int  # counted before ZeRO 3 partitions them (numel 0 afterwards)
 
 
 def import_deepspeed(device: str):
@@ -83,6 +86,10 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     # same initial weights on every rank and every run with this seed
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model)
+    n_params = count_params(model)
+    if device == "cuda":  # fp32 matmuls (fp32 runs, the fp32 loss) on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     # checkpointing.configure asks the process group for ranks: it must exist first
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
@@ -97,4 +104,5 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
         config=ds, lr_scheduler=scheduler, dist_init_required=True)
     # per-rank data order and dropout streams differ; weights were already drawn identically
     seed_everything(cfg.train.seed + 1000 * dist.rank)
-    return Built(engine, model, plan, ds, dist, device, lr_scale)
+    return Built(engine, model, plan, ds, dist, device, lr_scale, Collectives(engine.device),
+                 n_params)

@@ -16,6 +16,7 @@ from harness.config import Config
 from harness.data.sources import TrainData
 from harness.engine import Built
 from harness.grad_norms import GradNorms
+from harness.skip_step import skip_update
 
 
 class Trainer:
@@ -70,7 +71,7 @@ class Trainer:
             cb.on_before_step(self, self.step + 1, signals)
         skipped = self.skip_update
         if skipped:
-            self._step_without_update()
+            skip_update(self.engine)
         else:
             if self.cfg.clip.value is not None:
                 self._clip_values()
@@ -89,23 +90,6 @@ class Trainer:
         for p in self.engine.module.parameters():
             if p.grad is not None:
                 p.grad.clamp_(-v, v)
-
-    def _step_without_update(self) -> None:
-        """Advance DeepSpeed's counters and LR schedule but leave parameters and optimizer
-        state exactly as they were: zero the gradients this rank holds (NaN included), step
-        with learning rate 0 (AdamW's weight decay is scaled by it too), restore the moments."""
-        from harness.grad_norms import local_grads
-
-        for g in local_grads(self.engine):
-            g.zero_()
-        opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        saved = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
-                 for p, st in opt.state.items()}
-        for group in opt.param_groups:
-            group["lr"] = 0.0
-        self.engine.step()  # the scheduler sets the next step's learning rate again
-        for p, st in saved.items():
-            opt.state[p] = st
 
     def _mean_over_ranks(self, loss: torch.Tensor) -> float:
         if self.built.dist.world_size > 1:
