@@ -5,10 +5,10 @@ step (the exact update it applied), so no copy of the parameters is kept.
 
 Pre-clip gradient norms are needed BEFORE engine.step() (DeepSpeed computes its own inside
 step(), after the update, and not at all at ZeRO 0 in fp32), so that a monitor can skip an
-update. Each rank sums squares over the gradient it holds: the full p.grad at ZeRO 0 in fp32
-(already all-reduced), the fragment of its partition at ZeRO 1/2 and under bf16
-(DeepSpeed's `_hp_mapping`), its partition at ZeRO 3; one all-reduce of a small vector
-(one entry per layer group) then gives global and per-group norms.
+update. Each rank sums squares over the gradient it holds: the full p.grad at ZeRO 0 (already
+all-reduced, identical on every rank, so only rank 0 counts it), the fragment of its
+partition at ZeRO 1/2 (DeepSpeed's `_hp_mapping`), its partition at ZeRO 3. The trainer sums
+the small vector (one entry per layer group) over ranks in its one per-step all-reduce.
 """
 from __future__ import annotations
 
@@ -32,51 +32,79 @@ def _local_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
     return p.grad
 
 
+def bf16_full_grads(engine) -> dict[int, torch.Tensor] | None:
+    """id(param) -> its fp32 gradient under DeepSpeed's BF16_Optimizer (bf16 with fp32
+    accumulation at ZeRO 1), which keeps the FULL all-reduced fp32 gradient on every rank and
+    partitions only the optimizer state; None for every other optimizer."""
+    opt = engine.optimizer
+    if not (hasattr(opt, "bf16_groups") and hasattr(opt, "fp32_groups_gradients")):
+        return None
+    return {id(lp): g for lps, gs in zip(opt.bf16_groups, opt.fp32_groups_gradients)
+            for lp, g in zip(lps, gs)}
+
+
 def local_grads(engine) -> list[torch.Tensor]:
     """The gradient storage this rank holds and the optimizer will read (views, not copies)."""
-    grads = [_local_grad(p) for p in engine.module.parameters()]
+    full = bf16_full_grads(engine)
+    grads = [full[id(p)] if full else _local_grad(p) for p in engine.module.parameters()]
     return [g for g in grads if g is not None and g.numel()]
 
 
 class GradNorms:
-    def __init__(self, engine, world_size: int, fp16: bool):
-        self.engine, self.fp16 = engine, fp16
+    def __init__(self, engine, comm, rank: int):
+        self.engine, self.comm = engine, comm
         named = list(engine.module.named_parameters())
         self.groups = sorted({layer_group(n) for n, _ in named})
         index = {g: i for i, g in enumerate(self.groups)}
         self.params = [(index[layer_group(n)], p) for n, p in named]
-        # full, identical gradients on every rank only at ZeRO 0 in fp32
-        stage0_fp32 = engine.zero_optimization_stage() == 0 and not (
-            engine.bfloat16_enabled() or engine.fp16_enabled())
-        self.reduce = world_size > 1 and not stage0_fp32
+        self.full = bf16_full_grads(engine)
+        # ZeRO 0 (any precision) leaves the full all-reduced gradient and the full optimizer
+        # state on every rank, BF16_Optimizer the full gradient: only rank 0 counts what is
+        # replicated, or sums over ranks are world x too large. What is partitioned (ZeRO 1-3),
+        # every rank counts its own part of.
+        stage0 = engine.zero_optimization_stage() == 0
+        self.grad_weight = 1.0 if not (stage0 or self.full) or rank == 0 else 0.0
+        self.state_weight = 1.0 if not stage0 or rank == 0 else 0.0
+        self.fp16 = engine.fp16_enabled()
+        # ZeRO-Offload copies gradients to pinned host memory without blocking: wait for them
+        self.sync_first = engine.device.type == "cuda" and bool(engine.zero_cpu_offload())
 
-    def preclip(self) -> tuple[float, dict[str, float]]:
-        """Global L2 norm of the accumulated, averaged gradient and the norm of each group."""
-        sq = torch.zeros(len(self.groups), dtype=torch.float64, device=self.engine.device)
+    def local_squares(self) -> torch.Tensor:
+        """Per-group sums of squares of the gradient this rank holds (float64, on the engine's
+        device, unreduced): sum them over ranks (one packed all-reduce with the step's other
+        scalars), then `from_squares`. A few foreach kernels, not a loop of kernels per tensor."""
+        if self.sync_first:
+            torch.cuda.synchronize()
+        buckets: dict[tuple, tuple[list, list]] = {}
         for i, p in self.params:
-            g = _local_grad(p)
+            g = self.full[id(p)] if self.full else _local_grad(p)
             if g is not None and g.numel():
-                sq[i] += torch.linalg.vector_norm(g.float()).double() ** 2
-        if self.reduce:
-            torch.distributed.all_reduce(sq)
-        sq = sq.cpu()  # the one device-to-host sync
-        scale = self.engine.optimizer.cur_scale if self.fp16 else 1.0  # fp16 grads are scaled
-        norms = (sq.sqrt() / scale).tolist()
+                ts, idx = buckets.setdefault((g.device, g.dtype), ([], []))
+                ts.append(g)
+                idx.append(i)
+        device = self.engine.device
+        sq = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
+        for ts, idx in buckets.values():
+            norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(device)
+            sq.index_add_(0, torch.tensor(idx, device=device), norms.double() ** 2)
+        scale = float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0  # scaled grads
+        return sq * (self.grad_weight / scale ** 2)
+
+    def from_squares(self, sq: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """Global L2 norm and per-group norms from the rank-summed squares (on the CPU)."""
+        norms = sq.sqrt().tolist()
         return math.sqrt(sum(n * n for n in norms)), dict(zip(self.groups, norms))
 
     def update_ratio(self, lr: float) -> float:
         """||delta theta|| / ||theta|| of the AdamW step just taken with learning rate `lr`."""
-        if lr == 0:  # AdamW scales the weight decay by lr too: nothing moved
-            return 0.0
         ds_opt = self.engine.optimizer
         opt = getattr(ds_opt, "optimizer", ds_opt)
         acc = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # |d|^2, |theta|^2
-        for group, params in _optimized_params(ds_opt, opt):
-            for step, batch in _state_batches(opt, group, params):
-                acc += _adamw_delta(*batch, lr, group, step)
-        if self.reduce:
-            torch.distributed.all_reduce(acc)
-        num, den = acc.sqrt().tolist()
+        if lr != 0:  # AdamW scales the weight decay by lr too: nothing moved (still reduce)
+            for group, params in _optimized_params(ds_opt, opt):
+                for step, batch in _state_batches(opt, group, params):
+                    acc += _adamw_delta(*batch, lr, group, step).to(acc.device)
+        num, den = self.comm.all_reduce(acc * self.state_weight).sqrt().tolist()
         return num / den if den > 0 else 0.0
 
 

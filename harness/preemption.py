@@ -1,7 +1,7 @@
 """Stop at a step boundary on SIGUSR1/SIGTERM (Slurm's preemption and time-limit warnings).
 
 The handler only records the signal, so a second signal during a save cannot interrupt it.
-Ranks agree before acting: a signal seen by one rank stops all of them after the same step.
+Ranks agree before acting (Trainer sums `flag()` over ranks with the step's other scalars).
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def should_stop(self, world_size: int) -> bool:
-        flag = torch.tensor([1 if self.received else 0])
-        if world_size > 1:  # one tiny all-reduce per step: ranks must stop together
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def flag(self, device) -> torch.Tensor:
+        """1 if this rank saw a signal: summed over ranks in the step's one all-reduce, so that
+        a signal seen by any rank stops all of them after the same step."""
+        return torch.tensor([1.0 if self.received else 0.0], device=device)

@@ -7,8 +7,11 @@ is the world-size-independent form of the same state: one directory per paramete
 full fp32 master weight, exp_avg, exp_avg_sq and step, which any number of ranks can slice
 (deepspeed/checkpoint/ds_to_universal.py converts, `load_universal` loads). This module
 
-  - converts step/ds/ into step/universal/ds/ once, on global rank 0, while the other ranks
-    wait; the conversion is written to step/.tmp-universal-PID/ and renamed into place, so
+  - converts step/ds/ into step/universal/ds/ once: `python -m harness.reshard STEP_DIR`
+    ahead of a resume on several ranks, or in-process on a resume by a single process (with
+    several ranks, the others would wait in a collective for the conversion, longer than the
+    process group's timeout for large models: they refuse instead, naming the command); the
+    conversion is written to step/.tmp-universal-PID/ and renamed into place, so
     step/universal/ is either absent or complete, and later resumes reuse it;
   - loads it into an engine built for the new world size: DeepSpeed reads
     `load_universal_checkpoint` from its config at load time only, so it is switched on for
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 
+from harness.collectives import Collectives
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -101,24 +105,35 @@ def load_resharded(engine, step_dir: Path, tag: str = "ds", load_optimizer_state
                    load_lr_scheduler_states: bool = True, workers: int = 1) -> dict[str, Any]:
     """engine.load_checkpoint for a ZeRO checkpoint saved at another data-parallel world size.
 
-    Collective: every rank calls it. Global rank 0 converts (or reuses the conversion) while
-    the others wait; a failed conversion raises on every rank. Returns what was done.
+    Collective: every rank calls it. A conversion that exists already is reused. A missing
+    one is made here only by a single process: with more ranks, the others would wait in a
+    collective for it (30 s at 124M parameters, over 10 minutes at 7B) past the process
+    group's timeout, so every rank refuses instead, naming `python -m harness.reshard`.
+    Returns what was done.
     """
     if not engine.zero_optimization():
         raise HarnessError("load_resharded is for ZeRO stages 1-3; stage 0 checkpoints load "
                            "at any world size with engine.load_checkpoint")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    outcome: list[Any] = [None]
+    # the harness's collectives, on the engine's device (NCCL rejects CPU tensors), also
+    # in a world of one rank
+    comm = Collectives(engine.device)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    outcome: dict[str, Any] = {}
     if rank == 0:
         try:
-            load_dir, seconds = convert(step_dir, tag, workers)
-            outcome[0] = {"load_dir": str(load_dir), "convert_s": seconds}
+            if is_converted(step_dir, tag) or world == 1:
+                load_dir, seconds = convert(step_dir, tag, workers)  # reuses a conversion
+                outcome = {"load_dir": str(load_dir), "convert_s": seconds}
+            else:
+                outcome = {"missing": True}
         except Exception as exc:  # noqa: BLE001 (every rank must learn of it, not hang)
-            outcome[0] = {"error": f"{type(exc).__name__}: {exc}"}
-    if distributed and torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast_object_list(outcome, src=0)
-    result = outcome[0]
+            outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    result = comm.broadcast_object(outcome)  # rank 0's outcome on every rank
+    if "missing" in result:
+        raise HarnessError(f"{step_dir} was saved by another number of data-parallel ranks and "
+                           f"has no universal checkpoint yet, which {world} ranks cannot wait "
+                           f"for: run `python -m harness.reshard {step_dir}` once, then start "
+                           f"again")
     if "error" in result:
         raise HarnessError(f"{step_dir}: converting the ZeRO checkpoint for another world size "
                            f"failed on rank 0: {result['error']}")

@@ -22,7 +22,7 @@ from harness.checkpoint import Checkpointer, load
 from harness.config import Config, to_dict, to_yaml
 from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
-from harness.data.shards import TokenShards
+from harness.data.shards import MANIFEST, TokenShards
 from harness.data.sources import TrainData
 from harness.ds_config import dumps
 from harness.engine import Built, build
@@ -43,12 +43,24 @@ def write_run_files(run_dir: Path, cfg: Config, built: Built) -> None:
 
 
 def open_shards(cfg: Config, built: Built) -> TokenShards:
-    """Rank 0 prepares the shards on first use; the others wait, then everyone validates."""
+    """The token shards of data.out_dir, validated against the model.
+
+    Preparing them is one process's work of minutes to hours. Done here by rank 0 while the
+    other ranks wait in a collective, it would outlast the process group's timeout
+    (DeepSpeed's default: 10 minutes, DEEPSPEED_TIMEOUT): with more than one rank the shards
+    must exist already (`harness submit`'s batch script prepares them before its job step).
+    A single process has nobody waiting for it and prepares them on first use.
+    """
     out_dir = Path(cfg.data.out_dir)
-    if built.dist.rank == 0 and not (out_dir / "manifest.json").is_file():
+    # rank 0's view for everyone, so that all ranks refuse, or go on, together
+    present = built.comm.broadcast_object((out_dir / MANIFEST).is_file())
+    if not present:
+        if built.dist.world_size > 1:
+            raise HarnessError(
+                f"data.out_dir={out_dir} holds no token shards, and {built.dist.world_size} "
+                f"ranks cannot wait for one to prepare them: run `harness prepare-data` with "
+                f"the same --config and overrides first (or train on one process once)")
         prepare_data(cfg.data, progress=False)
-    if built.dist.world_size > 1:
-        torch.distributed.barrier()
     shards = TokenShards.open(out_dir)
     if shards.vocab_size > cfg.model.vocab_size:
         raise HarnessError(f"{out_dir}/manifest.json: the tokenizer has {shards.vocab_size} "

@@ -24,6 +24,8 @@ TEMPLATE = _REPO / "slurm" / "train.sbatch.tmpl"
 TASK_SCRIPT = str(_REPO / "launch" / "srun_task.sh")
 # what each task runs after `python`: the harness CLI's train command
 TRAIN_ENTRY = ("-m", "harness.cli", "train")
+# what the batch script runs once, before the tasks, when data.out_dir holds no shards yet
+PREPARE_ENTRY = ("-m", "harness.cli", "prepare-data")
 
 # directives this module writes itself; extra_sbatch may not set them behind its back
 _MANAGED = {
@@ -128,11 +130,18 @@ def _directives(cfg: SlurmConfig, run_dir: str) -> list[str]:
 
 
 def render_sbatch(slurm_cfg: SlurmConfig, run_dir: str, train_args: list[str], python: str,
-                  task_script: str = TASK_SCRIPT) -> str:
-    """The batch script that runs `python -m harness.cli train *train_args` once per task."""
+                  task_script: str = TASK_SCRIPT, data_dir: Optional[str] = None) -> str:
+    """The batch script that runs `python -m harness.cli train *train_args` once per task.
+
+    With `data_dir` (the config's data.out_dir), the script first runs
+    `python -m harness.cli prepare-data *train_args` itself when data_dir has no manifest.json.
+    """
     slurm_cfg.validate()
     run_dir = os.path.abspath(run_dir)
     _check_line("run_dir", run_dir)
+    if data_dir is not None:
+        data_dir = os.path.abspath(data_dir)
+        _check_line("data.out_dir", data_dir)
     sh = shlex.quote
     values = {
         "directives": "\n".join(_directives(slurm_cfg, run_dir)),
@@ -143,6 +152,8 @@ def render_sbatch(slurm_cfg: SlurmConfig, run_dir: str, train_args: list[str], p
         "requeue_exit_code": str(REQUEUE_EXIT_CODE),
         "cpus_per_task": str(slurm_cfg.cpus_per_task),
         "command": " ".join(sh(a) for a in [task_script, python, *TRAIN_ENTRY, *train_args]),
+        "data_dir": sh(data_dir or ""),  # empty: the script prepares nothing
+        "prepare_command": " ".join(sh(a) for a in [python, *PREPARE_ENTRY, *train_args]),
     }
     return _PLACEHOLDER.sub(lambda m: values[m[1]], TEMPLATE.read_text())
 

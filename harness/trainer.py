@@ -6,6 +6,7 @@ per layer group), the clip coefficient, the learning rate, the update norm, the 
 """
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any, Iterable
 
@@ -19,6 +20,17 @@ from harness.grad_norms import GradNorms
 from harness.skip_step import skip_update
 
 
+# the peak memory of each rank, max over ranks: the rank that runs out first is the one to watch
+MEMORY_KEY = {"cuda": "memory/gpu_max_allocated_gb", "cpu": "memory/cpu_rss_gb"}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # ru_maxrss is in KiB on Linux: the peak resident set of this process
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
 class Trainer:
     def __init__(self, cfg: Config, built: Built, data: TrainData,
                  callbacks: Iterable[Callback] = ()):
@@ -30,8 +42,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stop_signals = None  # harness.preemption.StopSignals when signals should stop us
         self.skip_update = False  # set by a callback in on_before_step
-        self.norms = GradNorms(self.engine, built.dist.world_size,
-                               fp16=cfg.train.precision == "fp16")
+        self.norms = GradNorms(self.engine, built.comm, built.dist.rank)
+        self._stop_seen = False  # a stop signal reached some rank (from the step's reduce)
         # a pass over the optimizer state (6 foreach ops), made only for the monitor; its share
         # of a step falls with the tokens per rank per step (see bench/README.md)
         self.measure_update = cfg.monitor.enabled and cfg.monitor.watches("optim/update_norm")
@@ -53,19 +65,30 @@ class Trainer:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         return total / accum
 
-    def _pre_step_signals(self, loss: float) -> dict[str, Any]:
-        norm, groups = self.norms.preclip()
-        signals = {"train/loss": loss, "optim/grad_norm_preclip": norm,
+    def _reduced_scalars(self, loss: torch.Tensor) -> dict[str, Any]:
+        """The step's one all-reduce and one device-to-host copy: mean loss, stop flag,
+        per-group squared pre-clip norms, each rank's peak memory (a slot per rank)."""
+        dist, device = self.built.dist, self.engine.device
+        memory = torch.zeros(dist.world_size, device=device)
+        memory[dist.rank] = peak_memory_gb(device)
+        flag = (self.stop_signals.flag(device) if self.stop_signals is not None
+                else torch.zeros(1, device=device))
+        out = self.built.comm.reduce_scalars({
+            "loss": loss / dist.world_size, "stop": flag,
+            "sq": self.norms.local_squares(), "memory": memory})
+        self._stop_seen = self._stop_seen or out["stop"].item() > 0
+        norm, groups = self.norms.from_squares(out["sq"])
+        signals = {"train/loss": out["loss"].item(), "optim/grad_norm_preclip": norm,
                    **{f"grad_norm/{g}": v for g, v in groups.items()}}
-        if self.cfg.train.precision == "fp16":
-            signals["optim/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        if self.engine.fp16_enabled():  # the scale the step's gradients carry
+            signals["optim/loss_scale"] = float(self.engine.optimizer.loss_scale)
+        self._peak_memory = out["memory"].max().item()
         return signals
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        loss = self._mean_over_ranks(self._forward_backward())
-        signals = self._pre_step_signals(loss)
+        signals = self._reduced_scalars(self._forward_backward())
         self.skip_update = False
         for cb in self.callbacks:
             cb.on_before_step(self, self.step + 1, signals)
@@ -76,26 +99,27 @@ class Trainer:
             if self.cfg.clip.value is not None:
                 self._clip_values()
             self.engine.step()  # boundary: clip by global norm, update, advance the LR schedule
+            if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed skipped it
+                skipped = True
+                # ...and left its LR schedule behind; ours follows the step count, as after a
+                # monitor skip, so the schedule is the same function of the step in every run
+                self.engine.lr_scheduler.step()
         self.step += 1
         self.consumed_samples += self.plan.batch.global_batch
         update = None
-        if self.measure_update:
+        if self.measure_update:  # the monitor reads it after the step: one more sync
             update = 0.0 if skipped else self.norms.update_ratio(lr)
         if self.engine.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # the step's time, not its launch time
         return self._metrics(signals, lr, update, skipped, time.perf_counter() - t0)
 
     def _clip_values(self) -> None:
         v = self.cfg.clip.value  # ZeRO 0 only (validated): p.grad is the full gradient
+        if self.engine.fp16_enabled():  # fp16 gradients still carry the loss scale
+            v *= float(self.engine.optimizer.loss_scale)
         for p in self.engine.module.parameters():
             if p.grad is not None:
                 p.grad.clamp_(-v, v)
-
-    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
-        if self.built.dist.world_size > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= self.built.dist.world_size
-        return loss.item()
 
     def _metrics(self, signals: dict[str, Any], lr: float, update: float, skipped: bool,
                  dt: float) -> dict[str, Any]:
@@ -112,6 +136,7 @@ class Trainer:
             **({"optim/update_norm": update} if update is not None else {}),
             "optim/skipped": skipped,
             "train/tokens_seen": self.consumed_samples * self.plan.seq_len,
+            MEMORY_KEY[self.engine.device.type]: self._peak_memory,
             "throughput/step_time_s": dt,
             "throughput/tokens_per_s": tokens / dt,
             "throughput/samples_per_s": self.plan.batch.global_batch / dt,
@@ -126,8 +151,7 @@ class Trainer:
             step = self.step  # every callback sees this step, even if one rolls back
             for cb in self.callbacks:
                 cb.on_step_end(self, step, metrics)
-            if self.stop_signals is not None and self.stop_signals.should_stop(
-                    self.built.dist.world_size):
+            if self._stop_seen and self.stop_reason is None:
                 self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
         for cb in self.callbacks:
             cb.on_train_end(self)

@@ -29,6 +29,15 @@ SMALL = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_s
          "model.vocab_size=64", "train.global_batch_size=null", "optim.warmup_steps=2", "optim.lr=1e-2", "train.max_steps=3"]
 
 
+def precision_args(stage: int, precision: str) -> list[str]:
+    """Overrides for a precision at a stage: at ZeRO 0 DeepSpeed sums bf16/fp16 gradients in
+    their own dtype only (fp32 accumulation is refused there)."""
+    args = [f"zero.stage={stage}", f"train.precision={precision}"]
+    if stage == 0 and precision != "fp32":
+        args += [f"train.grad_accum_dtype={precision}", f"train.reduce_dtype={precision}"]
+    return args
+
+
 def small_cfg(*overrides: str) -> Config:
     return load_config("tiny", [*SMALL, *overrides])
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from engine_utils import ROUNDING_TOL, max_diff, run_harness, run_reference, small_cfg
+from engine_utils import (ROUNDING_TOL, max_diff, precision_args, run_harness, run_reference,
+                          small_cfg)
 from harness.engine import build
 
 ACC = ["train.micro_batch_size=2", "train.grad_accum_steps=2"]
@@ -25,7 +26,7 @@ def test_preclip_norm_and_update_match_reference(stage, max_norm):
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_bf16_preclip_norm_matches_fp32_reference(stage):
-    cfg = small_cfg(*ACC, f"zero.stage={stage}", "train.precision=bf16")
+    cfg = small_cfg(*ACC, *precision_args(stage, "bf16"))
     _, metrics, _ = run_harness(cfg)
     _, ref_norms, _ = run_reference(small_cfg(*ACC), 2, 2)
     # first step: same weights, bf16 activations: a few per cent at most

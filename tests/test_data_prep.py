@@ -201,8 +201,14 @@ def test_corrupt_shards_are_refused(prepared, tmp_path):
     tokens[3] = 450
     tokens.flush()
     del tokens
+    # prepare-data's full check reads every token; the trainer's, the batch that holds it
     with pytest.raises(HarnessError, match="train.bin: token id 450 >= vocab_size 400"):
-        TokenShards.open(d)
+        TokenShards.open(d, verify=True)
+    seqs = TokenShards.open(d).sequences("train", 16)
+    seqs.batch([1, 2])  # tokens 16-48: intact
+    with pytest.raises(HarnessError, match=r"train.bin: token id 450 >= vocab_size 400 in "
+                                           r"sequences \[2, 0\]; .*truncated or corrupt"):
+        seqs.batch([2, 0])
 
     d = _copy(prepared, tmp_path / "json")
     (d / "manifest.json").write_text("{not json")
@@ -212,6 +218,38 @@ def test_corrupt_shards_are_refused(prepared, tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(HarnessError, match="manifest.json not found"):
         TokenShards.open(d)
+
+
+def test_training_ranks_open_without_reading_the_tokens(prepared, tmp_path, monkeypatch):
+    """Every rank opens the shards: only the manifest, sizes and endpoints are read, never
+    the token data or all of the index (corruption deep inside is found by verify=True,
+    which prepare-data runs, and by the batches that touch it)."""
+    d = _copy(prepared, tmp_path / "deep")
+    tokens = np.memmap(d / "train.bin", np.uint16, mode="r+")
+    tokens[-5] = 999  # near the end of the file, far from where any open would look
+    tokens.flush()
+    del tokens
+    idx = np.load(d / "train.idx.npy")
+    idx[len(idx) // 2] = idx[len(idx) // 2 + 1]  # a document of zero length, mid-index
+    np.save(d / "train.idx.npy", idx)
+    scans = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: scans.append(kw.get("mmap_mode")) or
+                        real_load(*a, **kw))
+    shards = TokenShards.open(d)
+    assert scans == ["r", "r"]  # both indexes memory-mapped, not read whole
+    assert isinstance(shards.train, np.memmap)
+    with pytest.raises(HarnessError, match="train.bin: token id 999"):
+        TokenShards.open(d, verify=True)
+    tokens = np.memmap(d / "train.bin", np.uint16, mode="r+")
+    tokens[-5] = 1
+    tokens.flush()
+    del tokens
+    with pytest.raises(HarnessError, match="train.idx.npy: not .* increasing offsets"):
+        TokenShards.open(d, verify=True)
+    # prepare-data finds the damage when it checks whether out_dir is up to date
+    with pytest.raises(HarnessError, match="train.idx.npy: not .* increasing offsets"):
+        prep._up_to_date(d, TokenShards.open(d).manifest["inputs_sha256"])
 
 
 def test_workers_give_the_same_tokens(corpus, tmp_path, monkeypatch):

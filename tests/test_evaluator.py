@@ -1,10 +1,23 @@
-"""Validation loss: the fixed held-out set, scored with dropout off, equals a direct computation."""
+"""Validation loss: the fixed held-out set, scored with dropout off, equals a direct computation;
+every rank runs the same number of forwards (ZeRO 3 all-gathers in each one), and the sum
+goes through the engine's collectives in one all-reduce, also in a world of one rank."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
-from engine_utils import small_cfg, tokens
+from engine_utils import child_env, small_cfg, tokens
 from harness.callbacks.evaluator import Evaluator
-from harness.data.shards import Sequences
+from harness.collectives import Collectives, WrongDevice
+from harness.config import load_config
+from harness.data.shards import Sequences, TokenShards
 from harness.engine import build
+from harness.model import GPT
+
+WORKER = str(Path(__file__).with_name("eval_worker.py"))
 
 
 def test_eval_loss_is_the_mean_over_the_fixed_set():
@@ -14,11 +27,80 @@ def test_eval_loss_is_the_mean_over_the_fixed_set():
     ev = Evaluator(seqs, every=1, batches=3, micro=2, rank=0, world=1)
     model = built.engine.module
     model.train()
-    got = ev.evaluate(built.engine)
+    calls = built.comm.calls
+    got = ev.evaluate(built.engine, built.comm)
+    assert built.comm.calls == calls + 1  # one all-reduce, made in a world of one rank too
     assert model.training  # restored
     model.eval()
     with torch.no_grad():
         rows = torch.from_numpy(seqs.batch(range(6)))
         want = torch.stack([model(rows[i:i + 1, :-1], rows[i:i + 1, 1:]) for i in range(6)]).mean()
     assert abs(got - want.item()) < 1e-5
-    assert ev.evaluate(built.engine) == got  # the same set every time, no dropout noise
+    assert ev.evaluate(built.engine, built.comm) == got  # the same set every time, no dropout noise
+    with pytest.raises(WrongDevice):  # the sum is on the engine's device, checked by comm
+        ev.evaluate(built.engine, Collectives("meta"))
+
+
+@pytest.mark.parametrize("n, micro, world", [(5, 2, 2), (7, 2, 3), (2, 4, 3), (9, 2, 2)])
+def test_every_rank_runs_the_same_number_of_forwards(n, micro, world):
+    seqs = Sequences(tokens(64, 16 * n + 1), 16)
+    evs = [Evaluator(seqs, 1, batches=10, micro=micro, rank=r, world=world) for r in range(world)]
+    assert len({len(ev.batches) for ev in evs}) == 1
+    # padding batches are real sequences (a forward with the usual shapes) of weight 0
+    assert all(len(rows) > 0 for ev in evs for rows, _ in ev.batches)
+    assert sum(w for ev in evs for _, w in ev.batches) == n  # each sequence counted once
+    assert sum(ev.n_sequences for ev in evs) == n
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _uneven_block_size(val_tokens: int, micro: int) -> int:
+    """A sequence length at which 2 ranks get different numbers of validation batches."""
+    for block in range(32, 64):
+        n = (val_tokens - 1) // block  # rank 0 scores ceil(n / 2) sequences, rank 1 floor
+        if _ceil(_ceil(n, 2), micro) != _ceil(n // 2, micro):
+            return block
+    raise AssertionError("no block size gives uneven batches")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, shards_dir, stage):
+    micro = 2
+    val = TokenShards.open(shards_dir).val
+    block = _uneven_block_size(len(val), micro)
+    n = (len(val) - 1) // block
+    batches = _ceil(n, 2 * micro)  # the set is the whole split: its size decides the split
+    overrides = ["model.n_layer=2", "model.d_model=32", "model.n_head=2",
+                 f"model.block_size={block}", "train.global_batch_size=8",
+                 f"train.micro_batch_size={micro}", "train.max_steps=1", "optim.warmup_steps=0",
+                 "checkpoint.every=0", f"zero.stage={stage}", f"data.out_dir={shards_dir}",
+                 "data.eval_every=1", f"data.eval_batches={batches}",
+                 f"train.run_dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", WORKER, str(tmp_path / "out"), *overrides]
+    # before the fix rank 0 waited for ever in its extra forward's all-gather at ZeRO 3
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = next(r["eval/loss"] for r in lines if "eval/loss" in r)
+
+    cfg = load_config("tiny", overrides)
+    model = GPT(cfg.model)
+    loaded = model.load_state_dict(torch.load(tmp_path / "out" / "params.pt"), strict=False)
+    assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys  # tied
+    model.eval()
+    rows = torch.from_numpy(Sequences(val, block).batch(range(n)))
+    with torch.no_grad():
+        want = model(rows[:, :-1], rows[:, 1:]).item()  # every sequence has the same length
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

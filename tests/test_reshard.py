@@ -9,7 +9,9 @@ accumulation re-derived) and goes on to step 6. Checked:
     another order: one-ulp gradient differences that Adam amplifies; measured 4e-7 to 2e-6,
     and 1-rank runs at stages 2 and 3 differ by 1.4e-6 themselves);
   - the conversion lands in step/universal/, leftovers of a killed conversion are removed,
-    and a second resume reuses it.
+    and a second resume reuses it;
+  - a single process converts on the spot; several ranks refuse a checkpoint that is not
+    converted yet (one line naming `python -m harness.reshard STEP_DIR`) and resume once it is.
 """
 import json
 import socket
@@ -35,7 +37,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(nproc, out, run_dir, shards, stop_at, stage, *extra):
+def launch(nproc, out, run_dir, shards, stop_at, stage, *extra, refused=None):
+    """Runs the worker; with `refused`, expects every rank to exit 2 with that one line."""
     args = [str(out), str(stop_at), *BASE, f"train.run_dir={run_dir}", f"data.out_dir={shards}",
             f"zero.stage={stage}", *extra]
     if nproc == 1:
@@ -45,6 +48,10 @@ def launch(nproc, out, run_dir, shards, stop_at, stage, *extra):
                f"--master_port={_free_port()}", WORKER, *args]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300,
                           check=False)
+    if refused is not None:
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert proc.returncode != 0 and errors == [f"error: {refused}"] * nproc, proc.stderr
+        return None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
     start = torch.load(out / "start.pt") if (out / "start.pt").is_file() else None
@@ -100,8 +107,20 @@ def test_two_rank_zero_checkpoint_resumes_on_one_rank(tmp_path, shards_dir, unin
 
 @pytest.mark.slow
 def test_one_rank_zero_checkpoint_resumes_on_two_ranks(tmp_path, shards_dir, uninterrupted):
-    (r0, r1), start, end = launch(2, tmp_path / "b", tmp_path / "run", shards_dir, 0, 2,
-                                  f"checkpoint.resume={uninterrupted['step3']}")
+    step3 = uninterrupted["step3"]
+    resume = f"checkpoint.resume={step3}"
+    # two ranks do not wait for rank 0 to convert (minutes for large models, past the process
+    # group's timeout): they refuse, naming the command that converts ahead of time
+    launch(2, tmp_path / "a", tmp_path / "run0", shards_dir, 0, 2, resume, refused=(
+        f"{step3} was saved by another number of data-parallel ranks and has no universal "
+        f"checkpoint yet, which 2 ranks cannot wait for: run `python -m harness.reshard "
+        f"{step3}` once, then start again"))
+    assert not (step3 / "universal").exists()
+    proc = subprocess.run([sys.executable, "-m", "harness.reshard", str(step3)], env=child_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "converted in" in proc.stdout, proc.stderr[-3000:]
+
+    (r0, r1), start, end = launch(2, tmp_path / "b", tmp_path / "run", shards_dir, 0, 2, resume)
     assert_same_state(start, uninterrupted["saved3"])
     assert end["step_count"] == 6 and set(end["step"]) == {6.0}
     assert max_diff(r0, r1) == 0.0

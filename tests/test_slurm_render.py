@@ -13,7 +13,8 @@ from harness.slurm import REQUEUE_EXIT_CODE, SlurmConfig, render_sbatch, submit
 
 GOLDEN = Path(__file__).parent / "golden" / "train.sbatch"
 FIXED = dict(run_dir="/runs/demo", train_args=["--config", "/runs/demo/config.yaml"],
-             python="/usr/bin/python3", task_script="/opt/harness/launch/srun_task.sh")
+             python="/usr/bin/python3", task_script="/opt/harness/launch/srun_task.sh",
+             data_dir="/data/demo")
 
 # records its argv, then exits with $FAKE_SRUN_EXIT or, when that is "wait", waits for USR1 or
 # TERM and exits with the requeue code like the trainer
@@ -121,6 +122,54 @@ def test_hostile_values_stay_data(tmp_path):
 
 def _render_in(run_dir: Path) -> str:
     return render_sbatch(SlurmConfig(), str(run_dir), [], "/usr/bin/python3", "/opt/t.sh")
+
+
+# stands in for python: records its argv; as prepare-data it writes the manifest, or fails with
+# $FAKE_PREPARE_EXIT when that is set
+FAKE_PYTHON = """#!/bin/bash
+printf '%s\\n' "$@" >> "$FAKE_DIR/python.argv"
+[ -n "${FAKE_PREPARE_EXIT:-}" ] && exit "$FAKE_PREPARE_EXIT"
+mkdir -p "$FAKE_DATA" && echo {} > "$FAKE_DATA/manifest.json"
+"""
+
+
+@pytest.mark.parametrize("prepared, prepare_exit", [(False, ""), (True, ""), (False, "5")])
+def test_missing_shards_are_prepared_before_the_step(tmp_path, monkeypatch, prepared,
+                                                     prepare_exit):
+    """No manifest in data.out_dir: the script runs `harness prepare-data` with the train
+    command's own arguments, once, before srun; a failure ends the job with its exit code."""
+    data = tmp_path / "data dir"
+    if prepared:
+        data.mkdir()
+        (data / "manifest.json").write_text("{}")
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    monkeypatch.setenv("FAKE_DATA", str(data))
+    monkeypatch.setenv("FAKE_PREPARE_EXIT", prepare_exit)
+    script = render_sbatch(SlurmConfig(), str(tmp_path), ["--config", "/r/job config.yaml"],
+                           str(python), "/opt/t.sh", data_dir=str(data))
+    result = run_body(script, tmp_path, srun_exit="0")
+    fake = tmp_path / "fake"
+    called = fake / "python.argv"
+    if prepared:
+        assert result.returncode == 0 and not called.exists()
+        return
+    assert called.read_text().splitlines() == ["-m", "harness.cli", "prepare-data", "--config",
+                                               "/r/job config.yaml"]
+    if prepare_exit:
+        assert result.returncode == 5 and "prepare-data failed with exit code 5" in result.stderr
+        assert not (fake / "srun.argv").exists()  # no job step without shards
+    else:
+        assert result.returncode == 0, result.stderr
+        assert (data / "manifest.json").is_file() and (fake / "srun.argv").exists()
+
+
+def test_without_a_data_dir_nothing_is_prepared(tmp_path):
+    script = _render_in(tmp_path)
+    assert "DATA_DIR=''" in script
+    result = run_body(script, tmp_path, srun_exit="0")
+    assert result.returncode == 0 and "prepare-data" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("srun_exit, restarts, requeued, code", [

@@ -255,15 +255,13 @@ def test_clip_rate_is_a_sliding_window(run):
 def test_throughput_on_a_gpu(run, monkeypatch, caplog, name, expect_mfu):
     cuda = "harness.callbacks.throughput.torch.cuda"
     monkeypatch.setattr(f"{cuda}.get_device_name", lambda *a: name)
-    monkeypatch.setattr(f"{cuda}.max_memory_allocated", lambda *a: 3 * 10**9)
-    built = SimpleNamespace(model=run.trainer.built.model, device="cuda",
+    built = SimpleNamespace(n_params=run.trainer.built.n_params, device="cuda",
                             dist=SimpleNamespace(world_size=4))
     trainer = SimpleNamespace(cfg=run.trainer.cfg, built=built, is_main=True)
     cb = Throughput()
     cb.on_train_start(trainer)
     metrics = {"throughput/tokens_per_s": 1e6, "optim/clipped": True}
     cb.on_step_end(trainer, 1, metrics)
-    assert metrics["memory/gpu_max_allocated_gb"] == 3.0 and "memory/cpu_rss_gb" not in metrics
     if expect_mfu:
         assert metrics["throughput/mfu"] == pytest.approx(cb.flops_per_token * 1e6 / (4 * 989e12))
     else:

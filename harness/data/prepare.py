@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import asdict
@@ -38,7 +39,8 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
 
 def main(cfg: DataConfig) -> int:
     start = time.perf_counter()
-    out_dir, built = _prepare(cfg, progress=True)
+    # no progress bar into a log file (a Slurm batch script runs this before its job step)
+    out_dir, built = _prepare(cfg, progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     m = TokenShards.open(out_dir).manifest
     train, val = m["splits"]["train"], m["splits"]["val"]
@@ -114,7 +116,7 @@ def _up_to_date(out_dir: Path, inputs: str) -> bool:
         same = False
     if not same:
         raise _differs(out_dir)
-    TokenShards.open(out_dir)  # up to date only if intact
+    TokenShards.open(out_dir, verify=True)  # up to date only if intact, every token read
     return True
 
 

@@ -5,6 +5,12 @@
 - `train.idx.npy`, `val.idx.npy`: int64 document boundaries, documents + 1 of them
   (document d is tokens[idx[d]:idx[d + 1]], EOS last);
 - `tokenizer.model` and `manifest.json` (counts, dtype, hashes, fingerprint).
+
+Every training rank opens the shards: opening reads the manifest and checks sizes and
+endpoints against it (stat and a few bytes), never the token data, which stays memory-mapped
+and paged in by the samples a rank draws. The full scans (token ids < vocab_size, increasing
+document offsets) are `verify=True`, run by `harness prepare-data`; the trainer checks token
+ids batch by batch instead, on the few thousand tokens it uses.
 """
 from __future__ import annotations
 
@@ -68,11 +74,16 @@ class ShardWriter:
 
 class Sequences:
     """Fixed-length samples: sample i is tokens[i*L : i*L + L + 1], inputs plus the shifted
-    targets, so consecutive samples share one boundary token."""
+    targets, so consecutive samples share one boundary token.
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    With `vocab_size`, every batch is checked for token ids out of range (a corrupt shard)
+    before it reaches the embedding, where a GPU would only report a device-side assert."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int | None = None,
+                 path: Path | None = None):
         self.tokens = tokens
         self.seq_len = seq_len
+        self.vocab_size, self.path = vocab_size, path
         self.num_sequences = max(0, (len(tokens) - 1) // seq_len)
 
     def __len__(self) -> int:
@@ -86,7 +97,12 @@ class Sequences:
 
     def batch(self, indices: Sequence[int]) -> np.ndarray:
         """int64 array [len(indices), seq_len + 1]."""
-        return np.stack([self[int(i)] for i in indices])
+        rows = np.stack([self[int(i)] for i in indices])
+        if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
+            what = (f"token id {int(rows.max())} >= vocab_size {self.vocab_size} in sequences "
+                    f"{[int(i) for i in indices]}")
+            raise _corrupt(self.path, what) if self.path else HarnessError(what)
+        return rows
 
 
 class TokenShards:
@@ -103,13 +119,15 @@ class TokenShards:
         self.tokenizer_path = directory / manifest["tokenizer"]["file"]
 
     @classmethod
-    def open(cls, directory: str | Path) -> TokenShards:
+    def open(cls, directory: str | Path, verify: bool = False) -> TokenShards:
+        """Checks against the manifest without reading the token data; `verify` also scans
+        every token and offset (one process's job: prepare-data, not each training rank)."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         try:
             _check_tokenizer(directory, manifest)
             dtype = np.dtype(manifest["dtype"])
-            tokens = {s: _open_split(directory, manifest, s, dtype) for s in SPLITS}
+            tokens = {s: _open_split(directory, manifest, s, dtype, verify) for s in SPLITS}
             return cls(directory, manifest, tokens["train"], tokens["val"])
         except (KeyError, TypeError) as e:
             raise HarnessError(f"{directory / MANIFEST} lacks or mistypes {e}; delete "
@@ -117,10 +135,11 @@ class TokenShards:
 
     def offsets(self, split: str) -> np.ndarray:
         """Document boundaries of `split`: document d is tokens[o[d]:o[d + 1]]."""
-        return np.load(self.directory / self.manifest["splits"][split]["index"])
+        return np.load(self.directory / self.manifest["splits"][split]["index"], mmap_mode="r")
 
     def sequences(self, split: str, seq_len: int) -> Sequences:
-        seqs = Sequences(getattr(self, split), seq_len)
+        seqs = Sequences(getattr(self, split), seq_len, self.vocab_size,
+                         self.directory / self.manifest["splits"][split]["file"])
         if not seqs.num_sequences:
             raise HarnessError(
                 f"{self.directory}: the {split} split has {len(seqs.tokens)} tokens, too few for "
@@ -159,7 +178,8 @@ def _check_tokenizer(directory: Path, manifest: dict) -> None:
         raise _corrupt(path, "sha256 differs from manifest.json")
 
 
-def _open_split(directory: Path, manifest: dict, split: str, dtype: np.dtype) -> np.ndarray:
+def _open_split(directory: Path, manifest: dict, split: str, dtype: np.dtype,
+                verify: bool) -> np.ndarray:
     info = manifest["splits"][split]
     path, count = directory / info["file"], info["tokens"]
     size = path.stat().st_size if path.is_file() else -1
@@ -168,18 +188,18 @@ def _open_split(directory: Path, manifest: dict, split: str, dtype: np.dtype) ->
                              f"{dtype.itemsize} bytes")
     # an empty file cannot be memory-mapped
     tokens = np.memmap(path, dtype, mode="r") if count else np.zeros(0, dtype)
-    if count and int(tokens.max()) >= manifest["vocab_size"]:
+    if verify and count and int(tokens.max()) >= manifest["vocab_size"]:  # reads every token
         raise _corrupt(path, f"token id {int(tokens.max())} >= vocab_size "
                              f"{manifest['vocab_size']}")
-    _check_index(directory / info["index"], count, info["documents"])
+    _check_index(directory / info["index"], count, info["documents"], verify)
     return tokens
 
 
-def _check_index(path: Path, tokens: int, documents: int) -> None:
+def _check_index(path: Path, tokens: int, documents: int, verify: bool) -> None:
     try:
-        idx = np.load(path)
+        idx = np.load(path, mmap_mode="r")  # the shape and two values: a few pages
     except (OSError, ValueError) as e:
         raise _corrupt(path, f"unreadable ({e})") from None
     if (idx.shape != (documents + 1,) or idx[0] != 0 or idx[-1] != tokens
-            or np.any(np.diff(idx) <= 0)):
+            or verify and np.any(np.diff(idx) <= 0)):
         raise _corrupt(path, f"not {documents + 1} increasing offsets from 0 to {tokens}")

@@ -1,0 +1,77 @@
+"""No rank waits in a collective for rank 0's data preparation (harness.run.open_shards): one
+process prepares missing shards itself; several ranks refuse together, with one line that
+names `harness prepare-data` (the sbatch script runs it before its job step)."""
+import re
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from engine_utils import child_env
+
+import harness.run as run_mod
+from harness.config import load_config
+from harness.errors import HarnessError
+
+
+class RecordingComm:
+    """Stands in for harness.collectives.Collectives: records broadcasts, rank 0's value."""
+
+    def __init__(self):
+        self.broadcasts = []
+
+    def broadcast_object(self, obj, src=0):
+        self.broadcasts.append(obj)
+        return obj
+
+
+def _built(world_size):
+    return SimpleNamespace(comm=RecordingComm(),
+                           dist=SimpleNamespace(rank=0, world_size=world_size))
+
+
+def _cfg(out_dir):
+    return load_config("tiny", [f"data.out_dir={out_dir}", "data.max_bytes=200000"])
+
+
+def test_several_ranks_refuse_missing_shards(tmp_path, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(run_mod, "prepare_data", lambda *a, **kw: prepared.append(a))
+    built = _built(4)
+    with pytest.raises(HarnessError, match=r"data.out_dir=.*/none holds no token shards, and 4 "
+                                           r"ranks cannot wait .*`harness prepare-data` with the "
+                                           r"same --config and overrides") as err:
+        run_mod.open_shards(_cfg(tmp_path / "none"), built)
+    assert "\n" not in str(err.value)
+    assert prepared == [] and built.comm.broadcasts == [False]  # decided together
+
+
+def test_one_process_prepares_on_first_use(tmp_path, shards_dir):
+    built = _built(1)
+    shards = run_mod.open_shards(_cfg(tmp_path / "fresh"), built)
+    assert (tmp_path / "fresh" / "manifest.json").is_file() and shards.vocab_size == 512
+    assert built.comm.broadcasts == [False]  # the same collective at every world size
+    built = _built(4)
+    assert run_mod.open_shards(_cfg(shards_dir), built).fingerprint
+    assert built.comm.broadcasts == [True]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_without_shards_exit_2_with_one_line_each(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "harness.cli", "train",
+           f"train.run_dir={tmp_path / 'run'}", f"data.out_dir={tmp_path / 'none'}",
+           "model.n_layer=1", "model.d_model=32", "model.n_head=2"]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+    assert all("holds no token shards" in ln and "harness prepare-data" in ln for ln in errors)
+    assert len(re.findall(r"exitcode\s*:\s*2\b", proc.stderr)) == 2  # torchrun's summary
+    assert not (tmp_path / "none").exists()
