@@ -25,6 +25,13 @@ class Collectives:
         self.device = torch.device(device)
         self.calls = 0  # collectives made: the same count at every world size
 
+    @classmethod
+    def for_process_group(cls) -> "Collectives":
+        """For code without the engine at hand: NCCL works on this rank's current GPU."""
+        if dist.get_backend() == "nccl":
+            return cls(torch.device("cuda", torch.cuda.current_device()))
+        return cls("cpu")
+
     def _check(self, tensor: torch.Tensor, what: str) -> None:
         # index-free comparison: "cuda" and "cuda:0" name the same device for a rank
         if tensor.device.type != self.device.type or (

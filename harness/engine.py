@@ -20,6 +20,7 @@ from harness import distributed
 from harness.collectives import Collectives
 from harness.config import Config
 from harness.ds_config import build_ds_config
+from harness.errors import HarnessError
 from harness.model import GPT, count_params, param_groups
 from harness.plan import Plan, lr_at, make_plan
 
@@ -27,9 +28,17 @@ log = logging.getLogger("harness")
 
 
 def resolve_device(cfg: Config) -> str:
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.train.device
+    """The device to train on, refusing what this machine cannot do (before any build)."""
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("train.device=cuda but torch sees no CUDA GPU here: use "
+                           "train.device=auto or cpu, or a CUDA build of torch")
+    if device == "cpu" and cfg.train.precision == "fp16":
+        raise HarnessError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has "
+                           "no fp16): use train.precision=bf16 or fp32 on the CPU")
+    return device
 
 
 def seed_everything(seed: int) -> None:

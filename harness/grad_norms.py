@@ -90,10 +90,11 @@ class GradNorms:
         scale = float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0  # scaled grads
         return sq * (self.grad_weight / scale ** 2)
 
-    def from_squares(self, sq: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """Global L2 norm and per-group norms from the rank-summed squares (on the CPU)."""
+    def signals(self, sq: torch.Tensor) -> dict[str, float]:
+        """optim/grad_norm_preclip and grad_norm/<group> from the rank-summed squares."""
         norms = sq.sqrt().tolist()
-        return math.sqrt(sum(n * n for n in norms)), dict(zip(self.groups, norms))
+        return {"optim/grad_norm_preclip": math.sqrt(sum(n * n for n in norms)),
+                **{f"grad_norm/{g}": v for g, v in zip(self.groups, norms)}}
 
     def update_ratio(self, lr: float) -> float:
         """||delta theta|| / ||theta|| of the AdamW step just taken with learning rate `lr`."""

@@ -1,7 +1,8 @@
 """Stop at a step boundary on SIGUSR1/SIGTERM (Slurm's preemption and time-limit warnings).
 
 The handler only records the signal, so a second signal during a save cannot interrupt it.
-Ranks agree before acting (Trainer sums `flag()` over ranks with the step's other scalars).
+Ranks agree before acting: the Trainer sums `flag()` over ranks in each step's one packed
+all-reduce, so a signal that arrives after a step's all-reduce is acted on after the next step.
 """
 from __future__ import annotations
 

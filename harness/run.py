@@ -19,6 +19,7 @@ from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint import Checkpointer, load
+from harness.collectives import Collectives
 from harness.config import Config, to_dict, to_yaml
 from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
@@ -178,7 +179,7 @@ def leave_together() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 writes the report last: leave together
+        Collectives.for_process_group().barrier()  # rank 0 writes the report last
         # left to interpreter exit, gloo's threads can be destroyed unjoined ("terminate
         # called without an active exception", SIGABRT after a finished run)
         torch.distributed.destroy_process_group()

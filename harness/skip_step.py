@@ -11,10 +11,14 @@ Contract of skip_update(engine), called at the accumulation boundary instead of 
 - nothing proportional to the optimizer state is copied or allocated: the optimizer's step is
   never called, so Adam's moments are never touched.
 
-Each optimizer family's discard follows the path its own step() takes on an fp16 overflow
-(DeepSpeed's own "drop this update"), without the loss-scale update: a skip is not an
-overflow. fp16 cannot run on the CPU accelerator, so the fp16 optimizers' path is read from
-DeepSpeed 0.19.8's source and untested here; so is NVMe optimizer swapping (refused).
+Each DeepSpeed optimizer's discard follows the path its own step() takes on an overflow or an
+invalid gradient norm (DeepSpeed's own "drop this update"), minus the loss-scale update (a
+skip is not an overflow: under fp16 the scale is left as it is, and an overflow that made the
+monitor skip is met again, and backed off by DeepSpeed, on the next step). A few buffers
+DeepSpeed would only overwrite are zeroed as well, so that a parameter without a gradient on
+the next step cannot pick up a stale NaN. fp16 cannot run on the CPU accelerator: the fp16
+optimizers' path is read from DeepSpeed 0.19.8's source and untested here. NVMe optimizer
+swapping and unmanaged gradient accumulation are refused (the harness uses neither).
 """
 from __future__ import annotations
 

@@ -43,7 +43,6 @@ class Trainer:
         self.stop_signals = None  # harness.preemption.StopSignals when signals should stop us
         self.skip_update = False  # set by a callback in on_before_step
         self.norms = GradNorms(self.engine, built.comm, built.dist.rank)
-        self._stop_seen = False  # a stop signal reached some rank (from the step's reduce)
         # a pass over the optimizer state (6 foreach ops), made only for the monitor; its share
         # of a step falls with the tokens per rank per step (see bench/README.md)
         self.measure_update = cfg.monitor.enabled and cfg.monitor.watches("optim/update_norm")
@@ -76,10 +75,9 @@ class Trainer:
         out = self.built.comm.reduce_scalars({
             "loss": loss / dist.world_size, "stop": flag,
             "sq": self.norms.local_squares(), "memory": memory})
-        self._stop_seen = self._stop_seen or out["stop"].item() > 0
-        norm, groups = self.norms.from_squares(out["sq"])
-        signals = {"train/loss": out["loss"].item(), "optim/grad_norm_preclip": norm,
-                   **{f"grad_norm/{g}": v for g, v in groups.items()}}
+        if out["stop"].item() > 0:  # every rank sees the same sum: all stop after this step
+            self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
+        signals = {"train/loss": out["loss"].item(), **self.norms.signals(out["sq"])}
         if self.engine.fp16_enabled():  # the scale the step's gradients carry
             signals["optim/loss_scale"] = float(self.engine.optimizer.loss_scale)
         self._peak_memory = out["memory"].max().item()
@@ -151,8 +149,6 @@ class Trainer:
             step = self.step  # every callback sees this step, even if one rolls back
             for cb in self.callbacks:
                 cb.on_step_end(self, step, metrics)
-            if self._stop_seen and self.stop_reason is None:
-                self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
         for cb in self.callbacks:
             cb.on_train_end(self)
 

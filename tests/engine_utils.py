@@ -119,6 +119,23 @@ def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32):
         torch.set_default_dtype(torch.float32)
 
 
+def plain_grads(cfg: Config, micro: int, accum: int, dtype=torch.float32,
+                accum_dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The first step's accumulated gradient in plain PyTorch: the model in `dtype` (bf16 as
+    DeepSpeed casts it), each micro-batch's gradient / accum summed in `accum_dtype`."""
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model).to(dtype)
+    data = make_data(cfg, micro)
+    grads = {n: torch.zeros_like(p, dtype=accum_dtype) for n, p in model.named_parameters()}
+    for k in range(accum):
+        x, y = data.micro_batch(0, k)
+        model.zero_grad()
+        (model(x, y) / accum).backward()
+        for n, p in model.named_parameters():
+            grads[n] += p.grad.to(accum_dtype)
+    return {n: g.float() for n, g in grads.items()}
+
+
 def max_diff(a: dict, b: dict) -> float:
     return max((a[n].double() - b[n].double()).abs().max().item() for n in a)
 

@@ -7,8 +7,10 @@ instead of one 8-sample gradient changes the rounding, and Adam's first steps am
 PyTorch with the same micro-batch split (it does, bit for bit).
 """
 import pytest
+import torch
 
-from engine_utils import max_diff, run_harness, run_reference, small_cfg
+from engine_utils import (max_diff, plain_grads, precision_args, run_harness, run_reference,
+                          small_cfg)
 
 SPLIT = ["train.micro_batch_size=2", "train.grad_accum_steps=4"]
 WHOLE = ["train.micro_batch_size=8", "train.grad_accum_steps=1"]
@@ -33,3 +35,31 @@ def test_micro2_accum4_equals_micro8_accum1(stage, reference_gap):
     assert max_diff(split, ref_split) <= 1e-6  # same split as plain PyTorch: same numbers
     assert [m["train/loss"] for m in m_split] == pytest.approx(
         [m["train/loss"] for m in m_whole], rel=1e-5)
+
+
+def _plain_gap(accum_dtype) -> float:
+    """Relative gap between the first-step gradient norms of micro 2 x accumulation 4 and
+    micro 8 x accumulation 1 in plain PyTorch on a bf16 model, summed in accum_dtype."""
+    cfg = small_cfg()
+    norm = {}
+    for micro, accum in ((2, 4), (8, 1)):
+        grads = plain_grads(cfg, micro, accum, torch.bfloat16, accum_dtype)
+        norm[micro] = torch.stack([g.double().norm() for g in grads.values()]).norm().item()
+    return abs(norm[2] - norm[8]) / norm[8]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_accumulates_and_reduces_in_fp32(stage):
+    """Summing 4 bf16 micro-batch gradients in bf16 rounds every partial sum to 8 bits; in
+    fp32 the split equals the whole batch up to fp32 rounding. DeepSpeed under our JSON must
+    show the fp32 gap, not the bf16 one."""
+    args = precision_args(stage, "bf16")
+    split, m_split, built = run_harness(small_cfg(*SPLIT, *args))
+    assert built.ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert built.ds_config["communication_data_type"] == "fp32"
+    assert built.engine.get_data_types() == (torch.bfloat16, torch.float32)
+    _, m_whole, _ = run_harness(small_cfg(*WHOLE, *args))
+    fp32_gap, bf16_gap = _plain_gap(torch.float32), _plain_gap(torch.bfloat16)
+    assert bf16_gap > 10 * fp32_gap  # the test can tell the two apart
+    a, b = (m[0]["optim/grad_norm_preclip"] for m in (m_split, m_whole))
+    assert abs(a - b) / b <= 2 * fp32_gap + 1e-6

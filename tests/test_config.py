@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from harness.config import load_config, preset_names
 from harness.errors import HarnessError
@@ -33,7 +34,16 @@ BAD = [  # (overrides, the key the message must name)
     (["clip.value=0.5", "zero.stage=2"], "clip.value"),
     (["model.dropout=1.5"], "model.dropout"),
     ([f"{AC}.policy=every_k", f"{AC}.every_k=9"], f"{AC}.every_k"),
+    # fp32 accumulation of bf16 gradients exists only in DeepSpeed's ZeRO optimizers
+    (["train.precision=bf16"], "train.grad_accum_dtype"),
+    (["train.precision=bf16", "zero.stage=1", "train.grad_accum_dtype=fp16"], "train.grad_accum_dtype"),
+    (["train.precision=bf16", "zero.stage=1", "train.reduce_dtype=int8"], "train.reduce_dtype"),
 ]
+
+
+def test_bf16_at_stage0_is_accepted_when_summed_in_bf16():
+    cfg = load_config("tiny", ["train.precision=bf16", "train.grad_accum_dtype=bf16"])
+    assert (cfg.train.grad_accum_dtype, cfg.train.reduce_dtype) == ("bf16", "fp32")
 
 
 @pytest.mark.parametrize("overrides,key", BAD, ids=[k for _, k in BAD])
@@ -51,8 +61,13 @@ def test_bad_config_names_the_key(overrides, key):
     (["ds-config", "--config", "nope"], "nope"),
     (["ds-config", "--config", "missing.yaml"], "missing.yaml"),
     (["train", f"{AC}.cpu_checkpointing=true", f"{AC}.policy=every_layer"], "partition_activations"),
+    # refused before any engine exists (CI has no GPU; a GPU machine skips these two)
+    (["train", "train.device=cpu", "train.precision=fp16"], "train.precision=fp16"),
+    (["train", "train.device=cuda"], "train.device=cuda"),
 ])
 def test_cli_exit_2_one_line_no_traceback(args, needle):
+    if "train.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     proc = subprocess.run([sys.executable, "-m", "harness.cli", *args],
                           capture_output=True, text=True, timeout=120, env=child_env())
     assert proc.returncode == 2, proc.stderr

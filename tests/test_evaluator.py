@@ -2,6 +2,8 @@
 every rank runs the same number of forwards (ZeRO 3 all-gathers in each one), and the sum
 goes through the engine's collectives in one all-reduce, also in a world of one rank."""
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +84,8 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", WORKER, str(tmp_path / "out"), *overrides]
     # before the fix rank 0 waited for ever in its extra forward's all-gather at ZeRO 3
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, output = _run_group(cmd, timeout=45)
+    assert code == 0, output[-6000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     got = next(r["eval/loss"] for r in lines if "eval/loss" in r)
 
@@ -96,6 +98,20 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, 
     with torch.no_grad():
         want = model(rows[:, :-1], rows[:, 1:]).item()  # every sequence has the same length
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def _run_group(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """Run cmd in its own process group; on a timeout (a hang) kill the whole group, so no
+    rank is left behind, and fail."""
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"hung for {timeout} s (a rank waiting in a collective?):\n{output[-3000:]}")
+    return proc.returncode, output
 
 
 def _free_port():

@@ -77,9 +77,6 @@ def test_job_port_stays_below_the_ephemeral_range():
     assert max(ports) < low
 
 
-@pytest.mark.xfail(strict=True, reason="launch/srun_task.sh still derives MASTER_PORT as "
-                   "20000 + job % 20000: make it 10000 + job % 20000 (distributed.job_port), "
-                   "then remove this marker")
 def test_srun_task_script_uses_the_same_port(tmp_path):
     """What the Slurm tasks really use: launch/srun_task.sh exports MASTER_PORT itself."""
     (tmp_path / "scontrol").write_text("#!/bin/bash\necho n1\n")

@@ -32,7 +32,8 @@ class Corrupt(Callback):
             self.done = True
             for g in local_grads(trainer.engine):
                 g.mul_(1000.0) if self.how == "scale" else g.fill_(float("nan"))
-            signals.update(trainer._pre_step_signals(signals["train/loss"]))
+            sq = trainer.built.comm.reduce_scalars({"sq": trainer.norms.local_squares()})["sq"]
+            signals.update(trainer.norms.signals(sq))
 
 
 class Snapshots(Callback):

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import child_env, make_data, precision_args, run_harness, seed_everything, small_cfg
-from harness.model import GPT, layer_group
+from engine_utils import child_env, plain_grads, precision_args, run_harness, small_cfg
+from harness.model import layer_group
 
 pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).with_name("norm_worker.py"))
@@ -51,18 +51,9 @@ def two_ranks(out: Path, overrides: list[str]) -> list[dict]:
 
 
 def plain_first_step(cfg, micro: int, accum: int, dtype) -> dict[str, float]:
-    """clip_grad_norm_'s input on a plain copy: the model in `dtype` (bf16 as DeepSpeed casts
-    it), micro-batch gradients summed in fp32, global and per-group norms."""
-    seed_everything(cfg.train.seed)
-    model = GPT(cfg.model).to(dtype)
-    data = make_data(cfg, micro)
-    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
-    for k in range(accum):
-        x, y = data.micro_batch(0, k)
-        model.zero_grad()
-        (model(x, y) / accum).backward()
-        for n, p in model.named_parameters():
-            grads[n] += p.grad.float()
+    """clip_grad_norm_'s input on a plain copy (see engine_utils.plain_grads): global and
+    per-group norms."""
+    grads = plain_grads(cfg, micro, accum, dtype)
     # clip_grad_norm_'s own arithmetic, on parameters that carry the fp32 sums as .grad
     holders = [torch.nn.Parameter(torch.empty_like(g)) for g in grads.values()]
     for h, g in zip(holders, grads.values()):

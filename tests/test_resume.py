@@ -71,8 +71,10 @@ def test_signal_saves_and_exits_for_requeue(tmp_path, shards_dir, uninterrupted,
     monkeypatch.setattr(run_mod, "make_trainer", with_signal)
     cfg = cfg_for(tmp_path, shards_dir)
     assert train(cfg) == REQUEUE_EXIT_CODE
-    assert made["trainer"].step == 3  # finished the step it was in, then stopped
-    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")][-1] == "step00000003"
+    # sent after step 3's all-reduce: every rank learns of it in step 4's (the flag rides in
+    # the step's one packed all-reduce), finishes that step, saves and stops
+    assert made["trainer"].step == 4
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")][-1] == "step00000004"
     monkeypatch.setattr(run_mod, "make_trainer", real)
     assert max_diff(final_params(cfg), uninterrupted) == 0.0
 
