@@ -82,7 +82,7 @@ def test_srun_task_script_uses_the_same_port(tmp_path):
     (tmp_path / "scontrol").write_text("#!/bin/bash\necho n1\n")
     (tmp_path / "scontrol").chmod(0o755)
     script = Path(__file__).parent.parent / "launch" / "srun_task.sh"
-    env = child_env(**SRUN, SLURM_JOB_ID="34567", PATH=f"{tmp_path}:/usr/bin:/bin")
+    env = child_env(**{**SRUN, "SLURM_JOB_ID": "34567"}, PATH=f"{tmp_path}:/usr/bin:/bin")
     out = subprocess.run(["bash", str(script), "bash", "-c", "echo $MASTER_PORT"], env=env,
                          capture_output=True, text=True, timeout=30, check=True).stdout
     assert int(out) == job_port(34567)
