@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine_utils import run_harness, small_cfg
+from harness.callbacks.throughput import Throughput
 from harness.run import leave_together
 
 
@@ -17,7 +18,7 @@ def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     cfg = small_cfg(*overrides)
     dtype = torch.float32
-    params, metrics, built = run_harness(cfg, dtype)
+    params, metrics, built = run_harness(cfg, dtype, callbacks=[Throughput()])
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"metrics": metrics, "params": params, "calls": built.comm.calls},
                out / f"rank{built.dist.rank}.pt")
