@@ -1,6 +1,8 @@
 """GPU throughput: tokens/s, MFU and peak memory of the GPT presets in bf16 on one GPU, with
 and without activation checkpointing, through the real harness engine; and the planner's
-memory prediction against torch.cuda.max_memory_allocated.
+memory prediction against torch.cuda.max_memory_allocated. (bench/gpu_check.py is the
+pass/fail acceptance check through the CLI; this is the in-process benchmark it takes its
+micro batches from.)
 
     python bench/bench_gpu.py [--quick] [--presets gpt2-small,...] [--out gpu.json]
 
@@ -27,7 +29,7 @@ from harness.callbacks.base import Callback
 from harness.config import load_config
 from harness.engine import build
 from harness.flops import mfu, peak_flops
-from harness.model import count_params, flops_per_token
+from harness.model import flops_per_token
 from harness.planner import predict_memory
 from harness.trainer import Trainer
 
@@ -76,8 +78,8 @@ def run_row(preset: str, policy: str, micro: int, steps: tuple[int, int], extra:
     trainer.fit()
     update_ms = update_norm_ms(trainer)
     tokens_per_s = micro * cfg.model.block_size / median(timer.times)
-    peak = peak_flops(torch.cuda.get_device_name())
-    fpt = flops_per_token(cfg.model, count_params(built.model))
+    peak = peak_flops(torch.cuda.get_device_name(), cfg.train.precision)
+    fpt = flops_per_token(cfg.model, built.n_params)  # counted before ZeRO 3 partitions
     measured_bytes = torch.cuda.max_memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
     predicted = predict_memory(cfg, 1, gpu_memory_bytes=total)["peak"]

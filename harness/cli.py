@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
+        from harness.distributed import close_process_group
+
+        close_process_group()
         return err.exit_code
 
 

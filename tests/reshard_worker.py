@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from harness.distributed import close_process_group
+
 import harness.run as hr
 from engine_utils import StopAt, full_params
 from harness.callbacks.base import Callback
@@ -69,6 +71,7 @@ def main() -> None:
         trainer, _ = hr.make_trainer(load_config("tiny", overrides))
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        close_process_group()
         sys.exit(2)
     rank = trainer.built.dist.rank
     if trainer.step > 0:

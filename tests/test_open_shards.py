@@ -71,7 +71,8 @@ def test_two_ranks_without_shards_exit_2_with_one_line_each(tmp_path):
            "model.n_layer=1", "model.d_model=32", "model.n_head=2"]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+    # torchrun ends the other rank as soon as one exits: it may not get to print its line
+    assert proc.returncode != 0 and 1 <= len(errors) <= 2, proc.stderr[-3000:]
     assert all("holds no token shards" in ln and "harness prepare-data" in ln for ln in errors)
-    assert len(re.findall(r"exitcode\s*:\s*2\b", proc.stderr)) == 2  # torchrun's summary
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr)  # torchrun's summary: exit 2, no crash
     assert not (tmp_path / "none").exists()

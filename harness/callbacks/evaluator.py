@@ -1,8 +1,15 @@
 """Validation loss every `data.eval_every` steps on a fixed set of held-out sequences.
 
 The set is the first eval_batches x micro_batch x world_size sequences of the validation
-split, so every evaluation sees the same tokens and the numbers are comparable over a run;
-each rank scores its own slice and the mean is all-reduced. Dropout is off while scoring.
+split (fewer when the split is smaller), so every evaluation sees the same tokens and the
+numbers are comparable over a run. Rank r scores every world-th sequence; dropout is off.
+
+Every rank runs the SAME number of forwards: at ZeRO 3 each forward all-gathers the
+parameters, so a rank that stopped early would leave the others waiting for ever. When the
+set does not split evenly, the ranks with fewer batches run a real batch again with weight 0
+(it adds nothing to the sum). The weighted loss sum and the sequence count stay on the device
+until one all-reduce through the engine's collectives (made at every world size, also 1) and
+one device-to-host copy at the end.
 """
 from __future__ import annotations
 
@@ -10,7 +17,12 @@ import numpy as np
 import torch
 
 from harness.callbacks.base import Callback
+from harness.collectives import Collectives
 from harness.data.shards import Sequences
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class Evaluator(Callback):
@@ -18,28 +30,43 @@ class Evaluator(Callback):
 
     def __init__(self, sequences: Sequences, every: int, batches: int, micro: int,
                  rank: int, world: int):
-        self.every, self.micro = every, micro
+        self.every = every
         total = min(len(sequences), batches * micro * world)
         mine = np.arange(rank, total, world)  # rank r scores every world-th sequence
-        self.rows = [sequences.batch(mine[i:i + micro]) for i in range(0, len(mine), micro)]
-        self.world = world
+        chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+        # rank 0 holds the most sequences (ceil(total / world)): everyone runs its batch count
+        forwards = _ceil_div(_ceil_div(total, world), micro)
+        # (rows, weight): a batch's mean loss counts once per sequence in it
+        self.batches = [(sequences.batch(c), float(len(c))) for c in chunks]
+        pad = self.batches[0][0] if self.batches else sequences.batch([0])
+        self.batches += [(pad, 0.0)] * (forwards - len(chunks))
+        self.n_sequences = len(mine)  # this rank's share of the set (padding not counted)
+        self.total = total
+        self._on_device: list[tuple[torch.Tensor, float]] | None = None
 
-    def evaluate(self, engine) -> float:
+    def _device_batches(self, device: torch.device) -> list[tuple[torch.Tensor, float]]:
+        # the set is small and fixed: copied to the device once, not at every evaluation
+        if self._on_device is None or self._on_device[0][0].device != device:
+            self._on_device = [(torch.from_numpy(rows).to(device), w) for rows, w in self.batches]
+        return self._on_device
+
+    def evaluate(self, engine, comm: Collectives) -> float:
+        """Mean loss per sequence over the whole set, the same value on every rank."""
         model = engine.module
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, count
-        with torch.no_grad():
-            for rows in self.rows:
-                batch = torch.from_numpy(rows).to(engine.device)
-                loss = model(batch[:, :-1], batch[:, 1:])
-                total += torch.tensor([loss.item() * len(rows), len(rows)],
-                                      dtype=torch.float64, device=engine.device)
-        model.train(was_training)
-        if self.world > 1:
-            torch.distributed.all_reduce(total)
-        return (total[0] / total[1]).item()
+        acc = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, count
+        try:
+            with torch.no_grad():
+                for batch, weight in self._device_batches(engine.device):
+                    loss = model(batch[:, :-1], batch[:, 1:])
+                    acc[0] += loss.double() * weight  # no host sync: stays on the device
+        finally:
+            model.train(was_training)
+        acc[1] = self.n_sequences
+        comm.all_reduce(acc)
+        return (acc[0] / acc[1]).item()
 
     def on_step_end(self, trainer, step, metrics):
         if self.every and step % self.every == 0:
-            metrics["eval/loss"] = self.evaluate(trainer.engine)
+            metrics["eval/loss"] = self.evaluate(trainer.engine, trainer.built.comm)

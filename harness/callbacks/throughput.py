@@ -32,11 +32,11 @@ class Throughput(Callback):
         self.flops_per_token = flops_per_token(trainer.cfg.model, trainer.built.n_params)
         self.world_size = trainer.built.dist.world_size
         if trainer.built.device == "cuda":
-            name = torch.cuda.get_device_name()
-            self.peak = peak_flops(name)
+            name, precision = torch.cuda.get_device_name(), trainer.cfg.train.precision
+            self.peak = peak_flops(name, precision)  # fp32 runs: against the TF32 peak
             if self.peak is None and trainer.is_main:
-                log.warning("no peak FLOP/s known for GPU '%s': throughput/mfu is not reported "
-                            "(add it to harness.flops.PEAK_FLOPS)", name)
+                log.warning("no %s peak FLOP/s known for GPU '%s': throughput/mfu is not "
+                            "reported (add it to harness.flops)", precision, name)
 
     def on_step_end(self, trainer, step, metrics):
         if self.peak is not None:
