@@ -45,9 +45,15 @@ SEARCH_POLICIES = ("none", "attention", "mlp", "every_k", "sqrt", "every_layer")
 
 # ---- model states ---------------------------------------------------------------------
 def model_state_bytes(n_params: int, precision: str, zero_stage: int, dp: int,
-                      offload_optimizer: bool = False) -> dict[str, int]:
+                      offload_optimizer: bool = False,
+                      grad_accum_dtype: str | None = None) -> dict[str, int]:
     """Per-GPU parameters, gradients, fp32 master copy and Adam m+v; `cpu` is what offload
-    moved off the GPU. Shards round up, as DeepSpeed pads partitions."""
+    moved off the GPU. Shards round up, as DeepSpeed pads partitions. grad_accum_dtype
+    (train.grad_accum_dtype; None = the precision's own) is where DeepSpeed 0.19.8 sums
+    low-precision gradients (read from its source):
+    - fp32 at ZeRO 2/3: the fp32 gradient partition (4 bytes / parameter / dp);
+    - fp32 at ZeRO 1: bf16 without offload is BF16_Optimizer, a full fp32 buffer beside the
+      full bf16 gradients (6 bytes / parameter); otherwise a full fp32 `grad_accum` (4)."""
     mixed = precision in ("bf16", "fp16")
     weight = 2 if mixed else 4
 
@@ -55,7 +61,12 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, dp: int,
         n = math.ceil(n_params / dp) if zero_stage >= sharded_from_stage else n_params
         return n * nbytes
 
-    out = {"parameters": per_gpu(weight, 3), "gradients": per_gpu(weight, 2),
+    gradients = per_gpu(weight, 2)
+    if mixed and grad_accum_dtype == "fp32":
+        gradients = per_gpu(4, 2)
+        if zero_stage == 1 and precision == "bf16" and not offload_optimizer:
+            gradients = n_params * (weight + 4)
+    out = {"parameters": per_gpu(weight, 3), "gradients": gradients,
            "master_params": per_gpu(4, 1) if mixed else 0, "optimizer_states": per_gpu(8, 1),
            "cpu": 0}
     if offload_optimizer:  # the CPU also keeps an fp32 copy of its gradient shard
@@ -149,7 +160,7 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
     fused = device == "cuda"
     counts = _param_counts(cfg)
     states = model_state_bytes(counts["total"], cfg.train.precision, cfg.zero.stage, world_size,
-                               cfg.zero.offload_optimizer)
+                               cfg.zero.offload_optimizer, cfg.train.grad_accum_dtype)
     m, mixed = cfg.model, _act_bytes(cfg) == 2
     parts = block_parts(_attention_view(cfg, fused), micro, _act_bytes(cfg))
     out = {"n_params": counts["total"], "device": device, "micro_batch": micro, "policy": policy,

@@ -33,6 +33,11 @@ def test_zero2_on_8_gpus_by_hand():
                  "optimizer_states": 1.3 * GB, "cpu": 0}
     assert planner.model_state_bytes(1_300_000_000, "bf16", 1, 8)["gradients"] == 2.6 * GB
     assert planner.model_state_bytes(1_300_000_000, "bf16", 3, 8)["parameters"] == 0.325 * GB
+    # gradients summed in fp32 (the default under bf16): 4 bytes each, 6 with BF16_Optimizer
+    fp32_sum = lambda stage, **kw: planner.model_state_bytes(  # noqa: E731
+        1_300_000_000, "bf16", stage, 8, grad_accum_dtype="fp32", **kw)["gradients"]
+    assert fp32_sum(2) == fp32_sum(3) == 0.65 * GB
+    assert fp32_sum(1) == 7.8 * GB and fp32_sum(1, offload_optimizer=True) == 5.2 * GB
     off = planner.model_state_bytes(1_300_000_000, "bf16", 2, 8, offload_optimizer=True)
     assert off["master_params"] == off["optimizer_states"] == 0
     assert off["cpu"] == pytest.approx((0.65 + 1.3 + 0.65) * GB)  # + its fp32 grad shard
@@ -54,7 +59,7 @@ CASES = [  # (policy, dropout, shape, precision, extra overrides)
     ("mlp", 0.1, "A", "fp32", []),
     ("every_k", 0.0, "B", "fp32", [f"{AC}.every_k=2"]),
     ("sqrt", 0.1, "B", "fp32", []),
-    ("none", 0.0, "B", "bf16", []),
+    ("none", 0.0, "B", "bf16", ["train.grad_accum_dtype=bf16"]),
     ("count", 0.0, "C", "fp32", [f"{AC}.number_checkpoints=3"]),
     ("attention", 0.0, "C", "fp32", []),
     ("none", 0.0, "A", "fp32", ["model.vocab_size=4096"]),  # the logits dominate
