@@ -86,17 +86,23 @@ def full_params(engine):
             yield name, p
 
 
+def plain_training(cfg: Config):
+    """The harness's model, AdamW groups and LR schedule in plain PyTorch: (model, opt, sched)."""
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model)
+    plan = make_plan(cfg, 1)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
+                            betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, plan, cfg) / plan.lr)
+    return model, opt, sched
+
+
 def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32):
     """Plain PyTorch: returns (params, per-step pre-clip norms, per-step clipped grads)."""
     torch.set_default_dtype(dtype)
     try:
-        seed_everything(cfg.train.seed)
-        model = GPT(cfg.model)
-        plan = make_plan(cfg.copy() if hasattr(cfg, "copy") else cfg, 1)
-        o = cfg.optim
-        opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
-                                betas=(o.beta1, o.beta2), eps=o.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, plan, cfg) / plan.lr)
+        model, opt, sched = plain_training(cfg)
         data = make_data(cfg, micro)
         norms, clipped = [], []
         global_batch = micro * accum

@@ -70,7 +70,7 @@ def main() -> None:
     try:
         trainer, _ = hr.make_trainer(load_config("tiny", overrides))
     except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks share the pipe
         close_process_group()
         sys.exit(2)
     rank = trainer.built.dist.rank

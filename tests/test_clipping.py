@@ -84,16 +84,8 @@ def test_value_clipping_matches_clip_grad_value():
 
 def _reference_value_clip(cfg, value):
     import engine_utils as eu
-    from harness.model import GPT, param_groups
-    from harness.plan import lr_at, make_plan
 
-    eu.seed_everything(cfg.train.seed)
-    model = GPT(cfg.model)
-    plan = make_plan(cfg, 1)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, plan, cfg) / plan.lr)
+    model, opt, sched = eu.plain_training(cfg)
     data = eu.make_data(cfg, 2)
     for step in range(cfg.train.max_steps):
         for k in range(2):

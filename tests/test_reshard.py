@@ -49,8 +49,10 @@ def launch(nproc, out, run_dir, shards, stop_at, stage, *extra, refused=None):
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300,
                           check=False)
     if refused is not None:
-        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-        assert proc.returncode != 0 and errors == [f"error: {refused}"] * nproc, proc.stderr
+        # every rank refuses; torchrun may end the others before they print, and two ranks'
+        # lines can land on one line of the shared pipe: count the messages, not the lines
+        count = proc.stderr.count(f"error: {refused}")
+        assert proc.returncode != 0 and 1 <= count <= nproc, proc.stderr
         return None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]

@@ -11,11 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import harness.trainer as trainer_mod
-from engine_utils import (ROUNDING_TOL, full_params, make_data, max_diff, run_harness,
-                          seed_everything, small_cfg)
+from engine_utils import (ROUNDING_TOL, full_params, make_data, max_diff, plain_training,
+                          run_harness, small_cfg)
 from harness.callbacks.base import Callback
-from harness.model import GPT, param_groups
-from harness.plan import lr_at, make_plan
+from harness.plan import lr_at
 from harness.skip_step import skip_update
 
 SKIP = 2  # of 3 steps (engine_utils.SMALL)
@@ -128,13 +127,7 @@ def _ptr(t):
 def _reference_skipping(cfg, micro, accum):
     """Plain PyTorch (engine_utils.run_reference's arithmetic) that at step SKIP computes the
     gradient, then drops it: the LR scheduler advances, the optimizer does not step."""
-    seed_everything(cfg.train.seed)
-    model = GPT(cfg.model)
-    plan = make_plan(cfg, 1)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, plan, cfg) / plan.lr)
+    model, opt, sched = plain_training(cfg)
     data = make_data(cfg, micro)
     for step in range(cfg.train.max_steps):
         for k in range(accum):
