@@ -68,11 +68,12 @@ class GradNorms:
         self.fp16 = engine.fp16_enabled()
         # ZeRO-Offload copies gradients to pinned host memory without blocking: wait for them
         self.sync_first = engine.device.type == "cuda" and bool(engine.zero_cpu_offload())
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}  # group indices, on the device
 
     def local_squares(self) -> torch.Tensor:
         """Per-group sums of squares of the gradient this rank holds (float64, on the engine's
         device, unreduced): sum them over ranks (one packed all-reduce with the step's other
-        scalars), then `from_squares`. A few foreach kernels, not a loop of kernels per tensor."""
+        scalars), then `signals`. A few foreach kernels, not a loop of kernels per tensor."""
         if self.sync_first:
             torch.cuda.synchronize()
         buckets: dict[tuple, tuple[list, list]] = {}
@@ -86,9 +87,15 @@ class GradNorms:
         sq = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
         for ts, idx in buckets.values():
             norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(device)
-            sq.index_add_(0, torch.tensor(idx, device=device), norms.double() ** 2)
+            sq.index_add_(0, self._device_index(tuple(idx)), norms.double() ** 2)
         scale = float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0  # scaled grads
         return sq * (self.grad_weight / scale ** 2)
+
+    def _device_index(self, idx: tuple[int, ...]) -> torch.Tensor:
+        # copied to the GPU once: a copy from pageable host memory every step would sync
+        if idx not in self._index:
+            self._index[idx] = torch.tensor(idx, device=self.engine.device)
+        return self._index[idx]
 
     def signals(self, sq: torch.Tensor) -> dict[str, float]:
         """optim/grad_norm_preclip and grad_norm/<group> from the rank-summed squares."""

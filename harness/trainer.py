@@ -71,7 +71,7 @@ class Trainer:
         memory = torch.zeros(dist.world_size, device=device)
         memory[dist.rank] = peak_memory_gb(device)
         flag = (self.stop_signals.flag(device) if self.stop_signals is not None
-                else torch.zeros(1, device=device))
+                else torch.zeros(1, device=device))  # the same call with or without signals
         out = self.built.comm.reduce_scalars({
             "loss": loss / dist.world_size, "stop": flag,
             "sq": self.norms.local_squares(), "memory": memory})
