@@ -99,8 +99,9 @@ def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(tmp_path, stage, prec
             assert two[key] == single[key], (step, key)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     plain = plain_first_step(small_cfg(*args, *ONE), 2, 4, dtype)
-    # fp32: the same arithmetic; bf16: DeepSpeed's bf16 kernels vs torch's on a bf16 copy
-    ref_rel = 1e-5 if precision == "fp32" else 1e-2
+    # the same arithmetic (bf16: the same bf16 micro-batch gradients, summed in fp32; measured
+    # 6e-8), except where DeepSpeed sums in bf16 (ZeRO 0 bf16: measured 4.3e-4)
+    ref_rel = rel if bf16_sum else 1e-5
     for key, value in plain.items():
         assert one[0][key] == pytest.approx(value, rel=ref_rel), key
         assert r0["metrics"][0][key] == pytest.approx(value, rel=ref_rel), key
