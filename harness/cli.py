@@ -2,27 +2,56 @@
 
 Heavy imports (torch, deepspeed) stay inside the commands so that `--help`, config errors
 and prepare-data's worker processes start fast.
+
+Errors: the harness's own (HarnessError: bad config, bad input, bad usage, bad flags) print one
+line `error: ...` and exit 2. Anything else is a bug: one line naming the exception and the file
+its full traceback was written to (under the run directory when the command has one, else a
+temporary file), exit 1; HARNESS_DEBUG=1 also prints the traceback. KeyboardInterrupt and
+SystemExit pass through.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
+
+DEBUG_ENV = "HARNESS_DEBUG"
+MAX_WORLD_SIZE = 2**20
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises HarnessError (one `error:` line, exit 2) instead of printing its
+    usage block and exiting: bad flags read like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise HarnessError(f"{self.prog}: {' '.join(message.split())} (`{self.prog} --help` "
+                           f"lists the arguments)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="preset name or YAML file (default: tiny)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (every key) and exit")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.micro_batch_size=4")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description="GPT pretraining on DeepSpeed")
+    parser = _Parser(prog="harness", description="GPT pretraining on DeepSpeed")
     # the deepspeed launcher appends --local_rank=N; it also sets LOCAL_RANK, which we read
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("train", help="train a model (resumes its run directory)"))
+    _config_args(sub.add_parser(
+        "config", help="print the resolved config: every key, its value (`harness config` "
+                       "alone: the tiny preset)"))
     ds = sub.add_parser("ds-config", help="print the generated DeepSpeed JSON")
     _config_args(ds)
     ds.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
@@ -50,10 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# where an unexpected error's traceback goes: the run directory of the command, once known
+_run_dir: list[Path] = []
+
+
 def _load(args):
     from harness.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if args.command in ("train", "submit"):
+        _run_dir[:] = [Path(cfg.train.run_dir)]
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -62,11 +98,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_process(_load(args))
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from harness.config import to_yaml
+
+    sys.stdout.write(to_yaml(_load(args)))
+    return 0
+
+
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from harness.ds_config import build_ds_config, dumps
     from harness.engine import resolve_device
     from harness.plan import make_plan
 
+    check_number("--world-size", args.world_size, 1, MAX_WORLD_SIZE, integer=True,
+                 fix="the number of data-parallel ranks, e.g. --world-size 8")
     cfg = _load(args)
     device = args.device or resolve_device(cfg)
     sys.stdout.write(dumps(build_ds_config(cfg, make_plan(cfg, args.world_size), device)))
@@ -94,6 +139,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import main
 
+    _run_dir[:] = [Path(args.run_dir)]
     return main(args.run_dir)
 
 
@@ -103,22 +149,70 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "ds-config": cmd_ds_config, "prepare-data": cmd_prepare_data,
-            "submit": cmd_submit, "monitor": cmd_monitor, "report": cmd_report,
-            "plan": cmd_plan}
+COMMANDS = {"train": cmd_train, "config": cmd_config, "ds-config": cmd_ds_config,
+            "prepare-data": cmd_prepare_data, "submit": cmd_submit, "monitor": cmd_monitor,
+            "report": cmd_report, "plan": cmd_plan}
+
+
+def _save_traceback(text: str) -> Optional[Path]:
+    """The traceback in a new file: under the command's run directory when it exists, else in
+    the temporary directory. None when neither can be written."""
+    name = (f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-rank{os.environ.get('RANK', '0')}-"
+            f"pid{os.getpid()}.txt")
+    for folder in [d for d in _run_dir if d.is_dir()]:
+        try:
+            path = folder / name
+            with open(path, "x") as fh:  # never replaces a file
+                fh.write(text)
+            return path.resolve()
+        except OSError:
+            pass
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="harness-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return Path(tmp)
+    except OSError:
+        return None
+
+
+def _one_line(text: str, limit: Optional[int] = None) -> str:
+    text = " ".join(text.split())
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _run_dir.clear()
     try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if getattr(args, "show_config", False):
+            return cmd_config(args)
         return COMMANDS[args.command](args)
     except HarnessError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
+        _close_process_group()
+        return err.exit_code
+    except Exception as err:  # a bug: one line, the traceback kept in a file
+        text = traceback.format_exc()
+        path = _save_traceback(text)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or path is None:
+            sys.stderr.write(text)
+        where = (f"full traceback in {path}" if path is not None
+                 else "the traceback is above (no file could be written)")
+        print(f"error: unexpected {type(err).__name__}: {_one_line(str(err), 300)} ({where}; "
+              f"{DEBUG_ENV}=1 also prints it; please report it)", file=sys.stderr)
+        _close_process_group()
+        return 1
+
+
+def _close_process_group() -> None:
+    try:
         from harness.distributed import close_process_group
 
         close_process_group()
-        return err.exit_code
+    except Exception:  # leaving the group must not hide the error being reported
+        pass
 
 
 if __name__ == "__main__":

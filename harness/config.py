@@ -1,28 +1,35 @@
 """The typed config: one dataclass per component, loaded from a YAML preset plus dotlist overrides.
 
-OmegaConf's structured mode rejects unknown keys and wrong types; `validate()` rejects
-impossible combinations. Both happen before any model is built and surface as HarnessError.
+Loading refuses, before any model is built and each as one HarnessError line naming the key:
+unknown keys (with the nearest real ones), wrong types, a section set to a single value, YAML
+that is not a mapping, unresolvable `${...}` interpolations, and values YAML would silently
+fold across lines (harness/config_input.py reads and checks the raw input). Every section's own `validate()` then range-checks its keys (finite
+numbers, bounds); the top-level `validate()` keeps the checks that span sections.
+`harness config` prints the resolved config, every key included.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.callbacks.wandb_logger import WandbConfig
 from harness.checkpoint import CheckpointConfig
+# preset_names is re-exported: callers ask the config module for the presets
+from harness.config_input import (check_raw, explain, parse_override, preset_names,  # noqa: F401
+                                  read_yaml, resolve_source, short)
 from harness.data.config import DataConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_line, check_number
 from harness.monitor.config import MonitorConfig
 from harness.slurm import SlurmConfig
 
-PRESET_DIR = Path(__file__).parent / "presets"
-
 AC_POLICIES = ("none", "every_layer", "every_k", "count", "sqrt", "attention", "mlp")
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_COUNT = 2**31 - 1  # batch sizes, steps and other counts (DeepSpeed and torch use int32)
+MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds below 2**32
 
 
 @dataclass
@@ -35,6 +42,16 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     init_std: float = 0.02
+
+    def validate(self) -> None:
+        for key, high in (("n_layer", 4096), ("n_head", 4096), ("d_model", 2**20),
+                          ("block_size", 2**24), ("vocab_size", 2**24)):
+            check_number(f"model.{key}", getattr(self, key), 1, high, integer=True)
+        if self.d_model % self.n_head:
+            raise HarnessError(f"model.d_model={self.d_model} must be divisible by "
+                               f"model.n_head={self.n_head}")
+        check_number("model.dropout", self.dropout, 0, 1, high_open=True, fix="e.g. 0.0 or 0.1")
+        check_number("model.init_std", self.init_std, 0, 1, low_open=True, fix="e.g. 0.02")
 
 
 @dataclass
@@ -53,6 +70,25 @@ class OptimConfig:
     # start; false asks for DeepSpeed's FusedAdam, built on first use on every node (nvcc)
     torch_adam: Optional[bool] = None
 
+    def validate(self) -> None:
+        check_number("optim.lr", self.lr, 0, 1, low_open=True, fix="e.g. optim.lr=3e-4")
+        check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1, fix="e.g. 0.1")
+        check_number("optim.warmup_steps", self.warmup_steps, 0, MAX_COUNT, integer=True)
+        check_number("optim.weight_decay", self.weight_decay, 0, fix="e.g. 0.1; 0 turns it off")
+        if self.lr * self.weight_decay >= 1:
+            raise HarnessError(f"optim.weight_decay={self.weight_decay} x optim.lr={self.lr} "
+                               f"must be < 1 (AdamW scales the weights by 1 - lr x weight_decay "
+                               f"every step): lower optim.weight_decay, e.g. 0.1")
+        for key, usual in (("beta1", 0.9), ("beta2", 0.95)):
+            check_number(f"optim.{key}", getattr(self, key), 0, 1, high_open=True,
+                         fix=f"e.g. {usual}")
+        check_number("optim.eps", self.eps, 0, 1, low_open=True, high_open=True, fix="e.g. 1e-8")
+        check_number("optim.base_global_batch", self.base_global_batch, 0, MAX_COUNT,
+                     integer=True)
+        if self.lr_scaling and self.base_global_batch < 1:
+            raise HarnessError("optim.lr_scaling needs optim.base_global_batch > 0 "
+                               "(the batch size optim.lr was tuned for)")
+
 
 @dataclass
 class TrainConfig:
@@ -70,6 +106,32 @@ class TrainConfig:
     # gradient all-reduce; fp32 as in Megatron, torchtitan and OLMo-core, or the precision's own
     grad_accum_dtype: str = "fp32"
     reduce_dtype: str = "fp32"
+    # a train.run_dir that holds another run, or files of the user's: move the old run's files
+    # to RUN_DIR/replaced-TIME/ (nothing deleted) and start anew; refused otherwise
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        for key in ("global_batch_size", "micro_batch_size", "grad_accum_steps"):
+            check_number(f"train.{key}", getattr(self, key), 1, MAX_COUNT, integer=True,
+                         none_ok=True)
+        check_number("train.max_steps", self.max_steps, 1, MAX_COUNT, integer=True)
+        check_number("train.seed", self.seed, 0, MAX_SEED, integer=True)
+        check_number("train.log_every", self.log_every, 1, MAX_COUNT, integer=True)
+        check_line("train.run_dir", self.run_dir, fix="set train.run_dir to a directory path")
+        if not self.run_dir.strip():
+            raise HarnessError(f"train.run_dir={self.run_dir!r} is blank: set it to a "
+                               f"directory path, e.g. runs/mine")
+        if self.precision not in PRECISIONS:
+            raise HarnessError(f"train.precision='{self.precision}' is not one of "
+                               f"{', '.join(PRECISIONS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise HarnessError(f"train.device='{self.device}' must be auto, cpu or cuda")
+        for key in ("grad_accum_dtype", "reduce_dtype"):
+            value = getattr(self, key)
+            if not (value in ("fp32", self.precision)
+                    or self.precision == "fp32" and value in PRECISIONS):
+                raise HarnessError(f"train.{key}={value} must be fp32 or train.precision "
+                                   f"({self.precision})")
 
 
 @dataclass
@@ -77,13 +139,30 @@ class ClipConfig:
     max_norm: float = 1.0  # global L2 norm; 0 disables norm clipping
     value: Optional[float] = None  # elementwise clamp of the accumulated gradient (ZeRO 0)
 
+    def validate(self) -> None:
+        check_number("clip.max_norm", self.max_norm, 0, fix="e.g. 1.0; 0 disables clipping")
+        check_number("clip.value", self.value, 0, low_open=True, none_ok=True,
+                     fix="null turns elementwise clipping off")
+
 
 @dataclass
 class Fp16Config:
-    initial_scale_power: int = 16
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
+    initial_scale_power: int = 16  # the loss scale starts at 2**initial_scale_power
+    loss_scale_window: int = 1000  # steps without overflow before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
     min_loss_scale: float = 1.0
+
+    def validate(self) -> None:
+        # each power too many costs one skipped step while the scale halves down
+        check_number("fp16.initial_scale_power", self.initial_scale_power, 0, 32, integer=True,
+                     fix="DeepSpeed's default is 16")
+        check_number("fp16.loss_scale_window", self.loss_scale_window, 1, MAX_COUNT,
+                     integer=True, fix="e.g. 1000")
+        check_number("fp16.hysteresis", self.hysteresis, 1, MAX_COUNT, integer=True,
+                     fix="e.g. 2")
+        check_number("fp16.min_loss_scale", self.min_loss_scale, 0, 2.0**self.initial_scale_power,
+                     low_open=True, fix="at most the initial scale 2**fp16.initial_scale_power; "
+                                        "e.g. 1")
 
 
 @dataclass
@@ -91,7 +170,15 @@ class ZeroConfig:
     stage: int = 0
     offload_optimizer: bool = False  # optimizer states and step on the CPU (stage >= 1)
     overlap_comm: bool = False
-    reduce_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 50_000_000  # elements per gradient bucket (stage >= 1)
+
+    def validate(self) -> None:
+        if isinstance(self.stage, bool) or self.stage not in (0, 1, 2, 3):
+            raise HarnessError(f"zero.stage={self.stage} must be 0, 1, 2 or 3")
+        check_number("zero.reduce_bucket_size", self.reduce_bucket_size, 1, 10**10,
+                     integer=True, fix="e.g. 50000000 (elements per bucket)")
+        if self.offload_optimizer and self.stage < 1:
+            raise HarnessError("zero.offload_optimizer needs zero.stage >= 1")
 
 
 @dataclass
@@ -107,11 +194,39 @@ class ActivationCheckpointingConfig:
     synchronize_checkpoint_boundary: bool = False
     profile: bool = False
 
+    def validate(self) -> None:
+        key = "activation_checkpointing"
+        if self.policy not in AC_POLICIES:
+            raise HarnessError(f"{key}.policy='{self.policy}' is not one of "
+                               f"{', '.join(AC_POLICIES)}")
+        check_number(f"{key}.every_k", self.every_k, 1, MAX_COUNT, integer=True)
+        check_number(f"{key}.number_checkpoints", self.number_checkpoints, 1, MAX_COUNT,
+                     integer=True, none_ok=True)
+        if self.policy == "count" and self.number_checkpoints is None:
+            raise HarnessError(f"{key}.policy=count needs {key}.number_checkpoints "
+                               f"(or use policy=sqrt)")
+        if self.number_checkpoints is not None and self.policy != "count":
+            raise HarnessError(f"{key}.number_checkpoints is only used with {key}.policy=count")
+        for flag in ("partition_activations", "cpu_checkpointing",
+                     "contiguous_memory_optimization", "synchronize_checkpoint_boundary",
+                     "profile"):
+            if self.policy == "none" and getattr(self, flag):
+                raise HarnessError(f"{key}.{flag} does nothing with {key}.policy=none: "
+                                   f"choose a policy")
+        # DeepSpeed crashes in the backward recompute on this combination
+        if self.cpu_checkpointing and not self.partition_activations:
+            raise HarnessError(f"{key}.cpu_checkpointing needs {key}.partition_activations=true")
+
 
 @dataclass
 class ParallelConfig:
     # tensor parallelism is not implemented; kept so partition_activations can be judged
     model_parallel_size: int = 1
+
+    def validate(self) -> None:
+        if self.model_parallel_size != 1 or isinstance(self.model_parallel_size, bool):
+            raise HarnessError(f"parallel.model_parallel_size={self.model_parallel_size} must "
+                               f"be 1: tensor parallelism is not implemented")
 
 
 @dataclass
@@ -132,53 +247,26 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _resolve_source(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise HarnessError(f"config file {name_or_path} not found: pass a preset "
-                               f"({', '.join(preset_names())}) or an existing YAML file")
-        return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
-        raise HarnessError(f"unknown preset '{name_or_path}': choose one of "
-                           f"{', '.join(preset_names())} or pass a YAML file")
-    return preset
-
-
-def _explain(err: OmegaConfBaseException, where: str) -> HarnessError:
-    key = getattr(err, "full_key", None) or "?"
-    msg = str(err).splitlines()[0]
-    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
-        return HarnessError(f"{where}: unknown key '{key}': check the spelling "
-                            f"(`harness ds-config --show-config` lists every key)")
-    return HarnessError(f"{where}: bad value for '{key}': {msg}")
-
-
 def load_config(source: str = "tiny", overrides: list[str] | None = None) -> Config:
     """Preset name or YAML path, then `key=value` overrides; returns a validated Config."""
-    schema = OmegaConf.structured(Config)
-    path = _resolve_source(source)
+    merged = OmegaConf.structured(Config)
+    path = resolve_source(source)
+    raw = check_raw(read_yaml(path), str(path))
     try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as err:  # yaml.YAMLError and friends: one line, not a traceback
-        raise HarnessError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    try:
-        merged = OmegaConf.merge(schema, file_cfg)
+        merged = OmegaConf.merge(merged, OmegaConf.create(raw))
     except OmegaConfBaseException as err:
-        raise _explain(err, str(path)) from None
+        raise explain(err, str(path), raw) from None
     for item in overrides or []:
-        if "=" not in item:
-            raise HarnessError(f"override '{item}' is not key=value (e.g. train.micro_batch_size=4)")
+        where = f"override '{short(item)}'"
+        nested = check_raw(parse_override(item), where)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            merged = OmegaConf.merge(merged, OmegaConf.create(nested))
         except OmegaConfBaseException as err:
-            raise _explain(err, f"override '{item}'") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+            raise explain(err, where, nested) from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise explain(err, f"{path} + overrides" if overrides else str(path), raw) from None
     validate(cfg)
     if cfg.monitor.trend_after is None:  # the update norm rises by design until the LR peaks
         cfg.monitor.trend_after = cfg.optim.warmup_steps
@@ -186,82 +274,59 @@ def load_config(source: str = "tiny", overrides: list[str] | None = None) -> Con
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML that load_config reads back to the same Config. Lines are
+    never wrapped: a long value stays on one line (a wrapped one would be refused as folded)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    try:
+        from omegaconf._utils import get_omega_conf_dumper
+    except ImportError:  # a future OmegaConf without it: its own dump, which may wrap
+        return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return yaml.dump(container, default_flow_style=False, allow_unicode=True, sort_keys=False,
+                     width=2**31 - 1, Dumper=get_omega_conf_dumper())
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise HarnessError(message)
-
-
+# ---- checks that span sections -------------------------------------------------------
 def validate(cfg: Config) -> None:
-    """Impossible combinations, each with the key that is wrong and how to fix it."""
+    """Every section checks its own keys; then the combinations that span sections, each with
+    the key that is wrong and how to fix it."""
+    for f in fields(cfg):
+        getattr(cfg, f.name).validate()
+    _check_strings(cfg)
     m, o, t, ac = cfg.model, cfg.optim, cfg.train, cfg.activation_checkpointing
-    for key in ("n_layer", "n_head", "d_model", "block_size", "vocab_size"):
-        _require(getattr(m, key) > 0, f"model.{key} must be > 0")
-    _require(m.d_model % m.n_head == 0,
-             f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
-    _require(o.lr > 0, "optim.lr must be > 0")
-    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
-    _require(t.max_steps > 0, "train.max_steps must be > 0")
-    _require(0 <= o.warmup_steps <= t.max_steps,
-             f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.max_steps={t.max_steps}")
-    _require(not o.lr_scaling or o.base_global_batch > 0,
-             "optim.lr_scaling needs optim.base_global_batch > 0 (the batch size optim.lr was tuned for)")
-    _require(t.precision in PRECISIONS,
-             f"train.precision='{t.precision}' is not one of {', '.join(PRECISIONS)}")
-    _require(t.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
-    _validate_dtypes(t, cfg.zero.stage)
-    _require(cfg.clip.max_norm >= 0, "clip.max_norm must be >= 0 (0 disables clipping)")
-    _require(cfg.clip.value is None or cfg.clip.value > 0, "clip.value must be > 0 or null")
-    _require(cfg.clip.value is None or cfg.zero.stage == 0,
-             "clip.value (elementwise clipping) needs zero.stage=0: ZeRO shards the gradients")
-    _require(cfg.zero.stage in (0, 1, 2, 3), f"zero.stage={cfg.zero.stage} must be 0, 1, 2 or 3")
-    _require(not cfg.zero.offload_optimizer or cfg.zero.stage >= 1,
-             "zero.offload_optimizer needs zero.stage >= 1")
-    _require(cfg.parallel.model_parallel_size == 1,
-             "parallel.model_parallel_size must be 1: tensor parallelism is not implemented")
-    _validate_checkpointing(ac, m.n_layer)
-    for section in (cfg.data, cfg.checkpoint, cfg.monitor, cfg.slurm, cfg.wandb):
-        section.validate()  # each component checks its own keys
-
-
-def _validate_dtypes(t: TrainConfig, stage: int) -> None:
-    for key in ("grad_accum_dtype", "reduce_dtype"):
-        value = getattr(t, key)
-        _require(value in ("fp32", t.precision) or t.precision == "fp32" and value in PRECISIONS,
-                 f"train.{key}={value} must be fp32 or train.precision ({t.precision})")
+    if not o.warmup_steps <= t.max_steps:
+        raise HarnessError(f"optim.warmup_steps={o.warmup_steps} must be between 0 and "
+                           f"train.max_steps={t.max_steps}")
     # DeepSpeed 0.19.8 sums low-precision gradients in fp32 only inside its ZeRO optimizers
-    _require(not (stage == 0 and t.precision != "fp32" and t.grad_accum_dtype == "fp32"),
-             f"zero.stage=0 with train.precision={t.precision} cannot accumulate gradients in "
-             f"fp32 (DeepSpeed does that only with ZeRO): use zero.stage=1 (same gradient "
-             f"memory at stage 0 and 1), or train.grad_accum_dtype={t.precision}")
-
-
-def _validate_checkpointing(ac: ActivationCheckpointingConfig, n_layer: int) -> None:
+    if cfg.zero.stage == 0 and t.precision != "fp32" and t.grad_accum_dtype == "fp32":
+        raise HarnessError(
+            f"zero.stage=0 with train.precision={t.precision} cannot accumulate gradients in "
+            f"fp32 (DeepSpeed does that only with ZeRO): use zero.stage=1 (same gradient "
+            f"memory at stage 0 and 1), or train.grad_accum_dtype={t.precision}")
+    if cfg.clip.value is not None and cfg.zero.stage != 0:
+        raise HarnessError("clip.value (elementwise clipping) needs zero.stage=0: ZeRO shards "
+                           "the gradients")
     key = "activation_checkpointing"
-    _require(ac.policy in AC_POLICIES,
-             f"{key}.policy='{ac.policy}' is not one of {', '.join(AC_POLICIES)}")
-    _require(ac.every_k >= 1, f"{key}.every_k must be >= 1")
-    if ac.policy == "count":
-        _require(ac.number_checkpoints is not None,
-                 f"{key}.policy=count needs {key}.number_checkpoints (or use policy=sqrt)")
-    if ac.number_checkpoints is not None:
-        _require(1 <= ac.number_checkpoints <= n_layer,
-                 f"{key}.number_checkpoints={ac.number_checkpoints} must be between 1 and "
-                 f"model.n_layer={n_layer}")
-        _require(ac.policy == "count",
-                 f"{key}.number_checkpoints is only used with {key}.policy=count")
-    off = ac.policy == "none"
-    for flag in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
-                 "synchronize_checkpoint_boundary", "profile"):
-        _require(not (off and getattr(ac, flag)),
-                 f"{key}.{flag} does nothing with {key}.policy=none: choose a policy")
-    # DeepSpeed crashes in the backward recompute on this combination
-    _require(not ac.cpu_checkpointing or ac.partition_activations,
-             f"{key}.cpu_checkpointing needs {key}.partition_activations=true")
+    if ac.number_checkpoints is not None and ac.number_checkpoints > m.n_layer:
+        raise HarnessError(f"{key}.number_checkpoints={ac.number_checkpoints} must be between "
+                           f"1 and model.n_layer={m.n_layer}")
+    if ac.policy == "every_k" and ac.every_k > m.n_layer:
+        raise HarnessError(f"{key}.every_k={ac.every_k} exceeds model.n_layer={m.n_layer}: "
+                           f"nothing is checkpointed")
+
+
+def _check_strings(cfg: Config) -> None:
+    """Every string value in every section, list items included, is one printable line:
+    a newline or control character in a path, name or pattern is never meant."""
+    for section in fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, str):
+                    suffix = f"[{i}]" if isinstance(value, list) else ""
+                    check_line(f"{section.name}.{f.name}{suffix}", item, empty_ok=True)

@@ -195,21 +195,37 @@ def recommend(cfg: Config, world_size: int, gpu_memory_bytes: float,
     policies = SEARCH_POLICIES + (("count",) if cfg.activation_checkpointing.number_checkpoints
                                   else ())
     per_rank, found = target_global_batch // world_size, []
-    for micro in (d for d in range(1, per_rank + 1) if per_rank % d == 0):
+    for micro in divisors(per_rank):
+        fits_any = False
         for policy in policies:
             mem = predict_memory(cfg, world_size, micro, policy, gpu_memory_bytes, "cuda")
             if not mem["fits"]:
                 continue
+            fits_any = True
             share = recompute_share(cfg, policy, counts)
             waste = overhead_tokens / (micro * cfg.model.block_size)
             found.append({"micro_batch": micro, "grad_accum": per_rank // micro,
                           "policy": policy, "cost": (1 + share) * (1 + waste),
                           "required": mem["required"], "peak": mem["peak"],
                           "why": _why(policy, share, micro, waste, mem, gpu_memory_bytes)})
+        if not fits_any:  # memory grows with the micro batch: no larger one fits either
+            break
     found.sort(key=lambda c: (c["cost"], c["required"]))
     for c in found:
         c["relative"] = c["cost"] / found[0]["cost"]
     return found
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending, by trial division up to sqrt(n) (n = 10**12: 10**6 steps,
+    not 10**12)."""
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
 
 
 def _why(policy: str, share: float, micro: int, waste: float, mem: dict, gpu: float) -> str:
@@ -225,19 +241,35 @@ _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+MAX_GPU_MEMORY = 2**50  # 1 PiB per GPU: beyond that a size is a typo
+MAX_WORLD_SIZE = 2**20
+MAX_GLOBAL_BATCH = 2**31 - 1  # as train.global_batch_size
+MAX_TOP = 10**6
+
+
 def parse_size(text: str, flag: str = "--gpu-memory") -> float:
     """'80GB' = 80e9 bytes, '80GiB' and '24G' (Slurm's --mem style) binary, plain bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match and match.group(2).lower()
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
         raise HarnessError(f"{flag}='{text}' is not a size: write e.g. 80GB, 80GiB or 24G")
-    return float(match.group(1)) * _UNITS[unit]
+    size = float(match.group(1)) * _UNITS[unit]
+    if not size <= MAX_GPU_MEMORY:
+        raise HarnessError(f"{flag}='{text}' is more than 1 PiB per GPU: write the memory of "
+                           f"one GPU, e.g. 80GB, 80GiB or 24G")
+    return size
+
+
+def _int_flag(text: object, flag: str, high: int, fix: str) -> int:
+    """A whole number in 1..high written with ASCII digits; one line naming the flag if not."""
+    text = str(text).strip()
+    if not re.fullmatch(r"[0-9]{1,30}", text) or not 1 <= int(text) <= high:
+        raise HarnessError(f"{flag}='{text}' must be a whole number in 1..{high}: {fix}")
+    return int(text)
 
 
 def _positive_int(text: str, flag: str) -> int:
-    if not str(text).isdigit() or int(text) < 1:
-        raise HarnessError(f"{flag}='{text}' must be a whole number >= 1")
-    return int(text)
+    return _int_flag(text, flag, MAX_GLOBAL_BATCH, "e.g. 8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -250,17 +282,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    world = _positive_int(args.world_size, "--world-size")
+    world = _int_flag(args.world_size, "--world-size", MAX_WORLD_SIZE,
+                      "the number of data-parallel GPUs, e.g. --world-size 8")
     gpu = parse_size(args.gpu_memory)
-    top = _positive_int(args.top, "--top")
+    top = _int_flag(args.top, "--top", MAX_TOP, "how many recommendations to show, e.g. 10")
+    target = None
+    if args.target_global_batch is not None:
+        target = _int_flag(args.target_global_batch, "--target-global-batch", MAX_GLOBAL_BATCH,
+                           "samples per optimizer step, e.g. 512")
     cfg = load_config(args.config, args.overrides)
-    target = args.target_global_batch or cfg.train.global_batch_size
+    if target is None:
+        target = cfg.train.global_batch_size  # range-checked by the config
     if target is None:
         try:
             target = make_plan(cfg, world).batch.global_batch
         except HarnessError as err:
             raise HarnessError(f"pass --target-global-batch ({err})") from None
-    target = _positive_int(target, "--target-global-batch")
     mem = predict_memory(cfg, world, gpu_memory_bytes=gpu)
     _print_breakdown(cfg, world, mem)
     _print_policies(cfg, mem)

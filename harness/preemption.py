@@ -49,8 +49,6 @@ class StopSignals:
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
-            if sig == signal.SIGINT and self.interrupted:
-                continue  # a second Ctrl-C while the run winds down still ends it at once
             signal.signal(sig, handler)
         self._previous.clear()
 

@@ -14,12 +14,28 @@ from typing import Any, Optional
 
 import yaml
 
-from harness.callbacks.loggers import read_lines
+from harness.callbacks.loggers import as_number, read_lines
 from harness.errors import HarnessError
 
+# what every step line of `harness train` holds, and the report reads
+REQUIRED = ("train/loss", "optim/grad_norm_preclip", "optim/clipped", "train/tokens_seen",
+            "throughput/tokens_per_s")
 
-def _num(value: Any) -> float:
-    return float(value)  # MetricsFile writes NaN/inf as the strings "nan", "inf"
+
+def _num(value: Any, what: str = "value") -> float:
+    try:  # MetricsFile writes NaN/inf as the strings "nan", "inf"
+        return float(as_number(value))
+    except (TypeError, ValueError):
+        raise HarnessError(f"{what} is {value!r}, not a number: not a metrics.jsonl line of "
+                           "`harness train`") from None
+
+
+def _int(value: Any, what: str) -> int:
+    number = _num(value, what)
+    if not number.is_integer():
+        raise HarnessError(f"{what} is {value!r}, not an integer: not a metrics.jsonl line of "
+                           "`harness train`")
+    return int(number)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -31,20 +47,37 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     events: list[dict[str, Any]] = []
     for obj in read_lines(path):
         if "event" in obj:
+            if "step" in obj:
+                obj = {**obj, "step": _int(obj["step"], f"{path}: an event's step")}
             events.append(obj)
         elif "step" in obj and "train/loss" in obj:
-            by_step[int(obj["step"])] = obj
+            step = _int(obj["step"], f"{path}: a step")
+            missing = [k for k in REQUIRED if k not in obj]
+            if missing:
+                raise HarnessError(f"{path}: step {step} lacks {', '.join(missing)}: not a "
+                                   "metrics.jsonl of `harness train` (or one of another version)")
+            by_step[step] = obj
     if not by_step:
         raise HarnessError(f"{path} holds no training steps yet")
-    return [by_step[s] for s in sorted(by_step)], events
+    return [by_step[s] for s in sorted(by_step)], [e for e in events if "step" in e]
 
 
 def clip_threshold(run_dir: Path) -> Optional[float]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None
-    max_norm = ((yaml.safe_load(path.read_text()) or {}).get("clip") or {}).get("max_norm")
-    return float(max_norm) if max_norm else None  # 0 disables clipping: no line
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise HarnessError(f"{path} is not a readable YAML config ({reason}): restore the "
+                           "config.yaml `harness train` wrote, or move it away") from None
+    clip = config.get("clip") if isinstance(config, dict) else None
+    max_norm = clip.get("max_norm") if isinstance(clip, dict) else None
+    if max_norm is None:
+        return None
+    value = _num(max_norm, f"{path}: clip.max_norm")
+    return value if value else None  # 0 disables clipping: no line
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
@@ -61,11 +94,13 @@ def _summarize(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
     last = rows[-1]
     return {
         "steps": int(last["step"]),
-        "tokens": int(last["train/tokens_seen"]),
-        "final_loss": _num(last["train/loss"]),
+        "tokens": _int(last["train/tokens_seen"], f"step {last['step']}: train/tokens_seen"),
+        "final_loss": _num(last["train/loss"], f"step {last['step']}: train/loss"),
         "clip_rate": sum(bool(r["optim/clipped"]) for r in rows) / len(rows),
         "events": len(events),
-        "mean_tokens_per_s": sum(_num(r["throughput/tokens_per_s"]) for r in timed) / len(timed),
+        "mean_tokens_per_s": sum(_num(r["throughput/tokens_per_s"],
+                                      f"step {r['step']}: throughput/tokens_per_s")
+                                 for r in timed) / len(timed),
     }
 
 
@@ -90,10 +125,12 @@ def _plot(run_dir: Path, rows, events, text: str) -> Path:
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
     steps = [int(r["step"]) for r in rows]
-    norms = [_num(r["optim/grad_norm_preclip"]) for r in rows]
+    norms = [_num(r["optim/grad_norm_preclip"], f"step {r['step']}: optim/grad_norm_preclip")
+             for r in rows]
     fig = Figure(figsize=(10, 7), layout="constrained")
     ax_loss, ax_norm = fig.subplots(2, 1, sharex=True)
-    ax_loss.plot(steps, [_num(r["train/loss"]) for r in rows], lw=1, label="train/loss")
+    ax_loss.plot(steps, [_num(r["train/loss"], f"step {r['step']}: train/loss") for r in rows],
+                 lw=1, label="train/loss")
     ax_norm.plot(steps, norms, lw=1, label="optim/grad_norm_preclip")
     ax_norm.set_yscale("log")
     max_norm = clip_threshold(run_dir)
@@ -112,7 +149,10 @@ def _plot(run_dir: Path, rows, events, text: str) -> Path:
         ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{Path(run_dir).resolve().name}\n{text}", fontsize=10)
     out = Path(run_dir) / "report.png"
-    fig.savefig(out, dpi=100)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise HarnessError(f"cannot write {out} ({e.strerror or e})") from None
     return out
 
 

@@ -2,16 +2,17 @@
 
 The run directory holds config.yaml, ds_config.json, metrics.jsonl and checkpoints/. A
 second `harness train` with the same run directory resumes from its newest complete
-checkpoint (checkpoint.resume=auto), which is what a requeued Slurm job does.
+checkpoint (checkpoint.resume=auto), which is what a requeued Slurm job does. Before any
+engine is built, harness/run_dir.py checks the paths and claims the run directory.
 """
 from __future__ import annotations
 
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from harness.callbacks.evaluator import Evaluator
 from harness.callbacks.loggers import Console, MetricsFile
@@ -20,27 +21,21 @@ from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint import Checkpointer, load
 from harness.collectives import Collectives
-from harness.config import Config, to_dict, to_yaml
-from harness.data.prepare import prepare_data
+from harness.config import Config
+from harness.data.prepare import check_prepared_from, prepare_data
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards
 from harness.data.sources import TrainData
-from harness.ds_config import dumps
 from harness.engine import Built, build
 from harness.errors import HarnessError
-from harness.preemption import StopSignals
+from harness.preemption import INTERRUPT_EXIT_CODE, StopSignals
 from harness.report import write_report
+from harness.run_dir import prepare_run, write_run_files
 from harness.slurm import REQUEUE_EXIT_CODE
 from harness.trainer import Trainer
 
 log = logging.getLogger("harness")
 MONITOR_STOP_EXIT_CODE = 3  # the spike monitor ended the run: a person should look
-
-
-def write_run_files(run_dir: Path, cfg: Config, built: Built) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "ds_config.json").write_text(dumps(built.ds_config))
 
 
 def open_shards(cfg: Config, built: Built) -> TokenShards:
@@ -53,8 +48,20 @@ def open_shards(cfg: Config, built: Built) -> TokenShards:
     A single process has nobody waiting for it and prepares them on first use.
     """
     out_dir = Path(cfg.data.out_dir)
-    # rank 0's view for everyone, so that all ranks refuse, or go on, together
-    present = built.comm.broadcast_object((out_dir / MANIFEST).is_file())
+    # rank 0's view for everyone, so that all ranks refuse, or go on, together: are there
+    # shards, and are they the ones the config describes (sources, tokenizer, settings)?
+    view: Any = None
+    if built.dist.rank == 0:
+        view = (out_dir / MANIFEST).is_file()
+        if view:
+            try:
+                check_prepared_from(cfg.data, out_dir)
+            except HarnessError as err:
+                view = str(err)
+    view = built.comm.broadcast_object(view)
+    if isinstance(view, str):
+        raise HarnessError(view)
+    present = view
     if not present:
         if built.dist.world_size > 1:
             raise HarnessError(
@@ -90,29 +97,14 @@ def _check_fingerprint(meta: dict, shards: TokenShards, path: Path) -> None:
                            f"start a new train.run_dir")
 
 
-def _check_same_model(run_dir: Path, cfg: Config) -> None:
-    """A checkpoint of another model shape would fail deep inside DeepSpeed's loader."""
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = OmegaConf.load(saved_file).get("model", {})
-    for key, value in to_dict(cfg)["model"].items():
-        if key in saved and saved[key] != value:
-            raise HarnessError(f"train.run_dir={run_dir} holds a run with model.{key}="
-                               f"{saved[key]}, not {value}: choose another train.run_dir "
-                               f"(or checkpoint.resume=never with a new one)")
-
-
 def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     run_dir = Path(cfg.train.run_dir)
+    prepare_run(cfg)
     built = build(cfg)
     shards = open_shards(cfg, built)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, {"data_fingerprint": shards.fingerprint})
     checkpointer.clean_partial(built.dist.rank)
     resume = checkpointer.find_resume()
-    if resume is None and cfg.checkpoint.resume == "never" and (run_dir / "metrics.jsonl").exists():
-        raise HarnessError(f"train.run_dir={run_dir} already holds a run: choose another "
-                           f"train.run_dir, or checkpoint.resume=auto to continue it")
     metrics_file = MetricsFile(run_dir)
     callbacks = [checkpointer, Throughput(), metrics_file, Console(cfg.train.log_every),
                  WandbLogger(cfg.wandb)]
@@ -125,7 +117,6 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
                                    built.dist.world_size))
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
-        _check_same_model(run_dir, cfg)
         meta = load(trainer, resume)
         _check_fingerprint(meta, shards, resume)
         checkpointer.last_saved_step = trainer.step
@@ -137,9 +128,11 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
 
 
 def train(cfg: Config) -> int:
-    """Returns the process exit code: 0 when done, REQUEUE_EXIT_CODE when stopped early."""
+    """Returns the process exit code: 0 when done, REQUEUE_EXIT_CODE when stopped early by
+    USR1/TERM, INTERRUPT_EXIT_CODE after a Ctrl-C (checkpoint saved either way)."""
     # installed before the engine is built (tens of seconds on a busy node): a USR1 meanwhile
-    # stops the run after its first step instead of killing the task
+    # stops the run after its first step instead of killing the task. Kept until the report is
+    # written, so that a second Ctrl-C still aborts at once while the run winds down
     signals = StopSignals().install()
     try:
         trainer, _ = make_trainer(cfg)
@@ -149,14 +142,21 @@ def train(cfg: Config) -> int:
             return 0
         trainer.stop_signals = signals
         trainer.fit()
+        if trainer.is_main:
+            try:
+                log.info("report: %s", write_report(Path(cfg.train.run_dir)))
+            except HarnessError as err:  # the run is done and saved: its exit code stands
+                log.warning("no report.png: %s", err)
     finally:
         signals.uninstall()
-    if trainer.is_main:
-        log.info("report: %s", write_report(Path(cfg.train.run_dir)))
     if trainer.stop_reason and trainer.stop_reason.startswith("monitor"):
         log.error("%s: stopped at step %d; see %s/metrics.jsonl for the events",
                   trainer.stop_reason, trainer.step, cfg.train.run_dir)
         return MONITOR_STOP_EXIT_CODE
+    if trainer.step < cfg.train.max_steps and trainer.stop_reason and signals.interrupted:
+        log.info("interrupted at step %d (Ctrl-C): checkpoint saved; the same command "
+                 "resumes it. Exit code %d", trainer.step, INTERRUPT_EXIT_CODE)
+        return INTERRUPT_EXIT_CODE
     if trainer.step < cfg.train.max_steps and trainer.stop_reason:
         log.info("stopped at step %d (%s): checkpoint saved, exiting with %d to be requeued",
                  trainer.step, trainer.stop_reason, REQUEUE_EXIT_CODE)

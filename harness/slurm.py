@@ -62,11 +62,11 @@ class SlurmConfig:
         return max(self.gpus_per_node, 1)
 
     def validate(self) -> None:
-        _check_int("nodes", self.nodes, 1)
-        _check_int("gpus_per_node", self.gpus_per_node, 0)
-        _check_int("cpus_per_task", self.cpus_per_task, 1)
+        _check_int("nodes", self.nodes, 1, 100_000)
+        _check_int("gpus_per_node", self.gpus_per_node, 0, 256)
+        _check_int("cpus_per_task", self.cpus_per_task, 1, 100_000)
         _check_int("signal_grace_s", self.signal_grace_s, 1, 65535)  # sbatch's limit
-        _check_int("max_restarts", self.max_restarts, 0)
+        _check_int("max_restarts", self.max_restarts, 0, 1_000_000)
         for key in ("partition", "account", "time", "job_name", "output"):
             value = getattr(self, key)
             if value is not None:

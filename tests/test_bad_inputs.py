@@ -70,7 +70,7 @@ def test_the_battery_is_large_and_ids_are_unique():
     assert len(ids) >= 200
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(_params()))
 def test_bad_input(case: Case, tmp_path, capsys, monkeypatch):
     if case.setup is not None:
         case.setup(tmp_path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,14 +140,17 @@ def test_identical_prepare_is_a_noop(prepared, corpus):
 
 def test_differing_out_dir_is_never_overwritten(prepared, corpus, tmp_path):
     before = _snapshot(prepared)
-    with pytest.raises(HarnessError, match=re.escape(f"data.out_dir={prepared}")):
+    with pytest.raises(HarnessError, match=re.escape(f"data.seed=7 but data.out_dir={prepared} "
+                                                     "was prepared with data.seed=1234")):
         prep.prepare_data(_cfg(corpus, prepared, seed=7), progress=False)
     assert _snapshot(prepared) == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(HarnessError, match="fresh data.out_dir"):
+    with pytest.raises(HarnessError, match="not token shards .* choose another data.out_dir") \
+            as err:
         prep.prepare_data(_cfg(corpus, foreign), progress=False)
+    assert "delete" not in str(err.value)  # never suggests destroying what it did not make
     assert [p.name for p in tmp_path.iterdir()] == ["foreign"]  # no temp dir left behind
     assert (foreign / "notes.txt").read_text() == "mine"
 
@@ -289,3 +293,125 @@ def test_crash_while_writing_leaves_out_dir_untouched(corpus, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="simulated"):
         prep.prepare_data(_cfg(corpus, out), progress=False)
     assert list(tmp_path.iterdir()) == [out] and not list(out.iterdir())
+
+
+# ---- what the trainer checks, and faults around the files -----------------------------------
+def test_fifo_socket_and_dead_link_in_a_source_directory_are_skipped(tmp_path, caplog):
+    import signal
+    import socket
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text\n" * 50)
+    os.mkfifo(src / "pipe")  # opening it for reading would wait for a writer for ever
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(src / "sock"))
+    os.symlink("nowhere", src / "dead")
+    signal.alarm(60)  # a regression hangs on the FIFO: fail instead
+    try:
+        with caplog.at_level("WARNING", logger="harness"):
+            sources = scan_sources([str(src)])
+        assert [Path(s.path).name for s in sources] == ["a.txt"]
+        assert {"pipe", "sock", "dead"} <= {Path(r.args[0]).name for r in caplog.records}
+        with pytest.raises(HarnessError, match=r"pipe is a FIFO, not a file or a directory"):
+            scan_sources([str(src / "pipe")])
+    finally:
+        signal.alarm(0)
+
+
+def test_stale_temp_dirs_of_killed_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = prep._owner().partition("@")[2]
+    out = tmp_path / "shards"
+    made = {}
+    old = 2 * prep.STALE_AFTER_S
+    for key, owner, age in [("dead", f"{dead.pid}@{host}", 0), ("live", f"{os.getpid()}@{host}", 0),
+                            ("elsewhere", "1@node-7", 0), ("old", "1@node-7", old),
+                            ("legacy", "", old)]:
+        d = tmp_path / f".shards{prep.TMP_INFIX}{key:0>12}" if not owner else \
+            tmp_path / f".shards{prep.TMP_INFIX}{key:0>12}-{owner}"
+        (d / "train.bin").parent.mkdir()
+        (d / "train.bin").write_bytes(b"\0" * 8)
+        if age:
+            then = time.time() - age
+            os.utime(d / "train.bin", (then, then))
+            os.utime(d, (then, then))
+        made[key] = d
+    (tmp_path / ".other.tmp-000000000000-1@x").mkdir()  # another out_dir's: not looked at
+    prep.clean_stale_temp_dirs(out)
+    assert {k for k, d in made.items() if d.exists()} == {"live", "elsewhere"}
+    assert (tmp_path / ".other.tmp-000000000000-1@x").exists()
+
+
+def _words_cfg(tmp_path, **kw) -> DataConfig:
+    text = tmp_path / "words.txt"
+    if not text.exists():
+        text.write_text("".join(f"word{i % 97} line{i % 13}\n" for i in range(5000)))
+    return DataConfig(**{"sources": [str(text)], "out_dir": str(tmp_path / "shards"),
+                         "vocab_size": 300, "val_fraction": 0.0, **kw})
+
+
+def test_train_check_reads_no_source_while_the_files_look_the_same(tmp_path, monkeypatch):
+    cfg = _words_cfg(tmp_path)
+    out = prep.prepare_data(cfg, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources_given"] == [str(tmp_path / "words.txt")]
+    real_scan = prep.scan_sources
+    monkeypatch.setattr(prep, "scan_sources", lambda *a, **kw: pytest.fail("read the sources"))
+    prep.check_prepared_from(cfg, out)  # paths, sizes and times as recorded: no reading
+    # the same bytes touched (a copy, a checkout): read once, found equal, remembered
+    os.utime(tmp_path / "words.txt", (1, 1))
+    reads = []
+    monkeypatch.setattr(prep, "scan_sources",
+                        lambda *a, **kw: reads.append(1) or real_scan(*a, **kw))
+    prep.check_prepared_from(cfg, out)
+    prep.check_prepared_from(cfg, out)
+    assert reads == [1]
+    after = json.loads((out / "manifest.json").read_text())
+    assert after.pop("sources_stat") != manifest.pop("sources_stat") and after == manifest
+    # other bytes: refused, naming the files and both ways out
+    (tmp_path / "words.txt").write_text("other text\n" * 3000)
+    with pytest.raises(HarnessError, match=r"files of data.sources=.*words.txt\] changed since "
+                                           r"data.out_dir=.* was prepared .*prepare-data"):
+        prep.check_prepared_from(cfg, out)
+
+
+def test_train_check_names_both_sources_and_settings(tmp_path):
+    cfg = _words_cfg(tmp_path)
+    out = prep.prepare_data(cfg, progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text("x y z\n" * 100)
+    with pytest.raises(HarnessError) as err:
+        prep.check_prepared_from(_words_cfg(tmp_path, sources=[str(other)]), out)
+    msg = str(err.value)
+    assert f"data.sources=[{other}]" in msg and "words.txt" in msg and "prepare-data" in msg
+    with pytest.raises(HarnessError, match=r"data.vocab_size=400 but .* prepared with "
+                                           r"data.vocab_size=300: .*set data.vocab_size=300"):
+        prep.check_prepared_from(_words_cfg(tmp_path, vocab_size=400), out, read_sources=False)
+    # no data.sources: the shards of a corpus prepared before are trained on as they are
+    # (README: `prepare-data data.sources=... data.out_dir=D`, then `train data.out_dir=D`)
+    prep.check_prepared_from(DataConfig(out_dir=str(out), vocab_size=512), out)
+
+
+def test_builtin_shards_must_have_the_configured_tokenizer(tmp_path):
+    out = tmp_path / "stdlib"
+    prep.prepare_data(DataConfig(out_dir=str(out), max_bytes=100_000, vocab_size=512), False)
+    prep.check_prepared_from(DataConfig(out_dir=str(out), max_bytes=4_000_000), out)  # cap: ok
+    with pytest.raises(HarnessError, match="data.tokenizer_type=unigram but"):
+        prep.check_prepared_from(DataConfig(out_dir=str(out), tokenizer_type="unigram"), out)
+
+
+def test_a_shard_cut_under_a_running_reader_is_an_error_not_sigbus(prepared, tmp_path):
+    d = _copy(prepared, tmp_path / "cut")
+    seqs = TokenShards.open(d).sequences("train", 16)
+    seqs.batch([0, 1])
+    size = (d / "train.bin").stat().st_size
+    os.truncate(d / "train.bin", size // 4)  # reading the far pages now would raise SIGBUS
+    with pytest.raises(HarnessError, match=r"train.bin: \d+ bytes, \d+ when this run opened it: "
+                                           r"it was cut while training read it"):
+        seqs.batch([len(seqs) - 1])

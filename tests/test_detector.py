@@ -266,8 +266,30 @@ def test_replay_jsonl_and_main(tmp_path, capsys):
     assert [json.loads(x)["event"] for x in lines] == [e[0] for e in EXPECTED]
 
 
+def test_replay_reads_back_the_nonfinite_values_the_harness_writes(tmp_path):
+    """MetricsFile writes NaN/inf as the strings "nan", "inf" (JSON has no such numbers): the
+    replay of a run that went NaN must see them, as the live monitor did."""
+    from harness.callbacks.loggers import MetricsFile
+
+    rows = np.genfromtxt(CSV, delimiter=",", names=True)
+    sink = MetricsFile(tmp_path)
+    for r in rows:
+        sink._write({"step": int(r["step"]), GRAD: float(r["grad_norm"]), LOSS: float(r["loss"]),
+                     UPD: float(r["update_norm"])})
+    sink._write({"step": 600, GRAD: float("inf"), LOSS: float("-inf"), UPD: 0.02})
+    sink.on_train_end(None)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert '"nan"' in text and '"inf"' in text and "NaN" not in text
+    events = replay(tmp_path / "metrics.jsonl", MonitorConfig())
+    assert kinds(events)[:len(EXPECTED)] == EXPECTED  # the NaN at 500 among them
+    assert [(e["signal"], e["value"]) for e in events if e["step"] == 600] == [
+        (GRAD, "inf"), (LOSS, "-inf")]
+
+
 @pytest.mark.parametrize("text, why", [
     (None, "cannot read"), ("", "empty"), ("loss,grad_norm\n3,1\n", "'step' column"),
+    ("step,loss,grad_norm\n1,3,1\n2,3\n", ":3: 2 cells, the header has 3"),
+    ("step,loss\n1,3,7\n", ":2: 3 cells, the header has 2"), ("[1, 2]\n", "a JSON object"),
     ("step,loss\n1,abc\n", "not a number"), ("step,loss\n1.5,3\n", "not an integer"),
     ('{"step": 1}\n{oops\n', "not valid JSON"), ('{"loss": 1}\n', "no records"),
 ])

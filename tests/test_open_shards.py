@@ -57,6 +57,28 @@ def test_one_process_prepares_on_first_use(tmp_path, shards_dir):
     assert built.comm.broadcasts == [True]
 
 
+def test_shards_of_other_sources_are_refused_by_every_rank_together(tmp_path, shards_dir):
+    """Rank 0 compares the shards with the configured sources and tokenizer (reading the
+    sources only when their paths, sizes or times changed) and broadcasts its verdict."""
+    text = tmp_path / "mine.txt"
+    text.write_text("my own corpus\n" * 500)
+    cfg = load_config("tiny", [f"data.out_dir={shards_dir}", f"data.sources=[{text}]"])
+    built = _built(4)
+    with pytest.raises(HarnessError, match=rf"data.sources=\[{text}\] but data.out_dir="
+                                           rf"{shards_dir} holds shards of the built-in corpus"):
+        run_mod.open_shards(cfg, built)
+    assert len(built.comm.broadcasts) == 1
+    assert "holds shards of the built-in corpus" in built.comm.broadcasts[0]
+    # the other ranks raise what rank 0 found, without looking themselves
+    other = SimpleNamespace(comm=built.comm, dist=SimpleNamespace(rank=1, world_size=4))
+    built.comm.broadcasts.clear()
+    real = built.comm.broadcast_object
+    built.comm.broadcast_object = lambda obj, src=0: real("rank 0's verdict")
+    with pytest.raises(HarnessError, match="rank 0's verdict"):
+        run_mod.open_shards(cfg, other)
+    assert built.comm.broadcasts == ["rank 0's verdict"]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

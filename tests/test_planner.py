@@ -166,3 +166,27 @@ def test_main_prints_the_tables(capsys):
     for line in ("Adam m + v", "fp32 master parameters", "peak allocated",
                  "activations by checkpointing policy", "fastest configurations"):
         assert line in out
+
+
+def test_the_search_walks_divisors_not_every_integer():
+    import time
+
+    assert planner.divisors(1) == [1]
+    assert planner.divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
+    assert planner.divisors(97) == [1, 97]
+    cfg = load_config("gpt2-small")
+    start = time.monotonic()
+    found = planner.recommend(cfg, 8, 80e9, 10**12)  # 1.25e11 per rank: seconds, not hours
+    assert time.monotonic() - start < 20
+    assert found and all(10**12 % (c["micro_batch"] * 8) == 0 for c in found)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--target-global-batch", "1000000000000"],
+                                        "--target-global-batch"),
+                                       (["--world-size", "0"], "--world-size"),
+                                       (["--top", "\u00b2"], "--top"),
+                                       (["--gpu-memory", "9" * 400 + "GB"], "--gpu-memory")])
+def test_plan_numbers_are_range_checked(argv, flag, capsys):
+    assert planner.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}=") and err.count("\n") == 1

@@ -23,7 +23,7 @@ from harness.errors import HarnessError
 from harness.flops import mfu, peak_flops
 from harness.model import flops_per_token
 from harness.report import main, summary, write_report
-from harness.run import write_run_files
+from harness.run_dir import write_run_files
 from harness.trainer import Trainer
 from engine_utils import make_data
 from wandb_reader import chunks, read_run, run_files
@@ -156,6 +156,63 @@ def test_config_is_structured_and_validated(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "bogus")
     with pytest.raises(HarnessError, match="WANDB_MODE"):
         WandbConfig().validate()
+
+
+# ---- (2b) online without a server: the same run, offline, after a bounded wait ---------------
+def _online_fails(monkeypatch, error):
+    """wandb.init as on a compute node without a route out: online raises `error` (after the
+    timeout it was given, recorded), offline works as usual."""
+    import wandb
+
+    real, seen = wandb.init, []
+
+    def init(*args, mode=None, settings=None, **kwargs):
+        seen.append((mode, getattr(settings, "init_timeout", None)))
+        if mode == "online":
+            raise error
+        return real(*args, mode=mode, settings=settings, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    return seen
+
+
+def test_online_without_server_falls_back_to_offline(run, tmp_path, monkeypatch, caplog):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    seen = _online_fails(monkeypatch, wandb.errors.CommError("dial tcp: no route to host"))
+    logger = WandbLogger(WandbConfig(mode="online", dir=str(tmp_path), init_timeout_s=7))
+    trainer = SimpleNamespace(is_main=True, cfg=run.trainer.cfg, built=run.trainer.built,
+                              stop_reason=None)
+    with caplog.at_level("WARNING", logger="harness"):
+        logger.on_train_start(trainer)
+    assert seen == [("online", 7.0), ("offline", None)]
+    warning, = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]
+    offline, = run_files(tmp_path, logger.run_id)
+    assert "no route to host" in warning and f"wandb sync {offline.parent}" in warning
+    logger.on_step_end(trainer, 1, {**run.steps[0]})
+    logger.on_train_end(trainer)
+    assert [r["train/step"] for r in read_run(offline).rows("train/loss")] == [1]
+
+
+def test_refused_login_is_an_error_not_a_fallback(run, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    _online_fails(monkeypatch, wandb.errors.AuthenticationError("invalid API key"))
+    logger = WandbLogger(WandbConfig(mode="online", dir=str(tmp_path)))
+    trainer = SimpleNamespace(is_main=True, cfg=run.trainer.cfg, built=run.trainer.built)
+    with pytest.raises(HarnessError, match=r"wandb.init failed \(invalid API key\): check "
+                                           r"`wandb login`"):
+        logger.on_train_start(trainer)
+
+
+@pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), 10_000])
+def test_init_timeout_is_bounded(value):
+    with pytest.raises(HarnessError, match=r"wandb.init_timeout_s=.* must be a number of "
+                                           r"seconds in \[1, 600\]"):
+        WandbConfig(init_timeout_s=value).validate()
 
 
 # ---- (3) the API key is never written ---------------------------------------------------------

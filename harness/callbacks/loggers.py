@@ -23,21 +23,48 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "+inf": math.inf,
+             "infinity": math.inf, "-infinity": -math.inf}
+
+
+def as_number(value: Any) -> Any:
+    """A metric as written, read back: the strings _jsonable made of NaN/inf become floats
+    again; anything else is returned as it is."""
+    if isinstance(value, str) and value.strip().lower() in NONFINITE:
+        return NONFINITE[value.strip().lower()]
+    return value
+
+
 def read_lines(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, in file order. A last line that does not parse was torn
     by a crash mid-write and is dropped; a bad line elsewhere is an error naming it."""
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise HarnessError(f"{path} is not a metrics.jsonl (not UTF-8 text: a binary file?); "
+                           "point at the run directory `harness train` wrote") from None
+    except OSError as e:
+        raise HarnessError(f"cannot read {path} ({e.strerror or e})") from None
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if n == len(lines):
                 break
             raise HarnessError(f"{path}:{n} is not a JSON line") from None
+        if not isinstance(record, dict):
+            raise HarnessError(f"{path}:{n} is not a JSON object (one per line, as "
+                               "`harness train` writes them)")
+        records.append(record)
     return records
+
+
+def _step_of(record: dict[str, Any]) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
 
 
 class MetricsFile(Callback):
@@ -53,7 +80,7 @@ class MetricsFile(Callback):
         """After a resume at `step`, drop the lines of steps that will be trained again."""
         if not self.path.exists():
             return
-        keep = [r for r in read_lines(self.path) if r.get("step", 0) <= step]
+        keep = [r for r in read_lines(self.path) if _step_of(r) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(self.path)

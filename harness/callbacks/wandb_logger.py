@@ -11,11 +11,18 @@ same W&B run (resume="allow") instead of starting a new one.
 
 The API key is read by wandb itself from WANDB_API_KEY or ~/.netrc; nothing here reads,
 logs or stores it, and the run config holds only the harness and DeepSpeed configs.
+
+Online with no route to the server (the usual case on a cluster's compute nodes), wandb.init
+waits `init_timeout` (wandb's default: 90 s) and fails. Here it waits `wandb.init_timeout_s`
+(default 20 s), then logs offline into the same directory, with one warning that names the
+offline run directory and `wandb sync DIR` to upload it later; training goes on. A refused
+login (a wrong key) is not a network problem: it stays an error.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ from harness.errors import HarnessError
 log = logging.getLogger("harness")
 
 MODES = ("online", "offline", "disabled")
+MAX_INIT_TIMEOUT_S = 600
 
 
 @dataclass
@@ -38,6 +46,8 @@ class WandbConfig:
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     dir: Optional[str] = None  # where wandb/ goes; None: the run directory
+    # online: seconds to wait for the server before logging offline (`wandb sync` later)
+    init_timeout_s: float = 20.0
 
     def resolved_mode(self) -> str:
         return os.environ.get("WANDB_MODE") or self.mode
@@ -51,6 +61,12 @@ class WandbConfig:
                                f"{', '.join(MODES)}: unset it or fix it")
         if not self.project:
             raise HarnessError("wandb.project must not be empty")
+        timeout = self.init_timeout_s
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout) or not 1 <= timeout <= MAX_INIT_TIMEOUT_S):
+            raise HarnessError(f"wandb.init_timeout_s={timeout} must be a number of seconds in "
+                               f"[1, {MAX_INIT_TIMEOUT_S}]: how long an online run waits for "
+                               f"the W&B server before logging offline, e.g. 20")
 
 
 def _loggable(value: Any) -> Any:
@@ -60,6 +76,12 @@ def _loggable(value: Any) -> Any:
 def _alert_level(event: dict[str, Any]) -> str:
     """ERROR when the monitor acted on the event (skip, rollback, stop), WARN otherwise."""
     return "ERROR" if event.get("action") else "WARN"
+
+
+def _first_line(err: Exception, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def new_run_id() -> str:
@@ -88,19 +110,41 @@ class WandbLogger(Callback):
         self.run_id = self.run_id or os.environ.get("WANDB_RUN_ID") or new_run_id()
         where = self.cfg.dir or trainer.cfg.train.run_dir
         os.makedirs(where, exist_ok=True)
+        kwargs = dict(
+            project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
+            name=self.cfg.name, tags=list(self.cfg.tags), dir=where, id=self.run_id,
+            resume="allow",
+            config={"harness": to_dict(trainer.cfg), "deepspeed": trainer.built.ds_config})
         try:
-            self.run = wandb.init(
-                project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
-                name=self.cfg.name, tags=list(self.cfg.tags), dir=where, mode=mode,
-                id=self.run_id, resume="allow",
-                config={"harness": to_dict(trainer.cfg), "deepspeed": trainer.built.ds_config})
+            settings = (wandb.Settings(init_timeout=float(self.cfg.init_timeout_s))
+                        if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT") else None)
+            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
         except wandb.errors.Error as err:
-            raise HarnessError(f"wandb.init failed ({str(err).splitlines()[0]}): check "
-                               f"`wandb login` (or WANDB_API_KEY) and the network, or set "
-                               f"wandb.mode=offline and `wandb sync` later") from None
+            if mode != "online" or isinstance(err, (wandb.errors.AuthenticationError,
+                                                    wandb.errors.UsageError)):
+                raise HarnessError(f"wandb.init failed ({_first_line(err)}): check "
+                                   f"`wandb login` (or WANDB_API_KEY) and the network, or set "
+                                   f"wandb.mode=offline and `wandb sync` later") from None
+            mode = "offline"
+            self.run = self._offline(wandb, err, kwargs)
         self.run.define_metric("train/step")
         self.run.define_metric("*", step_metric="train/step")
         log.info("W&B run %s (%s) in %s", self.run_id, mode, where)
+
+    def _offline(self, wandb, err: Exception, kwargs: dict[str, Any]) -> Any:
+        """The online start failed for want of the server: the same run, logged offline."""
+        wandb.teardown()  # the failed start holds the run id in wandb's service otherwise
+        try:
+            run = wandb.init(mode="offline", **kwargs)
+        except wandb.errors.Error as again:
+            raise HarnessError(f"wandb.init failed online ({_first_line(err)}) and offline "
+                               f"({_first_line(again)}): set wandb.mode=disabled to train "
+                               f"without W&B") from None
+        sync_dir = getattr(run.settings, "sync_dir", None) or kwargs["dir"]
+        log.warning("W&B server not reachable within wandb.init_timeout_s=%gs (%s): logging "
+                    "offline to %s; upload it later with `wandb sync %s`",
+                    self.cfg.init_timeout_s, _first_line(err, 160), sync_dir, sync_dir)
+        return run
 
     def on_step_end(self, trainer, step, metrics):
         if self.run is not None:

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from harness.errors import HarnessError
+
+log = logging.getLogger("harness")
 
 # not representative source code, or not the standard library itself
 STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__",
@@ -31,11 +35,36 @@ class Source:
     documents: int
 
 
-def scan_sources(paths: list[str], max_bytes: int = 0) -> list[Source]:
-    """Sources in reading order, stopping where `max_bytes` (0: no cap) is reached."""
+def source_files(paths: list[str]) -> list[tuple[Path, bool]]:
+    """(file, named explicitly) for every file the sources name, in reading order; reads no
+    file. Directories are walked in sorted order; what is not a regular file inside them (a
+    FIFO would block the reader for ever, a socket or device is no text) is skipped with a
+    warning, and refused when named explicitly."""
+    return list(_files(paths))
+
+
+def stat_key(files: list[tuple[Path, bool]], max_bytes: int) -> str:
+    """What the files look like without reading them (path, size, modification time): equal
+    keys mean the same sources as far as a quick check can tell (make's and rsync's rule)."""
+    rows = []
+    for path, _ in files:
+        try:
+            st = path.stat()
+        except OSError:
+            rows.append([os.path.abspath(path), -1, -1])
+            continue
+        rows.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"max_bytes": max_bytes, "files": rows}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def scan_sources(paths: list[str], max_bytes: int = 0,
+                 files: Optional[list[tuple[Path, bool]]] = None) -> list[Source]:
+    """Sources in reading order, stopping where `max_bytes` (0: no cap) is reached;
+    `files`: source_files(paths), when the caller has it already."""
     budget = max_bytes if max_bytes > 0 else math.inf
     sources = []
-    for path, explicit in _files(paths):
+    for path, explicit in (source_files(paths) if files is None else files):
         if path.suffix == ".jsonl":
             source = _scan_jsonl(path, budget)
         else:
@@ -58,7 +87,7 @@ def iter_documents(sources: list[Source], text_field: str) -> Iterator[tuple[str
     """(text, source bytes) for every document of `sources`, in order."""
     for source in sources:
         if source.kind == "text":
-            data = Path(source.path).read_bytes()
+            data = _read(Path(source.path))
             yield data.decode("utf-8"), len(data)
         else:
             yield from _jsonl_documents(source, text_field)
@@ -74,8 +103,12 @@ def _files(paths: list[str]) -> Iterator[tuple[Path, bool]]:
         yield from ((p, False) for p in _walk(stdlib_dir(), STDLIB_SKIP_DIRS) if p.suffix == ".py")
         return
     for raw in paths:  # check them all first: a typo should not wait for the cap
-        if not Path(raw).expanduser().exists():
+        path = Path(raw).expanduser()
+        if not path.exists():
             raise HarnessError(f"data.sources: {raw} does not exist; fix or remove the path")
+        if not path.is_dir() and not path.is_file():
+            raise HarnessError(f"data.sources: {raw} is {_kind(path)}, not a file or a "
+                               "directory: give text or JSONL files, or directories of them")
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
@@ -89,12 +122,38 @@ def _walk(root: Path, skip: set[str]) -> Iterator[Path]:
         # sorting in place fixes the order os.walk descends in
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
         for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():  # follows links; False for FIFOs, sockets, devices, dead links
+                yield path
+            else:
+                log.warning("data.sources: skipping %s: %s, not a regular file", path,
+                            _kind(path))
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken link" if path.is_symlink() else "unreadable"
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise HarnessError(f"data.sources: cannot read {path} ({e.strerror or e}); fix its "
+                           "permissions or remove it") from None
 
 
 def _scan_text(path: Path, explicit: bool, budget: float) -> Source | None:
-    data = path.read_bytes()
+    data = _read(path)
     if not _is_text(data):
         if explicit:
             raise HarnessError(f"data.sources: {path} is not UTF-8 text; convert or remove it")
@@ -118,13 +177,17 @@ def _is_text(data: bytes) -> bool:
 
 def _scan_jsonl(path: Path, budget: float) -> Source:
     digest, used, docs = hashlib.sha256(), 0, 0
-    with path.open("rb") as f:
-        for line in f:
-            if used + len(line) > budget:
-                break
-            digest.update(line)
-            used += len(line)
-            docs += bool(line.strip())
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                if used + len(line) > budget:
+                    break
+                digest.update(line)
+                used += len(line)
+                docs += bool(line.strip())
+    except OSError as e:
+        raise HarnessError(f"data.sources: cannot read {path} ({e.strerror or e}); fix its "
+                           "permissions or remove it") from None
     return Source(str(path), "jsonl", path.stat().st_size, used, digest.hexdigest(), docs)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -97,12 +98,30 @@ class Sequences:
 
     def batch(self, indices: Sequence[int]) -> np.ndarray:
         """int64 array [len(indices), seq_len + 1]."""
+        self._check_size()
         rows = np.stack([self[int(i)] for i in indices])
         if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
             what = (f"token id {int(rows.max())} >= vocab_size {self.vocab_size} in sequences "
                     f"{[int(i) for i in indices]}")
             raise _corrupt(self.path, what) if self.path else HarnessError(what)
         return rows
+
+
+    def _check_size(self) -> None:
+        """A memory-mapped file cut shorter under a running process kills it with SIGBUS (no
+        message, no checkpoint) at the first read past the new end: one stat per batch finds
+        the cut before any read does."""
+        if self.path is None or not isinstance(self.tokens, np.memmap):
+            return
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return  # deleted or replaced: the mapping keeps the old file's pages readable
+        except OSError as e:
+            raise _corrupt(self.path, f"cannot stat ({e.strerror or e})") from None
+        if size < self.tokens.nbytes:
+            raise _corrupt(self.path, f"{size} bytes, {self.tokens.nbytes} when this run opened "
+                                      "it: it was cut while training read it")
 
 
 class TokenShards:
@@ -156,11 +175,13 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise HarnessError(f"{path} is not valid JSON ({e}); delete {directory} and run "
-                           "`harness prepare-data` again") from None
+        reason = " ".join(str(e).split())[:100]
+        raise HarnessError(f"{path} is not valid JSON ({reason}): run `harness prepare-data` "
+                           f"into another data.out_dir") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise HarnessError(f"{path} is not a format {FORMAT_VERSION} manifest; delete "
-                           f"{directory} and run `harness prepare-data` again")
+        # perhaps not ours at all (a web app's manifest.json): nothing here suggests deleting
+        raise HarnessError(f"{path} is not a format {FORMAT_VERSION} manifest of token shards: "
+                           f"run `harness prepare-data` into another data.out_dir")
     return manifest
 
 

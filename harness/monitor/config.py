@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Optional
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
 
 ACTIONS = ("alert", "skip", "lr_cut", "rollback", "stop")
 EVENT_KINDS = ("grad_spike", "loss_spike", "nonfinite")
@@ -88,27 +88,27 @@ class MonitorConfig:
             _one_of("monitor.act_on", kind, EVENT_KINDS)
         if not self.signals or not all(isinstance(s, str) and s for s in self.signals):
             raise HarnessError("monitor.signals must be a non-empty list of metric names")
+        if not all(isinstance(s, str) and s for s in self.trend_signals):
+            raise HarnessError("monitor.trend_signals must list metric names ([] turns the "
+                               "trend rule off)")
         if not self.loss_signal:
             raise HarnessError("monitor.loss_signal must name the loss metric (e.g. train/loss)")
-        _at_least("monitor.window", self.window, 8)
+        _at_least("monitor.window", self.window, 8, high=1_000_000)
         if self.trend_after is not None:
             _at_least("monitor.trend_after", self.trend_after, 0)
         for key in ("warmup_steps", "episode_gap", "rollback_skip_batches", "max_rollbacks"):
             _at_least(f"monitor.{key}", getattr(self, key), 0)
         for key in ("loss_persist", "lr_cut_steps", "loss_scale_halvings"):
             _at_least(f"monitor.{key}", getattr(self, key), 1)
-        for key in ("grad_z", "loss_z", "min_scale"):
-            if not getattr(self, key) > 0:
-                raise HarnessError(f"monitor.{key} must be > 0 (got {getattr(self, key)})")
-        if not self.trend_growth > 1:
-            raise HarnessError(f"monitor.trend_growth must be > 1 (got {self.trend_growth}); "
-                               "use monitor.trend_signals=[] to turn the trend rule off")
-        if not 0 < self.ema_alpha < 1:
-            raise HarnessError(f"monitor.ema_alpha must be in (0, 1) (got {self.ema_alpha})")
-        if not 0 < self.lr_cut_factor <= 1:
-            raise HarnessError(
-                f"monitor.lr_cut_factor must be in (0, 1] (got {self.lr_cut_factor})"
-            )
+        for key, usual in (("grad_z", 10), ("loss_z", 6), ("min_scale", 0.01)):
+            check_number(f"monitor.{key}", getattr(self, key), 0, low_open=True,
+                         fix=f"e.g. {usual}")
+        check_number("monitor.trend_growth", self.trend_growth, 1, low_open=True,
+                     fix="e.g. 4; monitor.trend_signals=[] turns the trend rule off")
+        check_number("monitor.ema_alpha", self.ema_alpha, 0, 1, low_open=True, high_open=True,
+                     fix="e.g. 0.98")
+        check_number("monitor.lr_cut_factor", self.lr_cut_factor, 0, 1, low_open=True,
+                     fix="e.g. 0.5")
         return self
 
 
@@ -117,6 +117,5 @@ def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
         raise HarnessError(f"{key} must be one of {'|'.join(allowed)} (got {value!r})")
 
 
-def _at_least(key: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise HarnessError(f"{key} must be an integer >= {low} (got {value!r})")
+def _at_least(key: str, value: object, low: int, high: int = 2**31 - 1) -> None:
+    check_number(key, value, low, high, integer=True)

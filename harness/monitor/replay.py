@@ -1,7 +1,9 @@
 """Offline replay: run a recorded trace through the spike detector (`harness monitor replay`).
 
 Reads the harness's own metrics.jsonl (one JSON object per line with "step" and namespaced
-keys; lines without "step" or with an "event" key are skipped, non-numeric values ignored) or
+keys; lines without "step" or with an "event" key are skipped, non-numeric values ignored, and
+the strings "nan", "inf", "-inf" that the harness writes for non-finite values read back as
+the numbers they stand for, so a run that went NaN replays its events) or
 a CSV with a `step` column and any of loss, grad_norm, update_norm, clip_coef, loss_scale, lr,
 grad_norm_<group> (mapped to the namespaced keys; columns already namespaced pass through).
 The format is sniffed from the first character, not the file name. Each record is fed the way
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.callbacks.loggers import as_number
 from harness.errors import HarnessError
 from harness.monitor.config import MonitorConfig
 from harness.monitor.detector import SpikeDetector
@@ -43,7 +46,8 @@ def read_trace(path: str | Path) -> Trace:
         raise HarnessError(f"cannot read trace {path}: {e}") from None
     if not text.strip():
         raise HarnessError(f"trace {path} is empty")
-    records = _read_jsonl(path, text) if text.lstrip().startswith("{") else _read_csv(path, text)
+    records = (_read_jsonl(path, text) if text.lstrip().startswith(("{", "["))
+               else _read_csv(path, text))
     if not records:
         raise HarnessError(f"trace {path} has no records with a 'step'")
     return records
@@ -63,8 +67,11 @@ def _read_jsonl(path: str | Path, text: str) -> Trace:
         if "step" not in obj or "event" in obj:  # event lines are monitor output, not metrics
             continue
         step = _step(path, lineno, obj["step"])
-        nums = {k: float(v) for k, v in obj.items()
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        nums = {}
+        for k, v in obj.items():
+            v = as_number(v)  # "nan", "inf": how MetricsFile writes non-finite values
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                nums[k] = float(v)
         records.append((step, nums))
     return records
 
@@ -76,7 +83,12 @@ def _read_csv(path: str | Path, text: str) -> Trace:
         raise HarnessError(f"trace {path} is neither JSONL nor a CSV with a 'step' column")
     reader.fieldnames = header
     records = []
-    for lineno, row in enumerate(reader, 2):
+    for row in reader:
+        lineno = reader.line_num
+        if None in row or None in row.values():  # more, or fewer, cells than the header
+            cells = len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())
+            raise HarnessError(f"{path}:{lineno}: {cells} cells, the header has {len(header)} "
+                               "columns: fix the row (an empty cell is an empty field)")
         step = _step(path, lineno, row["step"])
         signals = {}
         for col, cell in row.items():

@@ -1,0 +1,327 @@
+"""Bad configs and bad command-line arguments: every numeric key's bad values (inf, nan,
+negative, out of range), wrong types, unknown keys (with the nearest real ones named), YAML
+oddities, interpolations, and the flags of `plan` and `ds-config`. All are refused while the
+config loads, before any model or engine exists, so every case runs in-process in milliseconds.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bad_inputs import Case
+
+AC = "activation_checkpointing"
+NOTHING_WRITTEN = ("runs/tiny/config.yaml", "runs/tiny/metrics.jsonl")
+
+
+def _write(name: str, text: str | bytes):
+    def setup(tmp: Path) -> None:
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+    return setup
+
+
+def _fifo(tmp: Path) -> None:
+    os.mkfifo(tmp / "pipe.yaml")
+
+
+def _key(value_case: str) -> str:
+    return value_case.split("=", 1)[0]
+
+
+# ---- every numeric key: (override, extra words) -------------------------------------------
+# refused by `ds-config` (loads the config, then only writes JSON), the message names the key
+NUMERIC = [
+    "model.n_layer=0", "model.n_layer=-1", "model.n_layer=100000", "model.n_head=0",
+    "model.d_model=-64", "model.d_model=4194304", "model.block_size=0",
+    "model.block_size=1000000000", "model.vocab_size=0", "model.vocab_size=1000000000000",
+    "model.dropout=1.0", "model.dropout=-0.1", "model.dropout=nan", "model.dropout=inf",
+    "model.init_std=0", "model.init_std=-0.02", "model.init_std=inf",
+    "optim.lr=inf", "optim.lr=nan", "optim.lr=-inf", "optim.lr=0", "optim.lr=-0.001",
+    "optim.lr=10", "optim.min_lr_ratio=1.5", "optim.min_lr_ratio=-0.1", "optim.min_lr_ratio=nan",
+    "optim.warmup_steps=-1", "optim.weight_decay=-0.1", "optim.weight_decay=inf",
+    "optim.weight_decay=nan", "optim.beta1=1.5", "optim.beta1=1.0", "optim.beta1=-0.1",
+    "optim.beta1=nan", "optim.beta2=1.0", "optim.beta2=inf", "optim.eps=-1e-8", "optim.eps=0",
+    "optim.eps=inf", "optim.eps=nan", "optim.base_global_batch=-1",
+    "train.global_batch_size=0", "train.global_batch_size=-16",
+    "train.global_batch_size=1099511627776", "train.micro_batch_size=0",
+    "train.micro_batch_size=-1", "train.grad_accum_steps=0", "train.max_steps=0",
+    "train.max_steps=-5", "train.seed=-1", "train.seed=4294967296", "train.log_every=0",
+    "clip.max_norm=-1", "clip.max_norm=inf", "clip.max_norm=nan", "clip.value=0",
+    "clip.value=-1", "clip.value=inf",
+    "fp16.initial_scale_power=-1", "fp16.initial_scale_power=33",
+    "fp16.initial_scale_power=1000", "fp16.loss_scale_window=0", "fp16.hysteresis=0",
+    "fp16.min_loss_scale=0", "fp16.min_loss_scale=-1", "fp16.min_loss_scale=inf",
+    "fp16.min_loss_scale=1048576",
+    "zero.stage=4", "zero.stage=-1", "zero.reduce_bucket_size=0", "zero.reduce_bucket_size=-5",
+    "zero.reduce_bucket_size=1000000000000",
+    f"{AC}.every_k=0", f"{AC}.every_k=-2", "parallel.model_parallel_size=2",
+    "parallel.model_parallel_size=0",
+    "data.vocab_size=100", "data.vocab_size=1000000000", "data.val_fraction=1.0",
+    "data.val_fraction=nan", "data.val_fraction=-0.5", "data.seed=-1", "data.num_workers=-1",
+    "data.num_workers=100000", "data.max_bytes=-1", "data.eval_every=-1",
+    "data.eval_batches=0",
+    "checkpoint.every=-1", "checkpoint.keep_last=0", "checkpoint.keep_last=-3",
+    "monitor.grad_z=inf", "monitor.grad_z=0", "monitor.loss_z=nan", "monitor.loss_z=-6",
+    "monitor.min_scale=-1", "monitor.min_scale=inf", "monitor.trend_growth=inf",
+    "monitor.trend_growth=1", "monitor.ema_alpha=1.0", "monitor.ema_alpha=nan",
+    "monitor.lr_cut_factor=0", "monitor.lr_cut_factor=inf", "monitor.window=4",
+    "monitor.window=100000000", "monitor.loss_persist=0", "monitor.warmup_steps=-1",
+    "monitor.episode_gap=-1", "monitor.lr_cut_steps=0", "monitor.rollback_skip_batches=-1",
+    "monitor.max_rollbacks=-1", "monitor.loss_scale_halvings=0", "monitor.trend_after=-1",
+    "slurm.nodes=0", "slurm.nodes=1000000", "slurm.gpus_per_node=-1",
+    "slurm.cpus_per_task=0", "slurm.signal_grace_s=0", "slurm.signal_grace_s=70000",
+    "slurm.max_restarts=-1",
+]
+
+CASES: list[Case] = [
+    Case(f"config-range-{item}", ["ds-config", item], words=(_key(item),)) for item in NUMERIC
+]
+
+# the same refusals from the commands that would build something: nothing is written
+CASES += [
+    Case("config-train-lr-inf", ["train", "optim.lr=inf"], words=("optim.lr=inf", "finite"),
+         unchanged=NOTHING_WRITTEN),
+    Case("config-train-beta1", ["train", "optim.beta1=1.5"], words=("optim.beta1",),
+         unchanged=NOTHING_WRITTEN),
+    Case("config-train-eps-negative", ["train", "optim.eps=-1e-8"], words=("optim.eps",),
+         unchanged=NOTHING_WRITTEN),
+    Case("config-train-weight-decay-negative", ["train", "optim.weight_decay=-1"],
+         words=("optim.weight_decay",), unchanged=NOTHING_WRITTEN),
+    Case("config-train-scale-power", ["train", "train.precision=fp16", "zero.stage=1",
+                                      "fp16.initial_scale_power=-3"],
+         words=("fp16.initial_scale_power",), unchanged=NOTHING_WRITTEN),
+    Case("config-train-bucket", ["train", "zero.stage=2", "zero.reduce_bucket_size=-1"],
+         words=("zero.reduce_bucket_size",), unchanged=NOTHING_WRITTEN),
+    Case("config-train-lr-times-wd", ["train", "optim.lr=0.5", "optim.weight_decay=4"],
+         words=("optim.weight_decay", "optim.lr"), unchanged=NOTHING_WRITTEN),
+    Case("config-train-warmup-past-end", ["train", "optim.warmup_steps=1000"],
+         words=("optim.warmup_steps", "train.max_steps")),
+    Case("config-train-lr-scaling-no-base", ["train", "optim.lr_scaling=true"],
+         words=("optim.base_global_batch",)),
+    Case("config-train-run-dir-empty", ["train", "train.run_dir="], words=("train.run_dir",),
+         unchanged=NOTHING_WRITTEN),
+    Case("config-train-run-dir-blank", ["train", "train.run_dir=   "],
+         words=("train.run_dir",)),
+    Case("config-train-run-dir-newline", ["train", "train.run_dir=runs/a\nb"],
+         words=("train.run_dir", "one line")),
+    Case("config-prepare-vocab", ["prepare-data", "data.vocab_size=100"],
+         words=("data.vocab_size", "259"), unchanged=("data/stdlib/manifest.json",)),
+    Case("config-prepare-source-empty", ["prepare-data", "data.sources=[a.txt, '']"],
+         words=("data.sources[1]",)),
+    Case("config-prepare-out-dir-empty", ["prepare-data", "data.out_dir=''"],
+         words=("data.out_dir",)),
+    Case("config-submit-nodes", ["submit", "--dry-run", "slurm.nodes=0"],
+         words=("slurm.nodes",)),
+    Case("config-submit-job-name-tab", ["submit", "--dry-run", "slurm.job_name=a\tb"],
+         words=("slurm.job_name",)),
+    Case("config-replay-grad-z", ["monitor", "replay", "trace.csv", "monitor.grad_z=inf"],
+         words=("monitor.grad_z",)),
+    Case("config-plan-bad-override", ["plan", "optim.beta2=1"], words=("optim.beta2",)),
+    Case("config-checkpoint-dir-empty", ["ds-config", "checkpoint.dir=''"],
+         words=("checkpoint.dir", "null")),
+    Case("config-checkpoint-resume-empty", ["ds-config", "checkpoint.resume=''"],
+         words=("checkpoint.resume",)),
+    Case("config-checkpoint-resume-missing", ["ds-config", "checkpoint.resume=nowhere/step1"],
+         words=("checkpoint.resume",)),
+    Case("config-wandb-name-newline", ["ds-config", "wandb.name=one\ntwo"],
+         words=("wandb.name",)),
+    Case("config-monitor-signal-control", ["ds-config", "monitor.signals=[\"a\\x07\"]"],
+         words=("monitor.signals",)),
+]
+
+# ---- types, unknown keys, sections ---------------------------------------------------------
+CASES += [
+    Case("config-type-int-word", ["ds-config", "model.n_layer=four"],
+         words=("model.n_layer", "whole number")),
+    Case("config-type-int-float", ["ds-config", "model.n_layer=4.5"],
+         words=("model.n_layer", "whole number")),
+    Case("config-type-int-exponent", ["ds-config", "train.max_steps=1e5"],
+         words=("train.max_steps", "write 100000")),
+    Case("config-type-int-bool", ["ds-config", "model.n_layer=true"], words=("model.n_layer",)),
+    Case("config-type-float-word", ["ds-config", "optim.lr=fast"], words=("optim.lr", "number")),
+    Case("config-type-bool-two", ["ds-config", "optim.lr_scaling=2"],
+         words=("optim.lr_scaling", "true or false")),
+    Case("config-type-bool-word", ["ds-config", "zero.offload_optimizer=maybe"],
+         words=("zero.offload_optimizer", "true or false")),
+    Case("config-type-list", ["ds-config", "data.sources=3"], words=("data.sources", "list")),
+    Case("config-type-nested-list", ["ds-config", "wandb.tags=[a, [b]]"],
+         words=("wandb.tags[1]", "single value")),
+    Case("config-type-null-int", ["ds-config", "model.n_layer="], words=("model.n_layer", "null")),
+    Case("config-type-null-str", ["ds-config", "train.precision=null"],
+         words=("train.precision",)),
+    Case("config-type-missing-marker", ["ds-config", "model.n_layer=???"],
+         words=("model.n_layer", "???")),
+    Case("config-type-str-mapping", ["ds-config", "train.run_dir=a: b"],
+         words=("train.run_dir",)),
+    Case("config-huge-int", ["ds-config", "model.n_layer=" + "9" * 500], words=("model.n_layer",)),
+    Case("config-unknown-key-typo", ["ds-config", "model.n_layre=4"],
+         words=("model.n_layre", "did you mean model.n_layer", "harness config")),
+    Case("config-unknown-key-beta", ["ds-config", "optim.betas1=0.9"],
+         words=("optim.betas1", "optim.beta1")),
+    Case("config-unknown-key-no-match", ["ds-config", "train.lr=0.1"],
+         words=("train.lr", "train has:", "max_steps")),
+    Case("config-unknown-section", ["ds-config", "trian.max_steps=5"],
+         words=("'trian'", "did you mean train")),
+    Case("config-unknown-wandb-key", ["ds-config", "wandb.nmae=x"],
+         words=("wandb.nmae", "wandb.name")),
+    Case("config-unknown-checkpoint-key", ["ds-config", "checkpoint.evry=3"],
+         words=("checkpoint.evry", "checkpoint.every")),
+    Case("config-section-scalar", ["ds-config", "model=3"],
+         words=("model is a section", "model.n_layer")),
+    Case("config-section-list", ["ds-config", "train=[1,2]"], words=("train is a section",)),
+    Case("config-value-as-section", ["ds-config", "model.n_layer.x=3"],
+         words=("model.n_layer", "not a section")),
+    Case("config-override-not-key-value", ["ds-config", "model.n_layer"],
+         words=("model.n_layer", "key=value")),
+    Case("config-override-empty-key", ["ds-config", "=3"], words=("'=3'", "not a key")),
+    Case("config-override-double-dot", ["ds-config", "model..n_layer=3"],
+         words=("model..n_layer", "not a key")),
+    Case("config-override-unclosed-list", ["ds-config", "data.sources=[a.txt"],
+         words=("data.sources", "close the bracket")),
+    Case("config-interp-missing-key", ["ds-config", "train.run_dir=${nope}"],
+         words=("train.run_dir", "nope")),
+    Case("config-interp-missing-env", ["ds-config", "train.run_dir=${oc.env:HARNESS_NO_SUCH_VAR}"],
+         words=("train.run_dir", "HARNESS_NO_SUCH_VAR", "not set")),
+    Case("config-interp-env-wrong-type", ["ds-config", "model.n_layer=${oc.env:HARNESS_T_LAYERS}"],
+         words=("model.n_layer",), env={"HARNESS_T_LAYERS": "four"}),
+    Case("config-interp-broken", ["ds-config", "train.run_dir=${"], words=("train.run_dir",)),
+    Case("config-interp-env-ok", ["config", "train.run_dir=${oc.env:HARNESS_T_DIR}"],
+         exit_code=0, env={"HARNESS_T_DIR": "runs/from-env"}),
+    Case("config-backtick-value-is-a-string", ["config", "wandb.name=`quoted`"], exit_code=0),
+    Case("config-at-value-is-a-string", ["config", "wandb.group=@team"], exit_code=0),
+    Case("config-bad-enum-precision", ["ds-config", "train.precision=fp8"],
+         words=("train.precision",)),
+    Case("config-bad-enum-policy", ["ds-config", f"{AC}.policy=sometimes"],
+         words=(f"{AC}.policy",)),
+    Case("config-ac-count-too-many", ["ds-config", f"{AC}.policy=count",
+                                      f"{AC}.number_checkpoints=9"],
+         words=(f"{AC}.number_checkpoints", "model.n_layer")),
+    Case("config-ac-every-k-past-end", ["ds-config", f"{AC}.policy=every_k", f"{AC}.every_k=9"],
+         words=(f"{AC}.every_k", "model.n_layer")),
+    Case("config-clip-value-with-zero", ["ds-config", "clip.value=0.5", "zero.stage=2"],
+         words=("clip.value",)),
+]
+
+# ---- YAML files ------------------------------------------------------------------------------
+YAML = [  # (id, file text, words)
+    ("list", "- model\n- train\n", ("c.yaml", "mapping", "not a list")),
+    ("scalar", "42\n", ("c.yaml", "mapping")),
+    ("bare-word", "hello\n", ("c.yaml", "'hello'")),
+    ("duplicate-key", "model:\n  n_layer: 2\n  n_layer: 4\n", ("c.yaml", "duplicate key")),
+    ("tab-indent", "model:\n\tn_layer: 2\n", ("c.yaml", "not valid YAML")),
+    ("backtick", "train:\n  run_dir: `runs`\n", ("c.yaml", "not valid YAML")),
+    ("python-tag", "train:\n  run_dir: !!python/object/apply:os.system [ls]\n",
+     ("c.yaml", "not valid YAML")),
+    ("section-scalar", "model: 3\n", ("c.yaml", "model is a section")),
+    ("section-list", "model: [1, 2]\n", ("c.yaml", "model is a section")),
+    ("unknown-section", "modle:\n  n_layer: 2\n", ("c.yaml", "'modle'", "model")),
+    ("unknown-key", "optim:\n  learning_rate: 0.1\n", ("c.yaml", "optim.learning_rate")),
+    ("folded-plain", "train:\n  run_dir: runs/a\n    b\n",
+     ("c.yaml:2", "train.run_dir", "spans lines 2-3")),
+    ("folded-quoted", "wandb:\n  name: 'first\n    second'\n", ("c.yaml:2", "wandb.name")),
+    ("folded-list-item", "data:\n  sources:\n    - corpus/a\n      b.txt\n",
+     ("data.sources[0]",)),
+    ("literal-newlines", "train:\n  run_dir: |\n    runs/a\n    b\n",
+     ("train.run_dir", "one line")),
+    ("interp-missing", "train:\n  run_dir: ${nope.x}\n", ("c.yaml", "train.run_dir")),
+    ("interp-env-missing", "train:\n  run_dir: ${oc.env:HARNESS_NO_SUCH_VAR}\n",
+     ("train.run_dir", "HARNESS_NO_SUCH_VAR")),
+    ("nan-lr", "optim:\n  lr: .nan\n", ("optim.lr",)),
+    ("inf-beta", "optim:\n  beta2: .inf\n", ("optim.beta2",)),
+    ("float-for-int", "train:\n  max_steps: 1e5\n", ("train.max_steps", "whole number")),
+    ("sexagesimal-time", "slurm:\n  time: 1:30:00\n", ("slurm.time",)),
+    ("value-as-section", "model:\n  n_layer:\n    deep: 4\n", ("model.n_layer", "not a section")),
+    ("int-for-bool", "zero:\n  overlap_comm: 5\n", ("zero.overlap_comm", "true or false")),
+    ("dotted-key", "train.max_steps: 5\n", ("train.max_steps", "nest it")),
+]
+CASES += [Case(f"config-yaml-{name}", ["ds-config", "--config", "c.yaml"], words=words,
+               setup=_write("c.yaml", text), unchanged=("c.yaml",))
+          for name, text, words in YAML]
+CASES += [
+    Case("config-yaml-binary", ["ds-config", "--config", "c.yaml"], words=("c.yaml",),
+         setup=_write("c.yaml", bytes(range(256))), unchanged=("c.yaml",)),
+    Case("config-yaml-latin1", ["ds-config", "--config", "c.yaml"], words=("c.yaml", "UTF-8"),
+         setup=_write("c.yaml", "wandb:\n  name: caf\xe9\n".encode("latin-1")),
+         unchanged=("c.yaml",)),
+    Case("config-yaml-fifo", ["ds-config", "--config", "pipe.yaml"],
+         words=("pipe.yaml", "not a regular file"), setup=_fifo),
+    Case("config-yaml-directory", ["ds-config", "--config", "confs"],
+         words=("confs", "directory"), setup=lambda tmp: (tmp / "confs").mkdir()),
+    Case("config-yaml-missing", ["ds-config", "--config", "missing.yaml"],
+         words=("missing.yaml", "not found")),
+    Case("config-preset-unknown", ["ds-config", "--config", "nope"], words=("'nope'", "tiny")),
+    Case("config-preset-typo", ["ds-config", "--config", "tny"], words=("did you mean tiny",)),
+    Case("config-preset-empty", ["ds-config", "--config", ""], words=("--config",)),
+    # fine: an empty file, comments only, a section with every key commented out
+    Case("config-yaml-empty-ok", ["config", "--config", "c.yaml"], exit_code=0,
+         setup=_write("c.yaml", ""), unchanged=("c.yaml",)),
+    Case("config-yaml-comments-ok", ["config", "--config", "c.yaml"], exit_code=0,
+         setup=_write("c.yaml", "# nothing yet\n"), unchanged=("c.yaml",)),
+    Case("config-yaml-empty-section-ok", ["config", "--config", "c.yaml"], exit_code=0,
+         setup=_write("c.yaml", "model:\n  # n_layer: 4\ntrain:\n  max_steps: 10\n"),
+         unchanged=("c.yaml",)),
+    Case("config-yaml-folded-on-purpose-ok", ["config", "--config", "c.yaml"], exit_code=0,
+         setup=_write("c.yaml", "wandb:\n  name: >-\n    one\n    two\n"),
+         unchanged=("c.yaml",)),
+]
+
+# ---- the commands' own arguments -------------------------------------------------------------
+CASES += [
+    Case("config-plan-target-huge", ["plan", "--target-global-batch", "1000000000000"],
+         words=("--target-global-batch",)),
+    Case("config-plan-target-zero", ["plan", "--target-global-batch", "0"],
+         words=("--target-global-batch",)),
+    Case("config-plan-target-negative", ["plan", "--target-global-batch=-8"],
+         words=("--target-global-batch",)),
+    Case("config-plan-target-word", ["plan", "--target-global-batch", "lots"],
+         words=("--target-global-batch",)),
+    Case("config-plan-target-fraction", ["plan", "--target-global-batch", "1.5"],
+         words=("--target-global-batch",)),
+    Case("config-plan-target-superscript", ["plan", "--target-global-batch", "\u00b2"],
+         words=("--target-global-batch",)),
+    Case("config-plan-target-not-multiple", ["plan", "--target-global-batch", "7",
+                                             "--world-size", "2"],
+         words=("--target-global-batch", "world size 2")),
+    Case("config-plan-world-zero", ["plan", "--world-size", "0"], words=("--world-size",)),
+    Case("config-plan-world-negative", ["plan", "--world-size=-2"], words=("--world-size",)),
+    Case("config-plan-world-word", ["plan", "--world-size", "two"], words=("--world-size",)),
+    Case("config-plan-world-huge", ["plan", "--world-size", "99999999999"],
+         words=("--world-size",)),
+    Case("config-plan-memory-unit", ["plan", "--gpu-memory", "80XB"], words=("--gpu-memory",)),
+    Case("config-plan-memory-zero", ["plan", "--gpu-memory", "0GB"], words=("--gpu-memory",)),
+    Case("config-plan-memory-huge", ["plan", "--gpu-memory", "9" * 400 + "GB"],
+         words=("--gpu-memory",)),
+    Case("config-plan-memory-petabytes", ["plan", "--gpu-memory", "5000TB"],
+         words=("--gpu-memory", "1 PiB")),
+    Case("config-plan-memory-empty", ["plan", "--gpu-memory", ""], words=("--gpu-memory",)),
+    Case("config-plan-top-zero", ["plan", "--top", "0"], words=("--top",)),
+    Case("config-plan-unknown-flag", ["plan", "--gpus", "8"], words=("--gpus",)),
+    Case("config-plan-large-target-ok", ["plan", "--target-global-batch", "2147483647",
+                                         "--top", "1"], exit_code=0),
+    Case("config-ds-world-zero", ["ds-config", "--world-size", "0"], words=("--world-size",)),
+    Case("config-ds-world-negative", ["ds-config", "--world-size=-1"], words=("--world-size",)),
+    Case("config-ds-world-word", ["ds-config", "--world-size", "two"], words=("--world-size",)),
+    Case("config-ds-world-huge", ["ds-config", "--world-size", "10000000"],
+         words=("--world-size",)),
+    Case("config-ds-world-not-divisor", ["ds-config", "--world-size", "3"],
+         words=("train.global_batch_size",)),
+    Case("config-ds-device", ["ds-config", "--device", "tpu"], words=("--device", "tpu")),
+    Case("config-ds-unknown-flag", ["ds-config", "--show-keys"], words=("--show-keys",)),
+    Case("config-no-command", [], words=("command",)),
+    Case("config-unknown-command", ["trian"], words=("trian", "train")),
+    Case("config-train-unknown-flag", ["train", "--resume"], words=("--resume",)),
+    # the way to list every key, named by every unknown-key message
+    Case("config-show-config", ["config"], exit_code=0),
+    Case("config-show-config-preset", ["config", "--config", "gpt2-small",
+                                       "train.micro_batch_size=8"], exit_code=0),
+    Case("config-show-config-flag-ds", ["ds-config", "--show-config"], exit_code=0),
+    Case("config-show-config-flag-train", ["train", "--show-config"], exit_code=0,
+         unchanged=NOTHING_WRITTEN),
+    Case("config-show-config-flag-plan", ["plan", "--show-config", "zero.stage=2"], exit_code=0),
+    Case("config-show-config-refuses-bad", ["config", "optim.lr=inf"], words=("optim.lr",)),
+]
