@@ -181,6 +181,9 @@ def _one_line(text: str, limit: Optional[int] = None) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
+INTERRUPT_EXIT_CODE = 130  # as harness.preemption: the shell code for Ctrl-C (tested equal)
+
+
 def main(argv: list[str] | None = None) -> int:
     _run_dir.clear()
     try:
@@ -190,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config(args)
         return COMMANDS[args.command](args)
     except HarnessError as err:
-        print(f"error: {_one_line(str(err))}", file=sys.stderr)
+        # one write: ranks that share a pipe must not interleave their lines
+        sys.stderr.write(f"error: {_one_line(str(err))}\n")
         _close_process_group()
         return err.exit_code
+    except KeyboardInterrupt:  # before `train` took over Ctrl-C (imports, config, the build)
+        sys.stderr.write("interrupted before training started: no step was taken\n")
+        return INTERRUPT_EXIT_CODE
     except Exception as err:  # a bug: one line, the traceback kept in a file
         text = traceback.format_exc()
         path = _save_traceback(text)

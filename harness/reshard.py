@@ -234,6 +234,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_intact(step_dir: Path) -> None:
+    """Ahead of time, the checkpoint's checksums (at resume, Checkpointer.find_resume checks
+    them before anything is converted): a damaged one is not converted."""
+    from harness.checkpoint_sums import _Group, _verify  # it imports this module
+
+    problem, _ = _verify(Path(step_dir), _Group())
+    if problem is not None:
+        raise HarnessError(f"{step_dir} is corrupt or incomplete ({problem}): convert an "
+                           f"intact checkpoint instead")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m harness.reshard STEP_DIR...`: convert ahead of time (say, before a job on
     another number of GPUs starts), so that no rank waits for it at resume."""
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion is file work; no device needed
     for step_dir in args.step_dirs:
         try:
+            _check_intact(step_dir)
             out, seconds = convert(step_dir, args.tag, args.workers)
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
@@ -26,8 +26,10 @@ from harness.config import Config, ModelConfig, to_dict, to_yaml
 from harness.data.prepare import check_out_dir, check_prepared_from
 from harness.data.shards import MANIFEST
 from harness.ds_config import dumps
-from harness.engine import Built
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # the engine module imports torch: `harness submit` needs none of it
+    from harness.engine import Built
 
 log = logging.getLogger("harness")
 OVERWRITE_KEY = "train.overwrite=true"  # the explicit switch: the old run is moved aside
@@ -156,9 +158,10 @@ def _has_metrics(run_dir: Path) -> bool:
         return False
 
 
-def claim_run_dir(cfg: Config, rank: int) -> None:
+def claim_run_dir(cfg: Config, rank: Optional[int]) -> None:
     """Refuse a run directory that is not this run's (see the module docstring); on rank 0,
-    move the previous run aside when the user asked to overwrite it."""
+    move the previous run aside when the user asked to overwrite it. rank None: only check
+    (`harness submit`: the job moves the files when it starts)."""
     run_dir = Path(cfg.train.run_dir)
     if not run_dir.is_dir():
         return  # new
@@ -216,7 +219,7 @@ def claim_run_dir(cfg: Config, rank: int) -> None:
         f"{os.path.join(cfg.train.run_dir, REPLACED + 'TIME')}/ and start anew")
 
 
-def _move_aside(cfg: Config, run_dir: Path, outputs: list[str], rank: int) -> None:
+def _move_aside(cfg: Config, run_dir: Path, outputs: list[str], rank: Optional[int]) -> None:
     """train.overwrite: rank 0 moves the previous run's files (and checkpoints) to replaced-TIME/
     (a rename: nothing copied, nothing deleted); the user's own files stay where they are."""
     root = _checkpoint_root(cfg)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.config import Config, to_yaml
+from harness.run_dir import check_paths, claim_run_dir
 from harness.slurm import render_sbatch, submit
 
 # Every config value that names a file or directory (data.sources: a list of them). The job
@@ -41,6 +42,9 @@ def absolute_paths(cfg: Config) -> Config:
 
 def submit_job(cfg: Config, dry_run: bool = False) -> int:
     cfg = absolute_paths(cfg)
+    # refused now, on the login node, rather than in the job's log an hour later
+    check_paths(cfg)
+    claim_run_dir(cfg, rank=None)
     run_dir = Path(cfg.train.run_dir)
     job_config = run_dir / "job_config.yaml"
     script = render_sbatch(cfg.slurm, str(run_dir), ["--config", str(job_config)], sys.executable,

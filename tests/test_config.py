@@ -267,3 +267,9 @@ def test_bad_flags_are_one_error_line_not_argparse_usage(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: harness ds-config: argument "
                                                    "--world-size: invalid int value: 'two'")
+
+
+def test_ctrl_c_exit_code_is_the_same_before_and_during_training():
+    from harness import cli, preemption
+
+    assert cli.INTERRUPT_EXIT_CODE == preemption.INTERRUPT_EXIT_CODE == 130

@@ -3,7 +3,8 @@
 One run is killed 10 times, each time a random number of steps (1-12) plus a random 0-40 ms
 after it got going, and restarted with the same command (checkpoint.resume=auto). Saving
 every step makes kills inside a save likely. After every kill, every complete checkpoint
-must load; none may be half-written.
+must load and match its checksums; none may be half-written, and no resume may have had to
+set one aside.
 """
 import os
 import random
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from engine_utils import child_env
-from harness.checkpoint import complete_checkpoints
+from harness.checkpoint_sums import _Group, _verify, complete_checkpoints
 
 pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
@@ -71,9 +72,14 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, shards_dir):
         for ckpt in complete_checkpoints(run / "checkpoints"):  # none half-written
             assert (ckpt / "ds" / "mp_rank_00_model_states.pt").is_file()
             torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
+            assert _verify(ckpt, _Group()) == (None, True), ckpt  # every checksum matches
     final = subprocess.run(command(tmp_path / "out", run, shards_dir), env=child_env(), timeout=300,
                            capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-2000:]
     assert kills >= 10
+    # a kill never left a checkpoint that a resume found damaged and had to set aside
+    assert not list((run / "checkpoints").glob("corrupt-*"))
+    assert not any("corrupt or incomplete" in log.read_text()
+                   for log in tmp_path.glob("life*.log"))
     result = torch.load(tmp_path / "out" / "rank0.pt")
     assert all(torch.equal(result[n], reference[n]) for n in reference)

@@ -79,6 +79,38 @@ def test_signal_saves_and_exits_for_requeue(tmp_path, shards_dir, uninterrupted,
     assert max_diff(final_params(cfg), uninterrupted) == 0.0
 
 
+def test_ctrl_c_saves_and_exits_with_the_interrupt_code(tmp_path, shards_dir, uninterrupted,
+                                                        monkeypatch, capsys):
+    """SIGINT stops like TERM (finish the step, save) but exits 130, not the requeue code; the
+    handler it leaves behind ends the process at a second Ctrl-C, and train() restores
+    Python's own when it returns."""
+    import harness.run as run_mod
+    from harness.preemption import INTERRUPT_EXIT_CODE
+
+    seen = {}
+    real = run_mod.make_trainer
+
+    class Probe(Callback):
+        def on_train_end(self, trainer):  # after the stop, before the save's end
+            seen["handler"] = signal.getsignal(signal.SIGINT)
+
+    def with_ctrl_c(cfg):
+        trainer, ckpt = real(cfg)
+        trainer.callbacks[:0] = [SignalAt(3, signal.SIGINT), Probe()]
+        seen["trainer"] = trainer
+        return trainer, ckpt
+
+    monkeypatch.setattr(run_mod, "make_trainer", with_ctrl_c)
+    cfg = cfg_for(tmp_path, shards_dir)
+    assert train(cfg) == INTERRUPT_EXIT_CODE == 130 != REQUEUE_EXIT_CODE
+    assert seen["trainer"].step == 4 and seen["handler"] == signal.SIG_DFL
+    assert "press Ctrl-C again to abort at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")][-1] == "step00000004"
+    monkeypatch.setattr(run_mod, "make_trainer", real)
+    assert max_diff(final_params(cfg), uninterrupted) == 0.0
+
+
 def test_metrics_after_resume_have_each_step_once(tmp_path, shards_dir):
     import json
 
