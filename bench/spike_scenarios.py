@@ -56,14 +56,16 @@ MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.block_s
 # defaults, 100 and 128, would leave little of a 300-step run to score)
 MONITOR = ["monitor.warmup_steps=50", "monitor.window=64"]
 QUIET = ["train.log_every=1000000", "checkpoint.every=0"]
+# more validation documents than the default 1%, so the held-out batch has enough; training
+# must name the settings its shards were prepared with
+VAL_FRACTION = 0.05
 
 
 def prepare_shards(out_dir: Path, max_bytes: int) -> Path:
     """Token shards of a slice of the built-in corpus, prepared once and reused."""
     if not (out_dir / "manifest.json").is_file():
-        # more validation documents than the default 1%, so the held-out batch has enough
         cfg = DataConfig(out_dir=str(out_dir), max_bytes=max_bytes, vocab_size=512,
-                         val_fraction=0.05)
+                         val_fraction=VAL_FRACTION)
         prepare_data(cfg, progress=False)
     return out_dir
 
@@ -227,7 +229,8 @@ def run_scenario(name: str, seed: int, steps: int, inject_at: int, shards: Path,
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config("tiny", [*MODEL, *MONITOR, *QUIET, f"train.max_steps={steps}",
                                f"train.seed={seed}", f"train.run_dir={run_dir}",
-                               f"data.out_dir={shards}", *extra])
+                               f"data.out_dir={shards}", f"data.val_fraction={VAL_FRACTION}",
+                               *extra])
     logging.getLogger("harness").setLevel(logging.WARNING)
     trainer, _ = make_trainer(cfg)
     held, rec = HeldOut(shards, cfg.model.block_size), Recorder()

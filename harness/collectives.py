@@ -47,8 +47,15 @@ class Collectives:
         return tensor
 
     def barrier(self) -> None:
-        # an all-reduce of one element on our device: NCCL's barrier() guesses a device
-        self.all_reduce(torch.zeros(1, device=self.device))
+        """torch's barrier, not an all-reduce: gloo's also waits for every collective still in
+        flight (leaving the group with one pending aborts the process at exit); NCCL's is
+        told our GPU instead of guessing one."""
+        self.calls += 1
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            dist.barrier(device_ids=[index])
+        else:
+            dist.barrier()
 
     def reduce_scalars(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum each named tensor over ranks with ONE all-reduce; the results come back on the

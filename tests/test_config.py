@@ -249,15 +249,16 @@ def test_unexpected_error_in_train_is_written_under_the_run_dir(monkeypatch, cap
     assert "RuntimeError: late" in saved.read_text()
 
 
-def test_keyboard_interrupt_is_not_swallowed(monkeypatch):
+def test_ctrl_c_before_training_is_one_line_and_exit_130(monkeypatch, capsys):
     from harness import cli
 
     def interrupted(args):
         raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.COMMANDS, "config", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["config"])
+    assert cli.main(["config"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
 
 
 def test_bad_flags_are_one_error_line_not_argparse_usage(capsys):
