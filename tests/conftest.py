@@ -19,3 +19,11 @@ def shards_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "stdlib"
     prepare_data(DataConfig(out_dir=str(out), max_bytes=300_000, vocab_size=512), progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_process_group(monkeypatch):
+    """The CLI leaves the process group when it reports an error, as a process about to exit
+    should. Called in-process by a test, it would tear down the group that later tests'
+    engines share (DeepSpeed caches its groups); subprocess tests still leave it for real."""
+    monkeypatch.setattr("harness.distributed.close_process_group", lambda: None)

@@ -56,9 +56,6 @@ def _run(case: Case, tmp: Path, capsys, monkeypatch) -> tuple[int, str, str]:
         return proc.returncode, out, err
     from harness.cli import main
 
-    # the CLI leaves the process group on an error, as a process about to exit should; in
-    # this process other tests' engines still use it (DeepSpeed caches its groups)
-    monkeypatch.setattr("harness.distributed.close_process_group", lambda: None)
     monkeypatch.chdir(tmp)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value.replace("{tmp}", str(tmp)))
