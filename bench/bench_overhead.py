@@ -20,7 +20,7 @@ import torch
 
 from harness.config import load_config
 from harness.engine import build, seed_everything
-from harness.model import GPT, param_groups
+from harness.model import build_model, param_groups
 from harness.plan import lr_at, make_plan
 from harness.trainer import Trainer
 
@@ -56,7 +56,7 @@ def harness_step(cfg, monitor: bool):
 def bare_step(cfg, device: str):
     plan = make_plan(cfg, 1)
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
                             betas=(o.beta1, o.beta2), eps=o.eps)

@@ -71,7 +71,7 @@ from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards
 from harness.data.sources import TrainData
 from harness.engine import seed_everything
-from harness.model import GPT
+from harness.model import build_model
 from harness.plan import make_plan
 from harness.planner import MARGIN, predict_memory
 
@@ -196,7 +196,7 @@ def reference_norm(cfg, device: str) -> float:
     torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
     torch.set_default_dtype(torch.float32)
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model).to(device)  # built on the CPU like harness.engine.build: same weights
+    model = build_model(cfg.model).to(device)  # built on the CPU like harness.engine.build: same weights
     batch = make_plan(cfg, 1).batch
     seqs = TokenShards.open(cfg.data.out_dir).sequences("train", cfg.model.block_size)
     data = TrainData(seqs, GlobalSampler(len(seqs), cfg.train.seed, batch.micro_batch, 0, 1),

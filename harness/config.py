@@ -26,6 +26,7 @@ from harness.errors import HarnessError, check_line, check_number
 from harness.monitor.config import MonitorConfig
 from harness.slurm import SlurmConfig
 
+ARCHS = ("gpt2", "llama")
 AC_POLICIES = ("none", "every_layer", "every_k", "count", "sqrt", "attention", "mlp")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_COUNT = 2**31 - 1  # batch sizes, steps and other counts (DeepSpeed and torch use int32)
@@ -42,8 +43,19 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     init_std: float = 0.02
+    # gpt2: harness/model.py (LayerNorm, learned positions, GELU MLP, tied head); llama:
+    # harness/llama.py (RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases:
+    # model.bias is unused there)
+    arch: str = "gpt2"
+    n_kv_head: Optional[int] = None  # llama: key/value heads (null = n_head); divides n_head
+    rope_theta: float = 10000.0  # llama: rotary base
+    tie_embeddings: bool = True  # llama: the output head shares the token embedding
+    # llama: SwiGLU hidden width; null = int(8 d / 3) rounded up to a multiple of 256 (Llama's)
+    ffn_hidden: Optional[int] = None
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise HarnessError(f"model.arch={self.arch!r} is not one of {', '.join(ARCHS)}")
         for key, high in (("n_layer", 4096), ("n_head", 4096), ("d_model", 2**20),
                           ("block_size", 2**24), ("vocab_size", 2**24)):
             check_number(f"model.{key}", getattr(self, key), 1, high, integer=True)
@@ -52,6 +64,22 @@ class ModelConfig:
                                f"model.n_head={self.n_head}")
         check_number("model.dropout", self.dropout, 0, 1, high_open=True, fix="e.g. 0.0 or 0.1")
         check_number("model.init_std", self.init_std, 0, 1, low_open=True, fix="e.g. 0.02")
+        check_number("model.n_kv_head", self.n_kv_head, 1, 4096, integer=True, none_ok=True,
+                     fix="null uses model.n_head")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise HarnessError(f"model.n_kv_head={self.n_kv_head} must divide "
+                               f"model.n_head={self.n_head}")
+        check_number("model.rope_theta", self.rope_theta, 0, 1e12, low_open=True,
+                     fix="e.g. 10000.0")
+        check_number("model.ffn_hidden", self.ffn_hidden, 1, 2**22, integer=True, none_ok=True,
+                     fix="null uses int(8 d / 3) rounded up to a multiple of 256")
+        if self.arch == "gpt2":
+            for key, unset in (("n_kv_head", None), ("ffn_hidden", None),
+                               ("tie_embeddings", True)):
+                if getattr(self, key) != unset:
+                    raise HarnessError(f"model.{key}={getattr(self, key)} needs model.arch=llama "
+                                       f"(gpt2 has no such setting): set model.arch=llama or "
+                                       f"remove model.{key}")
 
 
 @dataclass

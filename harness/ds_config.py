@@ -83,7 +83,7 @@ def dumps(ds: dict[str, Any]) -> str:
 
 # ds_configs/<preset>.json: each preset's JSON at the world size and device it is meant for
 SNAPSHOTS = {"tiny": (1, "cpu"), "gpt2-small": (8, "cuda"), "gpt2-medium": (8, "cuda"),
-             "gpt-1.3b": (8, "cuda")}
+             "gpt-1.3b": (8, "cuda"), "tiny-llama": (1, "cpu"), "llama-1b": (8, "cuda")}
 
 
 def snapshot(preset: str) -> str:

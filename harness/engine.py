@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from harness import distributed
 from harness.collectives import Collectives
 from harness.config import Config
 from harness.ds_config import build_ds_config
 from harness.errors import HarnessError
-from harness.model import GPT, count_params, param_groups
+from harness.model import build_model, count_params, param_groups
 from harness.plan import Plan, lr_at, make_plan
 
 log = logging.getLogger("harness")
@@ -50,7 +51,7 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class Built:
     engine: Any
-    model: GPT
+    model: nn.Module  # harness.model.GPT or harness.llama.Llama (model.arch)
     plan: Plan
     ds_config: dict[str, Any]
     dist: distributed.DistEnv
@@ -71,7 +72,7 @@ def import_deepspeed(device: str):
     return deepspeed
 
 
-def configure_checkpointing(deepspeed, cfg: Config, plan: Plan, ds: dict[str, Any], model: GPT,
+def configure_checkpointing(deepspeed, cfg: Config, plan: Plan, ds: dict[str, Any], model: nn.Module,
                             dist: distributed.DistEnv) -> None:
     if not plan.segments:
         model.set_checkpointing((), "none", None)
@@ -94,7 +95,7 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     ds = build_ds_config(cfg, plan, device)
     # same initial weights on every rank and every run with this seed
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     n_params = count_params(model)
     if device == "cuda":  # fp32 matmuls (fp32 runs, the fp32 loss) on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -66,31 +66,14 @@ class Block(nn.Module):
         return self.mlp_part(self.attention_part(x))
 
 
-class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
-        self._segments: tuple[tuple[int, int], ...] = ()
-        self._sub_block: Optional[str] = None
-        self.checkpoint_fn: Optional[CheckpointFn] = None
-        self.apply(self._init_weights)
-        # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+class BlockStack(nn.Module):
+    """Activation checkpointing over `self.blocks` (each with attention_part / mlp_part),
+    shared by GPT and harness.llama.Llama."""
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    blocks: nn.ModuleList
+    _segments: tuple[tuple[int, int], ...] = ()
+    _sub_block: Optional[str] = None
+    checkpoint_fn: Optional[CheckpointFn] = None
 
     def set_checkpointing(self, segments: tuple[tuple[int, int], ...], policy: str,
                           checkpoint_fn: Optional[CheckpointFn]) -> None:
@@ -124,6 +107,33 @@ class GPT(nn.Module):
             i = end
         return self._run_range(i, len(self.blocks))(x)
 
+
+class GPT(BlockStack):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self._segments: tuple[tuple[int, int], ...] = ()
+        self._sub_block: Optional[str] = None
+        self.checkpoint_fn: Optional[CheckpointFn] = None
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns the mean next-token cross-entropy when targets are given, else logits."""
         t = idx.shape[1]
@@ -145,7 +155,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def layer_group(name: str) -> str:
-    """Group a parameter name for per-group gradient norms (the head is tied to wte)."""
+    """Group a parameter name for per-group gradient norms (the head is tied to wte unless
+    llama's model.tie_embeddings=false: then lm_head is the head). harness.llama uses the same
+    names: wte, blocks.N.ln_1/ln_2 and ln_f (RMSNorm), blocks.N.attn.*, blocks.N.mlp.*."""
     if name.startswith(("wte", "wpe")):
         return "embeddings"
     if "ln_" in name:
@@ -157,12 +169,31 @@ def layer_group(name: str) -> str:
     return "head"
 
 
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model `model.arch` names: GPT (gpt2) or harness.llama.Llama (llama)."""
+    if cfg.arch == "llama":
+        from harness.llama import Llama  # noqa: WPS433 (llama imports this module)
+
+        return Llama(cfg)
+    return GPT(cfg)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     """Training FLOPs per token (forward + backward): 6N plus attention's 12 L d T
-    (PaLM appendix B); position embeddings are lookups, not matmuls."""
+    (PaLM appendix B); position embeddings are lookups, not matmuls.
+
+    llama: no position table to subtract (RoPE has no parameters); SwiGLU's three matrices
+    and GQA's narrower key/value projections are already in n_params, and the attention term
+    stays 12 L d T (QK^T and AV run over all n_head query heads of width d / n_head, whatever
+    n_kv_head is). An untied input embedding is a lookup: its vocab x d is subtracted; a tied
+    one is counted once, as the output head's matmul. RMSNorm weights are in n_params but
+    cost no matmul (< 0.01% of N)."""
+    if cfg.arch == "llama":
+        embedding_lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+        return 6 * (n_params - embedding_lookup) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
     n_matmul = n_params - cfg.block_size * cfg.d_model
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * cfg.block_size

@@ -31,7 +31,7 @@ from harness.config import Config, ModelConfig, load_config
 from harness.engine import resolve_device
 from harness.errors import HarnessError
 from harness.memory import block_parts, predict_peak
-from harness.model import GPT, count_params, flops_per_token
+from harness.model import build_model, count_params, flops_per_token
 from harness.plan import checkpoint_segments, make_plan
 
 GB = 1e9
@@ -81,9 +81,9 @@ def _param_counts(cfg: Config) -> dict[str, int]:
 
 @lru_cache(maxsize=16)
 def _counts(model_fields: tuple) -> dict[str, int]:
-    """Counted on a meta-device GPT (no memory, no init cost), so they match the model."""
+    """Counted on a meta-device model (no memory, no init cost), so they match the model."""
     with torch.device("meta"):
-        model = GPT(ModelConfig(*model_fields))
+        model = build_model(ModelConfig(*model_fields))
     block = model.blocks[0]
     return {"total": count_params(model), "block": count_params(block),
             "attention": count_params(block.attn) + count_params(block.ln_1),

@@ -15,7 +15,7 @@ from harness.data.sampler import GlobalSampler
 from harness.data.shards import Sequences
 from harness.data.sources import TrainData
 from harness.engine import build, seed_everything  # noqa: F401 (re-exported)
-from harness.model import GPT, param_groups
+from harness.model import build_model, param_groups
 from harness.plan import lr_at, make_plan
 from harness.trainer import Trainer
 
@@ -89,7 +89,7 @@ def full_params(engine):
 def plain_training(cfg: Config):
     """The harness's model, AdamW groups and LR schedule in plain PyTorch: (model, opt, sched)."""
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     plan = make_plan(cfg, 1)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=plan.lr,
@@ -130,7 +130,7 @@ def plain_grads(cfg: Config, micro: int, accum: int, dtype=torch.float32,
     """The first step's accumulated gradient in plain PyTorch: the model in `dtype` (bf16 as
     DeepSpeed casts it), each micro-batch's gradient / accum summed in `accum_dtype`."""
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model).to(dtype)
+    model = build_model(cfg.model).to(dtype)
     data = make_data(cfg, micro)
     grads = {n: torch.zeros_like(p, dtype=accum_dtype) for n, p in model.named_parameters()}
     for k in range(accum):

@@ -54,7 +54,7 @@ def test_worked_example_clips_to_max_norm_keeping_direction(stage, monkeypatch):
     import harness.engine as engine_mod
 
     g = [3.0, 4.0, 0.0, 0.0, -12.0]
-    monkeypatch.setattr(engine_mod, "GPT", lambda _cfg: OneVector(g))
+    monkeypatch.setattr(engine_mod, "build_model", lambda _cfg: OneVector(g))
     cfg = small_cfg("train.micro_batch_size=1", "train.grad_accum_steps=1",
                     f"zero.stage={stage}", "clip.max_norm=10", "optim.weight_decay=0")
     built = build(cfg)

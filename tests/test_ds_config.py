@@ -27,8 +27,9 @@ class _DataParallel:
         return self.size
 
 
-# tiny pins a global batch of 16 at micro batch 8: it divides over 1 and 2 ranks only
-CASES = [(p, ws, []) for p in SNAPSHOTS for ws in ((1, 2) if p == "tiny" else (1, 2, 8))] + [
+# tiny and tiny-llama pin a global batch of 16 at micro batch 8: it divides over 1 and 2 ranks only
+CASES = [(p, ws, []) for p in SNAPSHOTS
+         for ws in ((1, 2) if p.startswith("tiny") else (1, 2, 8))] + [
     ("tiny", 2, ["activation_checkpointing.policy=sqrt", "model.n_layer=8",
                  "activation_checkpointing.partition_activations=true",
                  "activation_checkpointing.cpu_checkpointing=true",

@@ -1,0 +1,154 @@
+"""A Llama-style decoder (model.arch=llama): pre-RMSNorm blocks, rotary positions, SwiGLU MLP,
+grouped-query causal SDPA attention, no biases, tied or untied output head.
+
+The interface is GPT's (harness/model.py): forward(idx, targets) returns the mean
+cross-entropy over fp32 logits (logits without targets), `blocks` with attention_part /
+mlp_part, set_checkpointing from the shared BlockStack, and parameter names that
+harness.model.layer_group groups as it groups GPT's: wte, blocks.N.ln_1 / ln_2 and ln_f
+(RMSNorm weights), blocks.N.attn.{wq,wk,wv,wo}, blocks.N.mlp.{w1,w2,w3}, lm_head (untied).
+
+Conventions, chosen so a Hugging Face LlamaForCausalLM export is a renaming: RoPE rotates
+the two halves of each head (HF's rotate_half, not Meta's interleaved pairs), with frequency
+theta^(-2i/d_head) for i < d_head/2, computed in fp32 and applied to q and k before attention;
+query head h shares key/value head h // (n_head / n_kv_head) (repeat_interleave order);
+mlp(x) = w2(silu(w1 x) * w3 x); RMSNorm eps 1e-5.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.config import ModelConfig
+from harness.model import BlockStack, CheckpointFn
+
+NORM_EPS = 1e-5
+FFN_MULTIPLE = 256
+
+
+def ffn_hidden(cfg: ModelConfig) -> int:
+    """model.ffn_hidden, or Llama's rounding: int(2/3 of 4 d), up to a multiple of 256."""
+    if cfg.ffn_hidden is not None:
+        return cfg.ffn_hidden
+    return FFN_MULTIPLE * math.ceil(int(8 * cfg.d_model / 3) / FFN_MULTIPLE)
+
+
+def rope_tables(t: int, d_head: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (t, d_head) fp32, for positions 0..t-1 in the rotate-half layout."""
+    inv = 1.0 / theta ** (torch.arange(0, d_head, 2, device=device, dtype=torch.float32) / d_head)
+    angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), inv)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, h, t, d_head) rotated in fp32, returned in x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.d_head = cfg.d_model // cfg.n_head
+        self.theta = cfg.rope_theta
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.d_head, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_head * self.d_head, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_head * self.d_head, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.d_head, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_head, self.d_head).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_head, self.d_head).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_head, self.d_head).transpose(1, 2)
+        cos, sin = rope_tables(t, self.d_head, self.theta, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(b, t, self.n_head * self.d_head)
+        return self.resid_drop(self.wo(y))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden(cfg)
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.d_model)
+        self.attn = GQAttention(cfg)
+        self.ln_2 = RMSNorm(cfg.d_model)
+        self.mlp = SwiGLU(cfg)
+
+    def attention_part(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.ln_1(x))
+
+    def mlp_part(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_part(self.attention_part(x))
+
+
+class Llama(BlockStack):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self._segments: tuple[tuple[int, int], ...] = ()
+        self._sub_block: Optional[str] = None
+        self.checkpoint_fn: Optional[CheckpointFn] = None
+        # N(0, init_std) for every matrix, residual outputs (wo, w2) scaled by 1/sqrt(2 L)
+        # as GPT's; RMSNorm weights start at 1
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns the mean next-token cross-entropy when targets are given, else logits."""
+        x = self.drop(self.wte(idx))
+        x = self.ln_f(self._blocks_forward(x))
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
