@@ -172,12 +172,11 @@ class _Group:
     def __init__(self, comm: Optional[Collectives] = None):
         import torch.distributed as dist
 
-        if comm is None and dist.is_available() and dist.is_initialized():
-            comm = Collectives.for_process_group()
-        self.comm = comm
         initialized = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if comm is not None and initialized else 0
-        self.world = dist.get_world_size() if comm is not None and initialized else 1
+        if comm is None and initialized:
+            comm = Collectives.for_process_group()
+        self.comm = comm if initialized else None
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
 
     def broadcast_object(self, obj):
         return self.comm.broadcast_object(obj) if self.comm is not None else obj

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.config import ModelConfig
-from harness.model import BlockStack, CheckpointFn
+from harness.model import Block, BlockStack, CheckpointFn
 
 NORM_EPS = 1e-5
 FFN_MULTIPLE = 256
@@ -104,31 +104,15 @@ class SwiGLU(nn.Module):
         return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-class LlamaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln_1 = RMSNorm(cfg.d_model)
-        self.attn = GQAttention(cfg)
-        self.ln_2 = RMSNorm(cfg.d_model)
-        self.mlp = SwiGLU(cfg)
-
-    def attention_part(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attn(self.ln_1(x))
-
-    def mlp_part(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.ln_2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_part(self.attention_part(x))
-
-
 class Llama(BlockStack):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(RMSNorm(cfg.d_model), GQAttention(cfg), RMSNorm(cfg.d_model), SwiGLU(cfg))
+            for _ in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

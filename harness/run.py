@@ -104,7 +104,7 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     shards = open_shards(cfg, built)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, {"data_fingerprint": shards.fingerprint})
     checkpointer.clean_partial(built.dist.rank)
-    resume = checkpointer.find_resume()
+    resume = checkpointer.find_resume(built.comm)
     metrics_file = MetricsFile(run_dir)
     callbacks = [checkpointer, Throughput(), metrics_file, Console(cfg.train.log_every),
                  WandbLogger(cfg.wandb)]

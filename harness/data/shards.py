@@ -106,7 +106,6 @@ class Sequences:
             raise _corrupt(self.path, what) if self.path else HarnessError(what)
         return rows
 
-
     def _check_size(self) -> None:
         """A memory-mapped file cut shorter under a running process kills it with SIGBUS (no
         message, no checkpoint) at the first read past the new end: one stat per batch finds
