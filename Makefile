@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: an open range resolved with no torch present pulls a multi-GB CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# the hf extra (transformers, lm-eval) never moves torch: the pin is already installed
+	$(PY) -m pip install -q -e ".[dev,hf]" "$$($(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])")"
 	touch $@
 
 install: $(VENV)/.installed

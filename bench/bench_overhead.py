@@ -40,7 +40,7 @@ def harness_step(cfg, monitor: bool):
     trainer = Trainer(cfg, built, synthetic_data(cfg, b.micro_batch, built.device), callbacks)
     # the monitor's own CPU time inside each step: its callback and the update-norm pass
     timer = CpuTimer(*[(callbacks[0], h) for h in ("on_before_step", "on_step_end")],
-                     (trainer.norms, "update_ratio")) if monitor else None
+                     (trainer.norms, "update_metrics")) if monitor else None
 
     def step():
         before = timer.seconds if timer else 0.0

@@ -12,7 +12,8 @@ world size 1 fails here. In order:
    run that prepared or rewrote them would change the manifest: checked at the end).
 2. correctness: ZeRO 0-3 x bf16 and fp16 on a small GPT, every-layer activation
    checkpointing, the spike monitor on, eval/loss every 2 steps, 3 steps, gradient
-   accumulation 2. Each run's FIRST pre-clip norm (optim/grad_norm_preclip at step 1 in
+   accumulation 2; and the tiny llama with qk_norm, z-loss and the chunked loss at ZeRO 1
+   and 3 in bf16 (its reference: the full-logits loss with the same z-loss). Each run's FIRST pre-clip norm (optim/grad_norm_preclip at step 1 in
    RUN_DIR/metrics.jsonl) is compared with plain PyTorch in fp32 on the same weights and
    batch: harness.model.GPT built after harness.engine.seed_everything(train.seed) as
    harness.engine.build does, the first global batch drawn from the same shards by the
@@ -23,7 +24,9 @@ world size 1 fails here. In order:
    batch, 10 steps: tokens/s and MFU (medians of throughput/tokens_per_s and throughput/mfu
    after 3 warm-up steps), the largest memory/gpu_max_allocated_gb against the planner's
    prediction (harness.planner.predict_memory(...)["peak"], which estimates exactly that
-   counter), and the first pre-clip norm against the reference too.
+   counter), and the first pre-clip norm against the reference too. gpt2-small without
+   checkpointing also runs with train.compile=true and with the chunked loss: compare their
+   tok/s and memory with the plain row.
 
 Tolerances. Norm: 2% (NORM_RTOL). A bf16 run starts from the fp32 weights rounded to 8
 significant bits (up to 2^-9 = 0.2% per weight) and computes in bf16; the global norm sums
@@ -108,6 +111,16 @@ def norm_runs(device: str, quick: bool) -> list[dict]:
                               "data.eval_batches=2"],
                 # DeepSpeed's CPU accelerator has no fp16 (the config refuses it up front)
                 "skip": "no fp16 on the CPU" if precision == "fp16" and device == "cpu" else None})
+    # issue 13's model: llama with qk_norm, z-loss and the chunked loss, at ZeRO 1 and 3
+    for stage in (1, 3):
+        runs.append({
+            "name": f"llama-zero{stage}-bf16", "kind": "norm", "preset": "tiny-llama",
+            "overrides": [*(QUICK_MODEL if quick else NORM_MODEL), f"zero.stage={stage}",
+                          "train.precision=bf16", "model.qk_norm=true", "train.z_loss=1e-4",
+                          "train.loss_chunk_tokens=256", "monitor.enabled=true",
+                          "train.max_steps=3", "optim.warmup_steps=1", "data.eval_every=2",
+                          "data.eval_batches=2"],
+            "skip": None})
     return runs
 
 
@@ -128,6 +141,11 @@ def speed_runs(device: str, quick: bool, steps: int) -> list[dict]:
             runs.append({"name": f"{preset} {policy} micro {m}", "kind": "speed",
                          "preset": preset, "overrides": [*one_micro_step(m), *extra],
                          "skip": None})
+            if preset == "gpt2-small" and policy == "none":  # issue 13's levers, same shape
+                for lever in ("train.compile=true", "train.loss_chunk_tokens=4096"):
+                    runs.append({"name": f"{preset} {policy} micro {m} {lever.split('.')[1]}",
+                                 "kind": "speed", "preset": preset,
+                                 "overrides": [*one_micro_step(m), *extra, lever], "skip": None})
     return runs
 
 
@@ -197,6 +215,7 @@ def reference_norm(cfg, device: str) -> float:
     torch.set_default_dtype(torch.float32)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)  # built on the CPU like harness.engine.build: same weights
+    model.set_loss(cfg.train.z_loss, 0)  # the full-logits loss: the chunked one's reference
     batch = make_plan(cfg, 1).batch
     seqs = TokenShards.open(cfg.data.out_dir).sequences("train", cfg.model.block_size)
     data = TrainData(seqs, GlobalSampler(len(seqs), cfg.train.seed, batch.micro_batch, 0, 1),
@@ -219,7 +238,7 @@ def reference_key(run: dict) -> str:
     cfg = run["cfg"]
     b = make_plan(cfg, 1).batch
     return json.dumps([vars(cfg.model), cfg.train.seed, b.micro_batch, b.grad_accum,
-                       cfg.clip.max_norm, cfg.data.out_dir], sort_keys=True)
+                       cfg.clip.max_norm, cfg.data.out_dir, cfg.train.z_loss], sort_keys=True)
 
 
 # ---- judging ----------------------------------------------------------------------------

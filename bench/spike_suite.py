@@ -16,8 +16,13 @@
 4. Rollback: a run that never recovers unprotected, rerun with monitor.action=rollback, and
    its final held-out loss compared with the clean run's. 5. The monitor's CPU overhead.
 
-The monitor's defaults were set on seeds <= TUNED_SEEDS of every scenario (stable seeds 1-4,
-instability seeds 1-3); the other seeds are held out, and step 3 reports both apart.
+Calibration (issue 16): bench/spike_split.py splits scenarios AND seeds into a tuning part and
+a held-out part, fixed before any tuning. The monitor's defaults come from the tuning part
+only. The main tables are measured on the HELD-OUT part; the matched-false-alarm settings of
+every detector are chosen on the tuning part and then scored on the held-out part; the real
+stable log (held out) is replayed through every detector. "ours" counts every event (warnings
+too: what `skip` may act on), "ours-alarm" only alarms (what wandb.alert, lr_cut, rollback and
+stop follow), "ours-loss" only confirmed loss spikes and non-finite values.
 
 A detector's alarms are ALL its events (warnings, loss spikes, non-finite values): each could
 trigger an action, so each counts as a flag and, on a stable run, as a false alarm. A spike
@@ -42,14 +47,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import spike_scenarios as sc  # noqa: E402
+import spike_split as split  # noqa: E402
 from common import print_table, save_json  # noqa: E402
 from harness.monitor import MonitorConfig, SpikeDetector  # noqa: E402
 from harness.monitor.baselines import BASELINES  # noqa: E402
-from harness.monitor.replay import POST_STEP  # noqa: E402
+from harness.monitor.config import ALARMS, is_post_step  # noqa: E402
+from harness.monitor.replay import read_trace  # noqa: E402
 
 LOOKBACK, LATE = 20, 10  # LOOKBACK = the detector's default episode_gap
 FA_BUDGET = 1.0  # false alarms per 1000 stable steps allowed at the matched setting
-TUNED_SEEDS = {"stable": 4, "other": 3}  # seeds the monitor defaults were tuned on
+REAL_LOG = Path(__file__).resolve().parents[1] / "tests" / "data" / "llmc_gpt2_124M_stable.csv.gz"
+REAL_FROM = 500  # the issue's convention: alarms per 1000 steps after step 500
 
 
 # ---- detectors: name -> (knob, default, sweep grid, factory(knob, monitor kwargs)) ---------
@@ -62,9 +70,17 @@ def _ours(scale: float, mon: dict, loss_only: bool = False):
     return det
 
 
+def _ours_alarm(scale: float, mon: dict):
+    det = _ours(scale, mon)
+    det.keep = ALARMS  # what wandb.alert and the expensive actions follow
+    return det
+
+
 DETECTORS = {
     "ours": ("z_scale=", 1.0, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0],
              lambda v, mon: _ours(v, mon)),
+    "ours-alarm": ("z_scale=", 1.0, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0],
+                   lambda v, mon: _ours_alarm(v, mon)),
     "ours-loss": ("z_scale=", 1.0, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0],
                   lambda v, mon: _ours(v, mon, loss_only=True)),
     "fixed": ("norm>", 1.0, [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64],
@@ -87,8 +103,8 @@ def alarm_steps(det, trace: list[dict]) -> list[int]:
     for row in trace:
         step = int(row["step"])
         signals = {k: v for k, v in row.items() if k != "step" and not k.startswith("eval/")}
-        pre = {k: v for k, v in signals.items() if k not in POST_STEP}
-        post = {k: v for k, v in signals.items() if k in POST_STEP}
+        pre = {k: v for k, v in signals.items() if not is_post_step(k)}
+        post = {k: v for k, v in signals.items() if is_post_step(k)}
         for ev in det.check_pre_step(step, pre) + det.check_post_step(step, post):
             if keep is None or ev["event"] in keep:
                 steps.append(step)
@@ -96,9 +112,15 @@ def alarm_steps(det, trace: list[dict]) -> list[int]:
 
 
 # ---- scoring ------------------------------------------------------------------------------
-def first_flag(alarms: list[int], onset: int) -> int | None:
-    hits = [a for a in alarms if onset - LOOKBACK <= a <= onset + LATE]
+def first_flag(alarms: list[int], onset: int, lookback: int = LOOKBACK) -> int | None:
+    hits = [a for a in alarms if onset - lookback <= a <= onset + LATE]
     return onset - hits[0] if hits else None
+
+
+def lookback(run: dict) -> int:
+    """A natural instability builds up over the whole run (the issue asks for >= 50 steps of
+    lead): any flag since the monitor armed counts; an injected one: LOOKBACK steps."""
+    return 10**9 if run["scenario"] in sc.NATURAL else LOOKBACK
 
 
 def score(runs: list[dict], alarms: list[list[int]], arm: int) -> dict:
@@ -108,7 +130,7 @@ def score(runs: list[dict], alarms: list[list[int]], arm: int) -> dict:
     false, stable_steps = 0, 0
     for run, al in zip(runs, alarms):
         kind = "pre" if sc.SCENARIOS[run["scenario"]][1] else "none"
-        leads[kind] += [first_flag(al, o) for o in run["gt"]]
+        leads[kind] += [first_flag(al, o, lookback(run)) for o in run["gt"]]
         if run["scenario"] == "stable":
             stable_steps += sum(1 for r in run["trace"] if r["step"] >= arm)
             false += sum(1 for a in al  # alarms near a real spike in a stable run are true
@@ -134,17 +156,22 @@ def _summary(leads: dict, false: int, stable_steps: int) -> dict:
             "leads": leads}
 
 
-def evaluate(runs: list[dict], mon: dict, arm: int) -> dict:
-    """Every detector at its default and over its sweep grid."""
+def replay_all(runs: list[dict], mon: dict, arm: int) -> dict:
+    """Every detector's alarm steps on every run, at its default and over its sweep grid."""
+    return {name: {v: [[a for a in alarm_steps(make(v, mon), r["trace"]) if a >= arm]
+                       for r in runs] for v in sorted(set(grid) | {default})}
+            for name, (_, default, grid, make) in DETECTORS.items()}
+
+
+def evaluate(runs: list[dict], alarms: dict, arm: int, keep=lambda r: True) -> dict:
+    """Every detector's scores over the runs `keep` selects (replay_all's `alarms`)."""
+    idx = [i for i, r in enumerate(runs) if keep(r)]
+    sub = [runs[i] for i in idx]
     out = {}
-    for name, (knob, default, grid, make) in DETECTORS.items():
-        rows, kept = {}, None
-        for v in sorted(set(grid) | {default}):
-            alarms = [[a for a in alarm_steps(make(v, mon), r["trace"]) if a >= arm]
-                      for r in runs]
-            rows[v] = score(runs, alarms, arm)
-            kept = alarms if v == default else kept
-        out[name] = {"knob": knob, "default": default, "sweep": rows, "alarms": kept}
+    for name, (knob, default, _, _) in DETECTORS.items():
+        rows = {v: score(sub, [al[i] for i in idx], arm) for v, al in alarms[name].items()}
+        out[name] = {"knob": knob, "default": default, "sweep": rows,
+                     "alarms": [alarms[name][default][i] for i in idx]}
     return out
 
 
@@ -180,23 +207,31 @@ def run_all(args, shards: Path, workdir: Path) -> tuple[list[dict], dict]:
                     [*args.monitor, "monitor.action=rollback", "checkpoint.every=10",
                      "monitor.rollback_skip_batches=20"], "rollback")
     jobs.append(rollback_job)
+    twins = [(n, s, args.steps, 0, shards, workdir, args.monitor, "twin")
+             for n, s, _ in plan_runs(args) if n in sc.NATURAL]
+    jobs += twins
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(_run_job, jobs))
     else:
         results = [_run_job(j) for j in jobs]
-    for r in results:
-        r["gt_all"] = sc.loss_spikes(r["trace"])
+    n = len(jobs) - len(twins)
+    args.twins = {(r["scenario"], r["seed"]): r for r in results[n:]}
+    for r in results[:n]:
+        twin = args.twins.get((r["scenario"], r["seed"]))
+        r["gt_all"] = (sc.twin_gap_onsets(r["trace"], twin["trace"]) if twin
+                       else sc.loss_spikes(r["trace"]))
         r["gt"] = [o for o in r["gt_all"] if o >= args.arm]  # a detector can flag these
-    return results[:-1], results[-1]
+    return results[:n - 1], results[n - 1]
 
 
 def _run_job(job: tuple) -> dict:
     name, seed, steps, k, shards, workdir, extra, *tag = job
     t0 = time.perf_counter()
     r = sc.run_scenario(name, seed, steps, k, shards, workdir, extra, *(tag or ["alert"]))
-    print(f"  ran {name:<13} seed {seed}  {r['steps_run']} steps  {time.perf_counter() - t0:5.1f}s"
-          f"  held-out spikes at {sc.loss_spikes(r['trace']) or '-'}", flush=True)
+    print(f"  ran {name:<13} seed {seed} {r['tag']:<8} {r['steps_run']} steps  "
+          f"{time.perf_counter() - t0:5.1f}s  held-out spikes at "
+          f"{sc.loss_spikes(r['trace']) or '-'}", flush=True)
     return r
 
 
@@ -215,44 +250,72 @@ HEAD = ["detector", "setting", "ahead>=1", "by_onset", "by_onset*", "flagged",
         "lead_med", "p10", "p90", "FA/1k"]
 
 
-def print_detection(res: dict, budgets: list[float]) -> dict:
-    """The published settings, then each detector's best setting within each budget."""
+def print_detection(res: dict, pick_from: dict, budgets: list[float], part: str) -> dict:
+    """The published settings, then each detector's best setting within each budget, chosen
+    on `pick_from` (the tuning part) and scored on `res` (the part the tables report)."""
     rows, picks = [], {}
     for name, d in res.items():
         rows.append(_row(name, d["knob"], d["default"], d["sweep"][d["default"]]))
     s0 = next(iter(res["ours"]["sweep"].values()))
-    print_table(HEAD, rows, f"\ndetection at the published settings ({s0['n_pre']} spikes with "
-                f"a possible precursor, {s0['n_none']} without (*); FA over "
+    print_table(HEAD, rows, f"\ndetection at the published settings, {part} ({s0['n_pre']} "
+                f"spikes with a possible precursor, {s0['n_none']} without (*); FA over "
                 f"{s0['stable_steps']} stable steps)")
     for budget in budgets:
         rows, picks[budget] = [], {}
         for name, d in res.items():
-            v, s = matched(d["sweep"], budget)
+            v, _ = matched(pick_from[name]["sweep"], budget)
             picks[budget][name] = v
-            rows.append(_row(name, d["knob"], v, s))
+            rows.append(_row(name, d["knob"], v, d["sweep"][v]))
         print_table(HEAD, rows, f"\nat a matched false-alarm rate: each detector's best "
-                    f"setting with <= {budget:.2f} false alarms / 1000 stable steps")
+                    f"setting with <= {budget:.2f} false alarms / 1000 stable steps on the "
+                    f"tuning part, scored on the {part}")
     return picks
 
 
 def tuned(run: dict) -> bool:
-    return run["seed"] <= TUNED_SEEDS["stable" if run["scenario"] == "stable" else "other"]
+    return split.part(run["scenario"], run["seed"]) == "tune"
 
 
-def print_held_out(runs: list[dict], alarms: list[list[int]], arm: int) -> dict:
-    """SpikeDetector at its defaults (its `alarms` per run) on the seeds its defaults were
-    tuned on vs the rest."""
+def real_log_rates(mon: dict, picks: dict) -> dict:
+    """Alarms per 1000 steps after REAL_FROM on the held-out real stable log, every detector
+    at its published setting and at each matched setting. The suite's monitor overrides
+    (warm-up, window) are for 300-step runs: the real log gets the defaults."""
+    if not REAL_LOG.is_file():
+        return {}
+    trace = [dict(signals, step=step) for step, signals in read_trace(REAL_LOG)]
+    n = sum(1 for r in trace if r["step"] >= REAL_FROM)
     out = {}
-    for name, keep in (("tuning seeds", tuned), ("held-out seeds", lambda r: not tuned(r))):
-        idx = [i for i, r in enumerate(runs) if keep(r)]
-        if any(runs[i]["scenario"] == "stable" for i in idx):
-            out[name] = score([runs[i] for i in idx], [alarms[i] for i in idx], arm)
-    rows = [[n, s["n_pre"], _f(s["recall_ahead"]), _f(s["recall_onset"]),
-             _f(s["recall_onset_none"]), s["false_alarms"], s["stable_steps"],
+    for name, (knob, default, _, make) in DETECTORS.items():
+        settings = {"published": default, **{f"matched<={b:g}": p[name] for b, p in picks.items()}}
+        out[name] = {label: 1000 * sum(1 for a in alarm_steps(make(v, {}), trace)
+                                       if a >= REAL_FROM) / n for label, v in settings.items()}
+    rows = [[name, *(_f(v, 2) for v in r.values())] for name, r in out.items()]
+    print_table(["detector", *next(iter(out.values()))], rows,
+                f"\nreal stable log (held out): {REAL_LOG.name}, alarms / 1000 steps after "
+                f"step {REAL_FROM} ({n} steps; every alarm is a false one)")
+    return out
+
+
+def print_held_out(runs: list[dict], res: dict, arm: int) -> dict:
+    """Ours at its defaults (events and alarms only) on the tuning part, the held-out part
+    and the part no tuning ever saw (spike_split.clean_held_out)."""
+    out = {}
+    parts = (("tuning", tuned), ("held-out", lambda r: not tuned(r)),
+             ("clean held-out", lambda r: split.clean_held_out(r["scenario"], r["seed"])))
+    for det in ("ours", "ours-alarm"):
+        alarms = res[det]["alarms"]
+        for name, keep in parts:
+            idx = [i for i, r in enumerate(runs) if keep(r)]
+            if any(runs[i]["scenario"] == "stable" for i in idx):
+                out[f"{det} {name}"] = score([runs[i] for i in idx], [alarms[i] for i in idx],
+                                             arm)
+    rows = [[n.split()[0], " ".join(n.split()[1:]).replace(" ", "_"), s["n_pre"], s["n_none"],
+             _f(s["recall_ahead"]), _f(s["recall_onset"]), _f(s["recall_onset_none"]),
+             _f(s["lead_median"], 1), s["false_alarms"], s["stable_steps"],
              _f(s["fa_per_1000"], 1)] for n, s in out.items()]
-    print_table(["ours, defaults", "spikes", "ahead>=1", "by_onset", "by_onset*", "FA",
-                 "stable_steps", "FA/1k"], rows, "\nthe defaults were tuned on stable seeds "
-                f"1-{TUNED_SEEDS['stable']} and instability seeds 1-{TUNED_SEEDS['other']}:")
+    print_table(["detector", "part", "spikes", "spikes*", "ahead>=1", "by_onset", "by_onset*",
+                 "lead_med", "FA", "stable_steps", "FA/1k"], rows,
+                "\nours at its defaults, by calibration part (bench/spike_split.py)")
     return out
 
 
@@ -261,7 +324,8 @@ def print_per_scenario(runs: list[dict], alarms: dict) -> None:
     rows = []
     for name in dict.fromkeys(r["scenario"] for r in runs):
         idx = [i for i, r in enumerate(runs) if r["scenario"] == name]
-        cells = [",".join(_lead(first_flag(alarms[d][i], o)) for i in idx for o in runs[i]["gt"])
+        cells = [",".join(_lead(first_flag(alarms[d][i], o, lookback(runs[i])))
+                          for i in idx for o in runs[i]["gt"])
                  or "-" for d in alarms]
         rows.append([name, sum(len(runs[i]["gt"]) for i in idx), *cells])
     print_table(["scenario", "spikes", *alarms], rows,
@@ -270,6 +334,75 @@ def print_per_scenario(runs: list[dict], alarms: dict) -> None:
 
 def _lead(x: int | None) -> str:
     return "." if x is None else str(x)
+
+
+def print_per_kind(runs: list[dict], alarms: dict, names: tuple[str, ...]) -> None:
+    """Per scenario, every seed (both parts; the part is in the seed column of the per-spike
+    table): spikes flagged by onset, and the lead's median / p10 / p90, at published settings."""
+    rows = []
+    for kind in dict.fromkeys(r["scenario"] for r in runs if r["scenario"] != "stable"):
+        idx = [i for i, r in enumerate(runs) if r["scenario"] == kind]
+        n = sum(len(runs[i]["gt"]) for i in idx)
+        cells = []
+        for d in names:
+            al = alarms[d][DETECTORS[d][1]]
+            leads = [first_flag(al[i], o, lookback(runs[i])) for i in idx for o in runs[i]["gt"]]
+            got = [x for x in leads if x is not None and x >= 0]
+            pct = (lambda q: _f(float(np.percentile(got, q)), 0)) if got else (lambda q: "-")
+            cells.append(f"{len(got)}/{n}:{pct(50)}/{pct(10)}/{pct(90)}")
+        rows.append([kind, split.part(kind, 99) if kind in split.HELD_SCENARIOS else "tune+held",
+                     *cells])
+    print_table(["scenario", "part", *names], rows, "\nper kind: spikes flagged by onset / all, "
+                "lead median/p10/p90 of those (published settings, every seed)")
+
+
+def print_natural(runs: list[dict], twins: dict, mon: dict) -> dict:
+    """Per natural run: its onset against the twin, the first warning of ours at its defaults
+    and the first from the attention-logit bound, their lead, the bound's peak in run and
+    twin, and the twin's own warnings (a high-LR run that stays healthy: false ones)."""
+    rows, out = [], []
+    for r in runs:
+        twin = twins.get((r["scenario"], r["seed"]))
+        if twin is None:
+            continue
+        ev = [e for e in replay_events(_ours(1.0, mon), r["trace"]) if e["step"] >= mon["warmup_steps"]]
+        attn = [e["step"] for e in ev if e["signal"].startswith("model/attn_logit_bound")]
+        first = ev[0]["step"] if ev else None
+        onset = r["gt_all"][0] if r["gt_all"] else None
+        tw = [e for e in replay_events(_ours(1.0, mon), twin["trace"])
+              if e["step"] >= mon["warmup_steps"]]
+        peak = lambda tr: max(x.get("model/attn_logit_bound", 0.0) for x in tr)
+        rec = {"scenario": r["scenario"], "seed": r["seed"], "onset": onset,
+               "first_warning": first, "first_attn_warning": attn[0] if attn else None,
+               "lead_any": None if onset is None or first is None else onset - first,
+               "lead_attn": None if onset is None or not attn else onset - attn[0],
+               "bound_peak": peak(r["trace"]), "twin_bound_peak": peak(twin["trace"]),
+               "final_eval": r["final_eval"], "twin_final_eval": twin["final_eval"],
+               "twin_warnings": len(tw)}
+        out.append(rec)
+        rows.append([rec["scenario"], rec["seed"], _lead(onset), _lead(first),
+                     _lead(rec["first_attn_warning"]), _lead(rec["lead_any"]),
+                     _lead(rec["lead_attn"]), f"{rec['bound_peak']:.0f}",
+                     f"{rec['twin_bound_peak']:.0f}", _f(rec["final_eval"], 3),
+                     _f(rec["twin_final_eval"], 3), len(tw)])
+    if rows:
+        print_table(["scenario", "seed", "onset", "1st_warn", "1st_attn", "lead", "lead_attn",
+                     "bound_max", "twin_max", "final", "twin_final", "twin_warns"], rows,
+                    f"\nnatural instabilities vs their twins (onset: held-out loss {sc.NAT_SMOOTH}"
+                    f"-step mean > {1 + sc.NAT_GAP:g} x the twin's for {sc.NAT_HOLD} steps; "
+                    f"ours at its defaults, warnings from step {mon['warmup_steps']})")
+    return out
+
+
+def replay_events(det, trace: list[dict]) -> list[dict]:
+    """Every event of `det` on a trace, fed as alarm_steps feeds it."""
+    out = []
+    for row in trace:
+        step = int(row["step"])
+        signals = {k: v for k, v in row.items() if k != "step" and not k.startswith("eval/")}
+        out += det.check_pre_step(step, {k: v for k, v in signals.items() if not is_post_step(k)})
+        out += det.check_post_step(step, {k: v for k, v in signals.items() if is_post_step(k)})
+    return out
 
 
 def print_rollback(clean: dict, broken: dict, saved: dict) -> dict:
@@ -317,7 +450,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 scenarios x 1 seed, 60 steps")
     ap.add_argument("--out", help="write every number to this JSON file")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds per instability scenario")
+    ap.add_argument("--seeds", type=int, default=6, help="seeds per instability scenario")
     ap.add_argument("--stable-seeds", type=int, default=12, help="stable runs (FA denominator)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
@@ -359,24 +492,35 @@ def main(argv: list[str] | None = None) -> int:
     print_header(args)
     runs, saved = run_all(args, shards, workdir)
     live_ok = _check_live(runs, args.mon)
-    res = evaluate(runs, args.mon, args.arm)
+    alarms = replay_all(runs, args.mon, args.arm)
+    held = [r for r in runs if not tuned(r)]
+    # --quick has no held-out stable run: its tables then cover every run (said in the title)
+    scored = any(r["scenario"] == "stable" for r in held) and any(r["gt"] for r in held)
+    part = "held-out part" if scored else "all runs (no held-out stable run)"
+    res = evaluate(runs, alarms, args.arm, (lambda r: not tuned(r)) if scored else (lambda r: True))
+    res_tune = evaluate(runs, alarms, args.arm, tuned)
     early = sum(len(r["gt_all"]) - len(r["gt"]) for r in runs)
     print(f"\n{sum(len(r['gt']) for r in runs)} held-out loss spikes scored; {early} more "
           f"before step {args.arm} (no detector armed) not scored; live monitor events == "
           f"replayed: {live_ok}")
-    print_per_scenario(runs, {n: d["alarms"] for n, d in res.items()})
-    ours_fa = res["ours"]["sweep"][1.0]["fa_per_1000"]
-    # the target budget, and ours' own rate at its defaults when that is higher
+    print_per_scenario(runs, {n: a[DETECTORS[n][1]] for n, a in alarms.items()})
+    print_per_kind(runs, alarms, ("ours", "ours-alarm", "olmo", "zclip"))
+    ours_fa = res_tune["ours"]["sweep"][1.0]["fa_per_1000"]
+    # the target budget, and ours' own rate at its defaults (tuning part) when that is higher
     budgets = sorted({FA_BUDGET, max(FA_BUDGET, round(ours_fa, 2))})
-    picks = print_detection(res, budgets)
-    held_out = print_held_out(runs, res["ours"]["alarms"], args.arm)
+    picks = print_detection(res, res_tune, budgets, part)
+    held_out = print_held_out(runs, evaluate(runs, alarms, args.arm), args.arm)
+    real = real_log_rates(args.mon, picks)
     clean = next(r for r in runs if r["scenario"] == "stable" and r["seed"] == 1)
     broken = next(r for r in runs if r["scenario"] == args.rollback and r["seed"] == 1)
+    natural = print_natural(runs, args.twins, args.mon)
     rollback = print_rollback(clean, broken, saved)
     overhead = print_overhead(runs, args.mon)
     wall = time.perf_counter() - t0
     print(f"\nspike suite done in {wall:.0f} s")
-    save_json(args.out, _payload(args, runs, res, picks, rollback, overhead, wall, held_out))
+    save_json(args.out, dict(_payload(args, runs, res, picks, rollback, overhead, wall, held_out),
+                             real_log=real, scored_part=part, natural=natural,
+                             twins=[_run_json(r) for r in args.twins.values()]))
     return 0
 
 
@@ -388,7 +532,8 @@ def _check_live(runs: list[dict], mon: dict) -> bool:
 
 
 TRACE_KEYS = ("step", "train/loss", "eval/heldout_loss", "optim/grad_norm_preclip",
-              "optim/update_norm", "optim/lr")
+              "optim/update_norm", "optim/lr", "optim/param_jump", "train/z_loss",
+              "model/logit_lse_max", "model/attn_logit_bound")
 
 
 def _payload(args, runs, res, picks, rollback, overhead, wall, held_out) -> dict:
@@ -405,13 +550,16 @@ def _payload(args, runs, res, picks, rollback, overhead, wall, held_out) -> dict
         "fa_budgets_per_1000": list(picks), "rollback": rollback, "overhead": overhead,
         "held_out": {n: {k: v for k, v in s.items() if k != "leads"} for n, s in held_out.items()},
         "wall_s": wall,
-        "runs": [{"scenario": r["scenario"], "seed": r["seed"], "inject_at": r["inject_at"],
-                  "gt": r["gt"], "gt_all": r["gt_all"], "final_eval": r["final_eval"],
-                  "events": r["events"],
-                  "trace": [[row.get(k) for k in TRACE_KEYS] for row in r["trace"]]}
-                 for r in runs],
+        "runs": [_run_json(r) for r in runs],
         "trace_keys": TRACE_KEYS,
     }
+
+
+def _run_json(r: dict) -> dict:
+    return {"scenario": r["scenario"], "seed": r["seed"], "inject_at": r["inject_at"],
+            "tag": r["tag"], "gt": r.get("gt"), "gt_all": r.get("gt_all"),
+            "final_eval": r["final_eval"], "events": r["events"],
+            "trace": [[row.get(k) for k in TRACE_KEYS] for row in r["trace"]]}
 
 
 if __name__ == "__main__":

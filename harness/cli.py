@@ -12,6 +12,7 @@ SystemExit pass through.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -76,7 +77,38 @@ def _parser() -> argparse.ArgumentParser:
         "replay", help="run the spike detector over a metrics trace (JSONL or CSV)")
     replay.add_argument("trace")
     _config_args(replay)
+    _after_training_args(sub)
     return parser
+
+
+def _after_training_args(sub) -> None:
+    """eval, sample, export: a trained run (its newest complete checkpoint) or a step dir."""
+    what = "run directory (its newest complete checkpoint) or RUN_DIR/checkpoints/stepN"
+    ev = sub.add_parser("eval", help="loss, perplexity, bits per byte on text (one JSON line)")
+    ev.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=what)
+    ev.add_argument("--data", nargs="+", required=True,
+                    help="text files, directories, .jsonl files (the run's text field)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="stop after N tokens")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="tokens scored per window after the first (default block_size: "
+                         "lm-evaluation-harness's rolling windows; smaller: more context)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    sa = sub.add_parser(
+        "sample", help="generate text (no KV cache: each token re-runs the whole context, "
+                       "O(T^2) attention per token where a cache costs O(T))")
+    sa.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=what)
+    sa.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    sa.add_argument("--max-new-tokens", type=int, default=100)
+    sa.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    sa.add_argument("--top-k", type=int, default=0, help="0 keeps every token (default)")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--json", action="store_true", help="one JSON line instead of the text")
+    ex = sub.add_parser("export", help="write a Hugging Face model directory (transformers "
+                                       "loads it with no code of ours)")
+    ex.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=what)
+    ex.add_argument("--to", nargs=2, metavar=("FORMAT", "OUT_DIR"), required=True,
+                    help="hf OUT_DIR (a new or empty directory)")
 
 
 # where an unexpected error's traceback goes: the run directory of the command, once known
@@ -149,9 +181,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from harness.evaluate_text import evaluate
+
+    _run_dir[:] = [Path(args.source)]
+    print(json.dumps(evaluate(args.source, args.data, args.max_tokens, args.stride,
+                              args.batch_size, args.device)))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from harness.sample import sample
+
+    _run_dir[:] = [Path(args.source)]
+    out = sample(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                 args.seed)
+    print(json.dumps(out) if args.json else args.prompt + out["completion"])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.export_hf import export
+
+    fmt, out_dir = args.to
+    print(json.dumps(export(args.source, out_dir, fmt)))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "ds-config": cmd_ds_config,
             "prepare-data": cmd_prepare_data, "submit": cmd_submit, "monitor": cmd_monitor,
-            "report": cmd_report, "plan": cmd_plan}
+            "report": cmd_report, "plan": cmd_plan, "eval": cmd_eval, "sample": cmd_sample,
+            "export": cmd_export}
 
 
 def _save_traceback(text: str) -> Optional[Path]:

@@ -52,6 +52,12 @@ class ModelConfig:
     tie_embeddings: bool = True  # llama: the output head shares the token embedding
     # llama: SwiGLU hidden width; null = int(8 d / 3) rounded up to a multiple of 256 (Llama's)
     ffn_hidden: Optional[int] = None
+    # LayerNorm (gpt2) / RMSNorm (llama) over each head's queries and keys before attention
+    # (Wortsman et al. 2023; OLMo 2): bounds the attention logits' growth
+    qk_norm: bool = False
+    # a Hugging Face directory from `harness export --to hf` (or a GPT-2 / Llama checkpoint of
+    # this shape): the initial weights of a new run; a run that resumes ignores it
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -73,6 +79,9 @@ class ModelConfig:
                      fix="e.g. 10000.0")
         check_number("model.ffn_hidden", self.ffn_hidden, 1, 2**22, integer=True, none_ok=True,
                      fix="null uses int(8 d / 3) rounded up to a multiple of 256")
+        if self.init_from is not None:
+            check_line("model.init_from", self.init_from,
+                       fix="set it to a Hugging Face model directory, or null")
         if self.arch == "gpt2":
             for key, unset in (("n_kv_head", None), ("ffn_hidden", None),
                                ("tie_embeddings", True)):
@@ -137,6 +146,14 @@ class TrainConfig:
     # a train.run_dir that holds another run, or files of the user's: move the old run's files
     # to RUN_DIR/replaced-TIME/ (nothing deleted) and start anew; refused otherwise
     overwrite: bool = False
+    # PaLM's z-loss: z_loss x mean log(Z)^2 added to the training loss (1e-4 in PaLM and
+    # OLMo 2); train/z_loss logs mean log(Z)^2 every step, whatever the coefficient
+    z_loss: float = 0.0
+    # cross-entropy over this many tokens at a time, gradients made in the forward, so the
+    # micro-batch's fp32 logits (tokens x vocab x 4 B) are never all held; 0 = full logits
+    loss_chunk_tokens: int = 0
+    # torch.compile of the model through DeepSpeed's engine.compile()
+    compile: bool = False
 
     def validate(self) -> None:
         for key in ("global_batch_size", "micro_batch_size", "grad_accum_steps"):
@@ -154,6 +171,9 @@ class TrainConfig:
                                f"{', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise HarnessError(f"train.device='{self.device}' must be auto, cpu or cuda")
+        check_number("train.z_loss", self.z_loss, 0, 1, fix="e.g. 1e-4; 0 turns it off")
+        check_number("train.loss_chunk_tokens", self.loss_chunk_tokens, 0, 2**24, integer=True,
+                     fix="e.g. 4096; 0 computes the full logits")
         for key in ("grad_accum_dtype", "reduce_dtype"):
             value = getattr(self, key)
             if not (value in ("fp32", self.precision)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from harness import distributed
+from harness import distributed, init_from
 from harness.collectives import Collectives
 from harness.config import Config
 from harness.ds_config import build_ds_config
@@ -96,6 +96,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     # same initial weights on every rank and every run with this seed
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
+    init_from.maybe_init(model, cfg)  # model.init_from: before DeepSpeed wraps the model
+    model.set_loss(cfg.train.z_loss, cfg.train.loss_chunk_tokens)
     n_params = count_params(model)
     if device == "cuda":  # fp32 matmuls (fp32 runs, the fp32 loss) on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -112,6 +114,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds, lr_scheduler=scheduler, dist_init_required=True)
+    if cfg.train.compile:
+        engine.compile()  # torch.compile of the module, inside DeepSpeed's hooks
     # per-rank data order and dropout streams differ; weights were already drawn identically
     seed_everything(cfg.train.seed + 1000 * dist.rank)
     return Built(engine, model, plan, ds, dist, device, lr_scale, Collectives(engine.device),

@@ -12,6 +12,7 @@ the small vector (one entry per layer group) over ranks in its one per-step all-
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -105,15 +106,71 @@ class GradNorms:
 
     def update_ratio(self, lr: float) -> float:
         """||delta theta|| / ||theta|| of the AdamW step just taken with learning rate `lr`."""
+        return self.update_metrics(lr, remember=False)["optim/update_norm"]
+
+    def update_metrics(self, lr: float, sample: float = 1.0,
+                       remember: bool = True) -> dict[str, float]:
+        """After the AdamW step with learning rate `lr`, from one pass over the optimizer state
+        (one all-reduce): optim/update_norm = ||delta theta|| / ||theta_before||,
+        optim/param_norm = ||theta_after||, optim/param_jump = the largest relative change of
+        a layer group's ||theta|| between the end of the previous step and the start of this
+        one (weights changed OUTSIDE the optimizer: exactly 0 up to rounding in a healthy run),
+        and update_ratio/<group> per layer group where the optimizer holds the model's own
+        tensors (ZeRO 0; ZeRO 1-3 optimize flat partitions that mix the groups).
+
+        `sample` < 1 reads a fixed subset of that fraction of each tensor's coordinates
+        (stratified blocks of 1024, the same every step, squares scaled by numel / sampled): the norms
+        are estimates (their error: tests/test_param_signals.py, bench/README.md) but the jump
+        compares the same coordinates step to step, so it stays exact. Flat partitions are
+        always read whole, so a run logs the same numbers at every world size."""
         ds_opt = self.engine.optimizer
         opt = getattr(ds_opt, "optimizer", ds_opt)
-        acc = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # |d|^2, |theta|^2
-        if lr != 0:  # AdamW scales the weight decay by lr too: nothing moved (still reduce)
-            for group, params in _optimized_params(ds_opt, opt):
-                for step, batch in _state_batches(opt, group, params):
-                    acc += _adamw_delta(*batch, lr, group, step).to(acc.device)
-        num, den = self.comm.all_reduce(acc * self.state_weight).sqrt().tolist()
-        return num / den if den > 0 else 0.0
+        rows = []  # per slice: its layer group (len(self.groups): none) and squares (3,)
+        for group, st, batch, where in self._batches(ds_opt, opt, sample):
+            step = float(st.get("step", group.get("step", 1)))
+            rows.append((where, _adamw_delta(*batch, lr, group, step)))
+        n = len(self.groups) + 1
+        acc = torch.zeros(3, n, dtype=torch.float64, device=self.engine.device)
+        for where, sq in rows:  # sq: (3, slices) = |d|^2, |theta_before|^2, |theta_after|^2
+            acc.index_add_(1, self._device_index(tuple(where)), sq.to(acc.device))
+        acc = self.comm.all_reduce(acc * self.state_weight)
+        return self._update_signals(acc.sqrt().tolist(), sample, remember)
+
+    def _batches(self, ds_opt, opt, sample: float) -> list[tuple]:
+        """The pass's slices (views into the optimizer state), built once: cutting them costs
+        more Python time than the pass's arithmetic. Rebuilt when the state tensors change
+        (a checkpoint load replaces them; Adam updates them in place)."""
+        key = (sample, tuple(id(st.get("exp_avg")) for st in opt.state.values()))
+        cached = getattr(self, "_slices", None)
+        if cached is None or cached[0] != key:
+            groups = {id(p): i for i, p in self.params}
+            slices = [(group, st, batch, where)
+                      for group, params in _optimized_params(ds_opt, opt)
+                      for st, batch, where in _state_batches(opt, group, params, groups, sample)]
+            cached = self._slices = (key, slices)
+        return cached[1]
+
+    def _update_signals(self, norms: list[list[float]], sample: float,
+                        remember: bool) -> dict[str, float]:
+        delta, before, after = norms
+        total = [math.sqrt(sum(x * x for x in row)) for row in norms]
+        out = {"optim/update_norm": total[0] / total[1] if total[1] > 0 else 0.0,
+               "optim/param_norm": total[2]}
+        # the jump compares the same coordinates only: the same `sample`, the last remembered
+        last_sample, last = getattr(self, "_last_after", None) or (None, None)
+        if remember:
+            self._last_after = (sample, after)
+        if last is not None and last_sample == sample:
+            out["optim/param_jump"] = max((abs(b - a) / a for a, b in zip(last, before) if a > 0),
+                                          default=0.0)
+        if before[-1] == 0:  # every coordinate belongs to one layer group
+            out.update({f"update_ratio/{g}": d / b for g, d, b in zip(self.groups, delta, before)
+                        if b > 0})
+        return out
+
+    def forget_params(self) -> None:
+        """The weights were replaced on purpose (a rollback): no jump to the next step."""
+        self._last_after = None
 
 
 def _optimized_params(ds_opt, opt):
@@ -129,32 +186,70 @@ def _optimized_params(ds_opt, opt):
             yield group, group["params"]
 
 
-def _state_batches(opt, group, params, limit: int = 1 << 24):
-    """(step, ([theta], [m], [v])) in batches of at most `limit` elements, big tensors cut
-    into flat slices, so the foreach temporaries stay bounded on a large model."""
+def _state_batches(opt, group, params, groups: dict[int, int], sample: float = 1.0,
+                   limit: int = 1 << 24):
+    """(state of the batch's first tensor (for its step count), ([theta], [m], [v], [weight]),
+    [layer group per slice]) in batches of at most
+    `limit` elements, big tensors cut into flat slices, so the foreach temporaries stay
+    bounded on a large model. A tensor the model owns (`groups`: id -> layer group) is read at
+    `sample` of its coordinates when sample < 1; weight = numel / sampled for its squares."""
+    none = max(groups.values(), default=-1) + 1  # the slot of state no layer group owns
     by_step: dict[float, list] = {}
     for p in params:
         st = opt.state.get(p)
         if st and "exp_avg" in st:  # torch AdamW keeps the step per tensor, FusedAdam per group
             step = float(st.get("step", group.get("step", 1)))
             flat = [t.detach().view(-1) for t in (p, st["exp_avg"], st["exp_avg_sq"])]
-            for s in range(0, flat[0].numel(), limit):
-                by_step.setdefault(step, []).append([t[s:s + limit] for t in flat])
-    for step, slices in by_step.items():
+            first = by_step.setdefault(step, [])
+            if not first:
+                first.append(st)  # read for the step count on each pass
+            where = groups.get(id(p), none)
+            spans = (_sample_spans(flat[0].numel(), sample) if where != none and sample < 1
+                     else [(s, min(limit, flat[0].numel() - s))
+                           for s in range(0, flat[0].numel(), limit)])
+            weight = flat[0].numel() / sum(n for _, n in spans)
+            for s, n in spans:
+                by_step[step].append(([t.narrow(0, s, n) for t in flat], weight, where))
+    for step, (st, *slices) in by_step.items():
         batch, size = [], 0
         for sl in slices:
-            if batch and size + sl[0].numel() > limit:
-                yield step, tuple(map(list, zip(*batch)))
+            if batch and size + sl[0][0].numel() > limit:
+                yield st, _pack(batch), [w for _, _, w in batch]
                 batch, size = [], 0
             batch.append(sl)
-            size += sl[0].numel()
+            size += sl[0][0].numel()
         if batch:
-            yield step, tuple(map(list, zip(*batch)))
+            yield st, _pack(batch), [w for _, _, w in batch]
 
 
-def _adamw_delta(ps, ms, vs, lr, group, step) -> torch.Tensor:
-    """Squared norms of the applied update and of the parameters before it, with foreach
-    kernels (6 calls for the whole batch; per-tensor calls cost 2% of a small CPU step).
+def _pack(batch: list) -> tuple:
+    ps, ms, vs = (list(ts) for ts in zip(*(views for views, _, _ in batch)))
+    return ps, ms, vs, [w for _, w, _ in batch]
+
+
+SAMPLE_BLOCK = 1024  # elements per sampled block: long enough to stream, short enough to stratify
+SAMPLE_MIN = 4096  # tensors this small are read whole (their pass costs next to nothing)
+
+
+@functools.lru_cache(maxsize=4096)  # drawn once per tensor size: the same subset every step
+def _sample_spans(numel: int, fraction: float) -> list[tuple[int, int]]:
+    """A fixed stratified subset: the tensor cut into equal strata, one SAMPLE_BLOCK-long block
+    per stratum at an offset drawn once (seeded by the size, so the same on every rank and
+    every run). Strata keep it spread over rows/columns; whole for small tensors."""
+    want = int(numel * fraction)
+    if numel <= SAMPLE_MIN or want < SAMPLE_BLOCK:
+        return [(0, numel)]
+    k = want // SAMPLE_BLOCK
+    stratum = numel // k
+    gen = torch.Generator().manual_seed(numel)
+    offs = torch.randint(0, stratum - SAMPLE_BLOCK + 1, (k,), generator=gen).tolist()
+    return [(i * stratum + o, SAMPLE_BLOCK) for i, o in enumerate(offs)]
+
+
+def _adamw_delta(ps, ms, vs, ws, lr, group, step) -> torch.Tensor:
+    """Per slice (3, slices): squared norms of the applied update, of the parameters before it
+    and after it, each times the slice's weight, with foreach kernels (7 calls for the whole
+    batch; per-tensor calls cost 2% of a small CPU step).
     AdamW: p = p_old (1 - lr wd) - a with a = lr m^ / (sqrt(v^) + eps), so with
     q = p + a = (1 - lr wd) p_old, the change is p - p_old = (p (1 - lr wd) - q) / (1 - lr wd)."""
     (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
@@ -164,5 +259,8 @@ def _adamw_delta(ps, ms, vs, lr, group, step) -> torch.Tensor:
     torch._foreach_add_(denom, eps * math.sqrt(bc2))
     q = torch._foreach_addcdiv(ps, ms, denom, value=lr * math.sqrt(bc2) / bc1)
     delta = torch._foreach_add(q, ps, alpha=-(1 - lr * wd))
-    sq = torch.stack([torch.stack(torch._foreach_norm(x)) for x in (delta, q)]).double() ** 2
-    return sq.sum(dim=1) / (1 - lr * wd) ** 2
+    sq = torch.stack([torch.stack(torch._foreach_norm(x)) for x in (delta, q, ps)]).double() ** 2
+    keep = 1 - lr * wd
+    scale = torch.tensor([1 / keep ** 2, 1 / keep ** 2, 1.0], dtype=torch.float64)
+    return sq * scale.to(sq.device)[:, None] * torch.tensor(ws, dtype=torch.float64,
+                                                             device=sq.device)

@@ -1,8 +1,8 @@
 """A Llama-style decoder (model.arch=llama): pre-RMSNorm blocks, rotary positions, SwiGLU MLP,
 grouped-query causal SDPA attention, no biases, tied or untied output head.
 
-The interface is GPT's (harness/model.py): forward(idx, targets) returns the mean
-cross-entropy over fp32 logits (logits without targets), `blocks` with attention_part /
+The interface is GPT's (harness/model.py): forward(idx, targets) returns the loss of
+harness.loss.OutputHead (logits without targets), `blocks` with attention_part /
 mlp_part, set_checkpointing from the shared BlockStack, and parameter names that
 harness.model.layer_group groups as it groups GPT's: wte, blocks.N.ln_1 / ln_2 and ln_f
 (RMSNorm weights), blocks.N.attn.{wq,wk,wv,wo}, blocks.N.mlp.{w1,w2,w3}, lm_head (untied).
@@ -11,7 +11,8 @@ Conventions, chosen so a Hugging Face LlamaForCausalLM export is a renaming: RoP
 the two halves of each head (HF's rotate_half, not Meta's interleaved pairs), with frequency
 theta^(-2i/d_head) for i < d_head/2, computed in fp32 and applied to q and k before attention;
 query head h shares key/value head h // (n_head / n_kv_head) (repeat_interleave order);
-mlp(x) = w2(silu(w1 x) * w3 x); RMSNorm eps 1e-5.
+mlp(x) = w2(silu(w1 x) * w3 x); RMSNorm eps 1e-5. model.qk_norm adds RMSNorm over each head's
+queries and keys (blocks.N.attn.q_norm / k_norm) before RoPE, as Qwen3 does.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.config import ModelConfig
-from harness.model import Block, BlockStack, CheckpointFn
+from harness.loss import OutputHead
+from harness.model import Block, BlockStack, CheckpointFn, attention_logit_bound
 
 NORM_EPS = 1e-5
 FFN_MULTIPLE = 256
@@ -76,14 +78,20 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.d_head, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:  # per head, before RoPE (as Qwen3 and OLMo 2's per-head variant)
+            self.q_norm, self.k_norm = RMSNorm(self.d_head), RMSNorm(self.d_head)
+        self.logit_bound: Optional[torch.Tensor] = None  # of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_head, self.d_head).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_head, self.d_head).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_head, self.d_head).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(t, self.d_head, self.theta, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.logit_bound = attention_logit_bound(q, k)  # rotations keep the norms
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
@@ -114,7 +122,7 @@ class Llama(BlockStack):
             Block(RMSNorm(cfg.d_model), GQAttention(cfg), RMSNorm(cfg.d_model), SwiGLU(cfg))
             for _ in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self._segments: tuple[tuple[int, int], ...] = ()
@@ -129,10 +137,7 @@ class Llama(BlockStack):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Returns the mean next-token cross-entropy when targets are given, else logits."""
+        """Logits without targets; with them the loss of harness.loss.OutputHead (mean
+        next-token cross-entropy, plus the z-loss term in training when train.z_loss > 0)."""
         x = self.drop(self.wte(idx))
-        x = self.ln_f(self._blocks_forward(x))
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return self.lm_head(self.ln_f(self._blocks_forward(x)), targets)

@@ -15,6 +15,9 @@ from typing import Iterable
 
 import torch
 
+from harness.llama import ffn_hidden
+from harness.llama_memory import llama_block_parts, llama_head
+
 
 class _Held:
     __slots__ = ("tensor", "key", "meter")
@@ -114,22 +117,47 @@ def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
 # Layer norms keep mean and rstd (2 x b*t, fp32).
 
 
-def block_parts(cfg, micro: int, act_bytes: int = 4) -> dict[str, int]:
+# qk_norm adds a LayerNorm on q (input B, stats 2 x b*h*t) and k (the same), and a copy of the
+# attention output for proj (the norm leaves q in (b, h, t) order). llama:
+# harness/llama_memory.py. fused: a GPU, where FlashAttention applies attention dropout
+# inside its kernel (no T x T tensors) and RMSNorm has a fused kernel.
+
+
+def block_parts(cfg, micro: int, act_bytes: int = 4, fused: bool = False) -> dict[str, int]:
+    if cfg.arch == "llama":
+        return llama_block_parts(cfg, micro, act_bytes, fused, ffn_hidden(cfg))
     b, t, d, h = micro, cfg.block_size, cfg.d_model, cfg.n_head
     unit, stats = b * t * d * act_bytes, 2 * b * t * 4
     mask = unit if cfg.dropout > 0 else 0
-    if cfg.dropout > 0:
+    if cfg.dropout > 0 and not fused:
         core = 3 * unit + 3 * b * h * t * t * act_bytes + unit
     else:
         core = 3 * unit + unit + b * h * t * 4
+    qk = 3 * unit + 4 * b * h * t * 4 if cfg.qk_norm else 0
     return {"input": unit,
-            "attention": stats + unit + core + mask,  # without its input
+            "attention": stats + unit + core + qk + mask,  # without its input
             "mlp": unit + stats + unit + 4 * unit + 4 * unit + mask}  # with ln_2's input
 
 
-def _units(cfg, micro: int, policy: str, segments, act_bytes: int) -> list[tuple[int, int]]:
+def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int = 0,
+               z_loss: float = 0.0) -> int:
+    """ln_f (input, output, statistics) and the loss (harness.loss): the fp32 log-softmax
+    output (plus logsumexp's fp32 input with z_loss) for full logits; chunked, the head
+    input's gradient (ln_f's output is then kept by nobody: the same size) and the weight's."""
+    b, t, v, d = micro, cfg.block_size, cfg.vocab_size, cfg.d_model
+    if cfg.arch == "llama":
+        norm = llama_head(cfg, micro, act_bytes, fused)
+    else:
+        norm = 2 * b * t * d * act_bytes + 2 * b * t * 4
+    if chunk_tokens:
+        return norm + v * d * 4
+    return norm + b * t * v * 4 * (2 if z_loss > 0 else 1)
+
+
+def _units(cfg, micro: int, policy: str, segments, act_bytes: int, fused: bool = False,
+           head: int = 0) -> list[tuple[int, int]]:
     """(bytes stored through the forward, bytes recomputed in its backward), forward order."""
-    p = block_parts(cfg, micro, act_bytes)
+    p = block_parts(cfg, micro, act_bytes, fused)
     full = p["input"] + p["attention"] + p["mlp"]
     units = [(p["input"] if cfg.dropout > 0 else 0, 0)]  # embedding dropout mask
     if policy == "attention":  # its own MLP's tensors are freed before the attention recompute
@@ -148,16 +176,15 @@ def _units(cfg, micro: int, policy: str, segments, act_bytes: int) -> list[tuple
             else:
                 units.append((full, 0))
                 i += 1
-    b, t, v = micro, cfg.block_size, cfg.vocab_size
-    # ln_f input and output, its stats, and one fp32 copy of the logits (log_softmax's output)
-    head = 2 * b * t * cfg.d_model * act_bytes + 2 * b * t * 4 + b * t * v * 4
-    return units + [(head, 0)]
+    return units + [(head or head_bytes(cfg, micro, act_bytes, fused), 0)]
 
 
-def predict_peak(cfg, micro: int, policy: str, segments, act_bytes: int = 4) -> int:
+def predict_peak(cfg, micro: int, policy: str, segments, act_bytes: int = 4,
+                 fused: bool = False, head: int = 0) -> int:
     """Peak bytes saved for backward: the end of the forward, or a segment's recompute
-    while everything before it is still held (later units are already freed)."""
-    units = _units(cfg, micro, policy, segments, act_bytes)
+    while everything before it is still held (later units are already freed). head: the
+    head's bytes when not full logits without z-loss (head_bytes)."""
+    units = _units(cfg, micro, policy, segments, act_bytes, fused, head)
     peak, held = sum(s for s, _ in units), 0
     for stored, recompute in units:
         held += stored

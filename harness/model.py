@@ -14,8 +14,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.config import ModelConfig
+from harness.loss import OutputHead
 
 CheckpointFn = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def attention_logit_bound(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """An upper bound on every attention logit q_i . k_j / sqrt(d_head) of a layer, from
+    Cauchy-Schwarz: max |q_i| x max |k_j| per (sequence, head). SDPA never hands back its
+    logits; this costs two norms over q and k. q (b, h, t, d_head), k (b, h_kv, t, d_head): query
+    head i reads key head i // (h / h_kv)."""
+    q_max = q.float().norm(dim=-1).amax(dim=-1)
+    k_max = k.float().norm(dim=-1).amax(dim=-1)
+    k_max = k_max.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (q_max * k_max).amax() / math.sqrt(q.shape[-1])
 
 
 class CausalSelfAttention(nn.Module):
@@ -26,11 +39,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        d_head = cfg.d_model // cfg.n_head
+        if cfg.qk_norm:  # per head, over d_head: Wortsman et al. 2023's qk-layernorm
+            self.q_norm = nn.LayerNorm(d_head, bias=cfg.bias)
+            # no key bias: it adds q_i . b to every logit of query i, which softmax ignores, so
+            # its gradient is 0 up to rounding, and Adam would turn that rounding into steps
+            self.k_norm = nn.LayerNorm(d_head, bias=False)
+        self.logit_bound: Optional[torch.Tensor] = None  # of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        self.logit_bound = attention_logit_bound(q, k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
@@ -68,9 +91,11 @@ class Block(nn.Module):
 
 class BlockStack(nn.Module):
     """Activation checkpointing over `self.blocks` (each with attention_part / mlp_part),
-    shared by GPT and harness.llama.Llama."""
+    the output head's loss settings and the per-forward statistics; shared by GPT and
+    harness.llama.Llama."""
 
     blocks: nn.ModuleList
+    lm_head: OutputHead
     _segments: tuple[tuple[int, int], ...] = ()
     _sub_block: Optional[str] = None
     checkpoint_fn: Optional[CheckpointFn] = None
@@ -84,6 +109,16 @@ class BlockStack(nn.Module):
         self._segments = tuple(segments)
         self._sub_block = policy if policy in ("attention", "mlp") else None
         self.checkpoint_fn = checkpoint_fn
+
+    def set_loss(self, z_loss: float, chunk_tokens: int) -> None:
+        """train.z_loss and train.loss_chunk_tokens (harness.loss)."""
+        self.lm_head.z_loss, self.lm_head.chunk_tokens = z_loss, chunk_tokens
+
+    def forward_stats(self) -> torch.Tensor:
+        """Of the last forward with targets, fp32 on the model's device: mean CE, mean log(Z)^2,
+        max log Z, then each layer's attention-logit bound (STATS_HEAD names the first three)."""
+        bounds = torch.stack([block.attn.logit_bound for block in self.blocks])
+        return torch.cat((self.lm_head.stats, bounds.float()))
 
     def _run_range(self, start: int, end: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +155,7 @@ class GPT(BlockStack):
                   nn.LayerNorm(cfg.d_model, bias=cfg.bias), MLP(cfg))
             for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size)
         self.lm_head.weight = self.wte.weight  # tied
         self._segments: tuple[tuple[int, int], ...] = ()
         self._sub_block: Optional[str] = None
@@ -138,15 +173,15 @@ class GPT(BlockStack):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Returns the mean next-token cross-entropy when targets are given, else logits."""
+        """Logits without targets; with them the loss of harness.loss.OutputHead (mean
+        next-token cross-entropy, plus the z-loss term in training when train.z_loss > 0)."""
         t = idx.shape[1]
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        x = self.ln_f(self._blocks_forward(x))
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return self.lm_head(self.ln_f(self._blocks_forward(x)), targets)
+
+
+STATS_HEAD = ("ce", "z_sq", "lse_max")  # forward_stats()'s first three entries
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -30,7 +30,7 @@ import torch
 from harness.config import Config, ModelConfig, load_config
 from harness.engine import resolve_device
 from harness.errors import HarnessError
-from harness.memory import block_parts, predict_peak
+from harness.memory import block_parts, head_bytes, predict_peak
 from harness.model import build_model, count_params, flops_per_token
 from harness.plan import checkpoint_segments, make_plan
 
@@ -108,21 +108,27 @@ def _segments(cfg: Config, policy: str):
     return checkpoint_segments(ac, cfg.model.n_layer)
 
 
-def _attention_view(cfg: Config, fused: bool):
-    # predict_peak models SDPA's math path (T x T scores kept) whenever dropout > 0, as on a
-    # CPU; on a GPU FlashAttention applies dropout inside the fused kernel. n_head=0 removes
-    # exactly the T x T terms (the fused kernel's logsumexp it also drops is < 0.5% of a block).
-    return replace(cfg.model, n_head=0) if fused and cfg.model.dropout > 0 else cfg.model
-
-
 def _act_bytes(cfg: Config) -> int:
     return 4 if cfg.train.precision == "fp32" else 2
 
 
 def activation_bytes(cfg: Config, micro: int, policy: str, fused: bool) -> int:
-    """Peak bytes saved for backward under `policy`; fused: FlashAttention (GPU) vs math path."""
-    return predict_peak(_attention_view(cfg, fused), micro, policy, _segments(cfg, policy),
-                        _act_bytes(cfg))
+    """Peak bytes saved for backward under `policy`. fused: a GPU, where FlashAttention applies
+    attention dropout inside its kernel (no T x T tensors, unlike a CPU's math path) and
+    RMSNorm runs as one kernel."""
+    t = cfg.train
+    head = head_bytes(cfg.model, micro, _act_bytes(cfg), fused, t.loss_chunk_tokens, t.z_loss)
+    return predict_peak(cfg.model, micro, policy, _segments(cfg, policy), _act_bytes(cfg),
+                        fused, head)
+
+
+def _loss_working_bytes(cfg: Config, micro: int) -> int:
+    """The loss's fp32 working memory: the log-softmax backward's gradients (2 x 4 B per logit)
+    for full logits; chunked, the same for one chunk, made in the forward."""
+    tokens = micro * cfg.model.block_size
+    if cfg.train.loss_chunk_tokens:
+        tokens = min(tokens, cfg.train.loss_chunk_tokens)
+    return 2 * tokens * cfg.model.vocab_size * 4
 
 
 def recompute_share(cfg: Config, policy: str, counts: dict[str, int]) -> float:
@@ -162,13 +168,13 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
     states = model_state_bytes(counts["total"], cfg.train.precision, cfg.zero.stage, world_size,
                                cfg.zero.offload_optimizer, cfg.train.grad_accum_dtype)
     m, mixed = cfg.model, _act_bytes(cfg) == 2
-    parts = block_parts(_attention_view(cfg, fused), micro, _act_bytes(cfg))
+    parts = block_parts(m, micro, _act_bytes(cfg), fused)
     out = {"n_params": counts["total"], "device": device, "micro_batch": micro, "policy": policy,
            **states, "comm_buffers": _comm_buffers(cfg, counts),
            "activations": activation_bytes(cfg, micro, policy, fused),
            "activations_per_layer": parts["input"] + parts["attention"] + parts["mlp"],
            "checkpointed_per_layer": parts["input"],
-           "logits": 2 * micro * m.block_size * m.vocab_size * 4}
+           "logits": _loss_working_bytes(cfg, micro)}
     on_gpu = ("parameters", "gradients", "master_params", "optimizer_states", "comm_buffers")
     out["model_states"] = sum(out[k] for k in on_gpu)
     shard = math.ceil(counts["total"] / (world_size if cfg.zero.stage >= 1 else 1))

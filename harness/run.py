@@ -27,6 +27,7 @@ from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards
 from harness.data.sources import TrainData
 from harness.engine import Built, build
+from harness.evaluate_text import piece_bytes
 from harness.errors import HarnessError
 from harness.preemption import INTERRUPT_EXIT_CODE, StopSignals
 from harness.report import write_report
@@ -114,7 +115,7 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
         callbacks.append(Evaluator(shards.sequences("val", cfg.model.block_size),
                                    cfg.data.eval_every, cfg.data.eval_batches,
                                    built.plan.batch.micro_batch, built.dist.rank,
-                                   built.dist.world_size))
+                                   built.dist.world_size, piece_bytes(shards.tokenizer_path)))
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
         meta = load(trainer, resume)

@@ -2,7 +2,10 @@
 
 Everything cross-cutting (loggers, monitor, checkpoints) is a Callback; this file only
 trains and measures what only the loop can see: the loss, the PRE-clip gradient norm (also
-per layer group), the clip coefficient, the learning rate, the update norm, the step time.
+per layer group), the clip coefficient, the learning rate, the update norm, the step time,
+and what the model saw in its forwards (harness.model.BlockStack.forward_stats): mean log(Z)^2
+(train/z_loss, PaLM's quantity), the largest log Z, and a bound on each layer's largest
+attention logit, the mechanism signals of output-logit divergence and attention-logit growth.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from harness.config import Config
 from harness.data.sources import TrainData
 from harness.engine import Built
 from harness.grad_norms import GradNorms
+from harness.model import STATS_HEAD
 from harness.skip_step import skip_update
 
 
+N_MEANS = STATS_HEAD.index("lse_max")  # forward_stats: [ce, z_sq] are means, the rest maxima
 # the peak memory of each rank, max over ranks: the rank that runs out first is the one to watch
 MEMORY_KEY = {"cuda": "memory/gpu_max_allocated_gb", "cpu": "memory/cpu_rss_gb"}
 
@@ -53,34 +58,44 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------
     def _forward_backward(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
+        """The micro-steps; returns the model's forward statistics (BlockStack.forward_stats)
+        combined over them: means averaged, maxima maxed."""
         accum = self.plan.batch.grad_accum
+        stats = []
         for k in range(accum):
             x, y = self.data.micro_batch(self.consumed_samples, k)
             loss = self.engine(x, y)
             self.engine.backward(loss)
-            total += loss.detach().float()
+            stats.append(self.engine.module.forward_stats())
             if k < accum - 1:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        return total / accum
+        stacked = torch.stack(stats)
+        return torch.cat((stacked[:, :N_MEANS].sum(0) / accum, stacked[:, N_MEANS:].amax(0)))
 
-    def _reduced_scalars(self, loss: torch.Tensor) -> dict[str, Any]:
-        """The step's one all-reduce and one device-to-host copy: mean loss, stop flag,
-        per-group squared pre-clip norms, each rank's peak memory (a slot per rank)."""
+    def _reduced_scalars(self, stats: torch.Tensor) -> dict[str, Any]:
+        """The step's one all-reduce and one device-to-host copy: the forward statistics' means
+        (loss, log(Z)^2), the stop flag, per-group squared pre-clip norms, and a slot per rank
+        for what is maxed over ranks (each rank's peak memory, max log Z, logit bounds)."""
         dist, device = self.built.dist, self.engine.device
-        memory = torch.zeros(dist.world_size, device=device)
-        memory[dist.rank] = peak_memory_gb(device)
+        maxed = torch.zeros(dist.world_size, 1 + len(stats) - N_MEANS, device=device)
+        maxed[dist.rank, 0] = peak_memory_gb(device)
+        maxed[dist.rank, 1:] = stats[N_MEANS:]
         flag = (self.stop_signals.flag(device) if self.stop_signals is not None
                 else torch.zeros(1, device=device))  # the same call with or without signals
         out = self.built.comm.reduce_scalars({
-            "loss": loss / dist.world_size, "stop": flag,
-            "sq": self.norms.local_squares(), "memory": memory})
+            "means": stats[:N_MEANS] / dist.world_size, "stop": flag,
+            "sq": self.norms.local_squares(), "maxed": maxed})
         if out["stop"].item() > 0:  # every rank sees the same sum: all stop after this step
             self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
-        signals = {"train/loss": out["loss"].item(), **self.norms.signals(out["sq"])}
+        means, maxed = out["means"].tolist(), out["maxed"].amax(dim=0).tolist()
+        bounds = maxed[2:]
+        signals = {"train/loss": means[0], "train/z_loss": means[1],
+                   "model/logit_lse_max": maxed[1], "model/attn_logit_bound": max(bounds),
+                   **{f"model/attn_logit_bound/layer_{i}": b for i, b in enumerate(bounds)},
+                   **self.norms.signals(out["sq"])}
         if self.engine.fp16_enabled():  # the scale the step's gradients carry
             signals["optim/loss_scale"] = float(self.engine.optimizer.loss_scale)
-        self._peak_memory = out["memory"].max().item()
+        self._peak_memory = maxed[0]
         return signals
 
     def train_step(self) -> dict[str, Any]:
@@ -104,12 +119,14 @@ class Trainer:
                 self.engine.lr_scheduler.step()
         self.step += 1
         self.consumed_samples += self.plan.batch.global_batch
-        update = None
-        if self.measure_update:  # the monitor reads it after the step: one more sync
-            update = 0.0 if skipped else self.norms.update_ratio(lr)
+        update, more = None, {}
+        if self.measure_update:  # the monitor reads them after the step: one more sync
+            # update norm, parameter norm and jump, per-group update ratios (grad_norms.py)
+            more = {} if skipped else self.norms.update_metrics(lr, self.cfg.monitor.update_sample)
+            update = more.pop("optim/update_norm", 0.0)
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize()  # the step's time, not its launch time
-        return self._metrics(signals, lr, update, skipped, time.perf_counter() - t0)
+        return {**self._metrics(signals, lr, update, skipped, time.perf_counter() - t0), **more}
 
     def _clip_values(self) -> None:
         v = self.cfg.clip.value  # ZeRO 0 only (validated): p.grad is the full gradient

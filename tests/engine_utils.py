@@ -98,8 +98,10 @@ def plain_training(cfg: Config):
     return model, opt, sched
 
 
-def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32):
-    """Plain PyTorch: returns (params, per-step pre-clip norms, per-step clipped grads)."""
+def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32, loss_fn=None):
+    """Plain PyTorch: returns (params, per-step pre-clip norms, per-step clipped grads).
+    loss_fn(model, x, y): the loss written out in a test (default: the model's own)."""
+    loss_fn = loss_fn or (lambda model, x, y: model(x, y))
     torch.set_default_dtype(dtype)
     try:
         model, opt, sched = plain_training(cfg)
@@ -109,7 +111,7 @@ def run_reference(cfg: Config, micro: int, accum: int, dtype=torch.float32):
         for step in range(cfg.train.max_steps):
             for k in range(accum):
                 x, y = data.micro_batch(step * global_batch, k)
-                (model(x, y) / accum).backward()
+                (loss_fn(model, x, y) / accum).backward()
             params = [p for p in model.parameters()]
             if cfg.clip.max_norm > 0:
                 norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.clip.max_norm).item())

@@ -61,3 +61,20 @@ def test_data_loader_outruns_training(tmp_path):
     stdout, _ = run_bench("bench_data", tmp_path)
     ratio = float(re.search(r"loader / training: ([\d,]+)x", stdout)[1].replace(",", ""))
     assert ratio >= 100  # the loader must never be the bottleneck
+
+
+def test_eval_bench(tmp_path):
+    """bench_eval: export time and eval time per token vs the training forward (issue 15)."""
+    stdout, result = run_bench("bench_eval", tmp_path)
+    assert "eval/forward" in stdout and "export s" in stdout
+    assert result["export_s"] > 0 and result["ratio"] > 0
+    assert result["ratio"] <= 1.2  # the target holds even for the tiny preset
+
+
+def test_modern(tmp_path):
+    stdout, result = run_bench("bench_modern", tmp_path)
+    assert "compiled / eager" in stdout and "chunked" in stdout
+    assert result["step_seconds"]["llama"]["compiled"] > 0
+    saved = result["saved_peak"]
+    # the chunked loss keeps no logits: the saving is at least half the fp32 logits
+    assert int(saved["0"]) - int(saved["256"]) >= 0.5 * result["logits_bytes"]

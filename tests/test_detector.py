@@ -115,8 +115,9 @@ def test_nonfinite_fires_immediately_even_in_warmup():
     det = SpikeDetector(MonitorConfig())
     assert det.check_pre_step(0, {GRAD: float("nan"), LOSS: float("inf")}) == [
         {"event": "nonfinite", "step": 0, "signal": GRAD, "value": "nan", "episode": 1,
+         "level": "alarm", "action": "alert"},
+        {"event": "nonfinite", "step": 0, "signal": LOSS, "value": "inf", "level": "alarm",
          "action": "alert"},
-        {"event": "nonfinite", "step": 0, "signal": LOSS, "value": "inf", "action": "alert"},
     ]
 
 
@@ -230,12 +231,16 @@ def test_config_validation_names_the_key():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_object(OmegaConf.structured(MonitorConfig))
-    assert cfg.validate().resolved_act_on() == ["loss_spike", "nonfinite"]
+    assert cfg.validate().resolved_act_on() == ["loss_spike", "nonfinite", "param_jump"]
     bad = [({"action": "explode"}, "monitor.action"), ({"window": 2}, "monitor.window"),
            ({"act_on": ["oops"]}, "monitor.act_on"), ({"loss_z": 0}, "monitor.loss_z"),
            ({"trend_growth": 1.0}, "monitor.trend_growth"),
            ({"trend_after": -1}, "monitor.trend_after"),
-           ({"lr_cut_factor": 2.0}, "monitor.lr_cut_factor"), ({"stat": "x"}, "monitor.stat")]
+           ({"lr_cut_factor": 2.0}, "monitor.lr_cut_factor"), ({"stat": "x"}, "monitor.stat"),
+           ({"param_jump": 0}, "monitor.param_jump"),
+           ({"update_sample": 1.5}, "monitor.update_sample"),
+           # a warning is not worth a restart: rollback and stop follow alarms only
+           ({"action": "rollback", "act_on": ["grad_spike"]}, "monitor.act_on")]
     for kwargs, key in bad:
         with pytest.raises(HarnessError, match=key):
             MonitorConfig(**kwargs).validate()
@@ -351,3 +356,54 @@ def test_trend_after_defaults_to_the_lr_warmup():
 
     assert load_config("tiny", ["optim.warmup_steps=7"]).monitor.trend_after == 7
     assert load_config("tiny", ["monitor.trend_after=0"]).monitor.trend_after == 0
+
+
+ATTN = "model/attn_logit_bound"
+
+
+def attn_trace(n: int = 400, grow_at: int = 200) -> dict[str, np.ndarray]:
+    """A stable run whose attention-logit bound (a healthy ~8) climbs past 100 from grow_at
+    by x1.05 per step (natural attention-logit growth), holds there, then falls back."""
+    tr = synth(n, seed=3)
+    s = np.arange(n)
+    tr[ATTN] = 8.0 * np.exp(0.05 * np.clip(s - grow_at, 0, 80)) * np.exp(
+        0.05 * np.random.default_rng(4).standard_normal(n))
+    tr[ATTN][340:] = 8.0  # fixed (e.g. by a restart with qk-norm): below half the ceiling
+    return tr
+
+
+def test_attention_bound_ceiling_warns_reminds_and_rearms():
+    tr = attn_trace()
+    events = [e for e in feed(SpikeDetector(MonitorConfig()), tr) if e.get("rule") == "ceiling"]
+    steps = [e["step"] for e in events]
+    # 8 x 1.05^k >= 100 at k = 52: the first step over the ceiling, then every episode_gap
+    first = next(i for i, v in enumerate(tr[ATTN]) if v >= 100)
+    assert steps[0] == first and 245 <= first <= 260
+    assert np.diff(steps).tolist() == [20] * (len(steps) - 1)
+    assert steps[-1] < 340 and all(e["level"] == "warning" and e["ceiling"] == 100
+                                   for e in events)
+    assert len({e["episode"] for e in events}) == 1
+    off = feed(SpikeDetector(MonitorConfig(attn_ceiling=0)), tr)
+    assert not [e for e in off if e.get("rule") == "ceiling"]
+
+
+def test_ceiling_waits_for_warmup_steps_and_survives_a_state_round_trip():
+    tr = attn_trace(grow_at=0)  # over the ceiling from step ~52: before warmup_steps (100)
+    events = [e for e in feed(SpikeDetector(MonitorConfig()), tr) if e.get("rule") == "ceiling"]
+    assert events[0]["step"] == 100  # the growth from warm-up is flagged once armed
+    first = SpikeDetector(MonitorConfig())
+    head = feed(first, tr, stop=110)
+    resumed = SpikeDetector(MonitorConfig())
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + feed(resumed, tr, start=110) == feed(SpikeDetector(MonitorConfig()), tr)
+
+
+def test_default_signals_are_the_tuned_ones():
+    """The issue-16 tuning (harness/monitor/config.py): the output-logit log-sum-exp is not a
+    default signal, the attention bound is watched by level and ceiling, not by trend."""
+    cfg = MonitorConfig()
+    assert "model/logit_lse_max" not in cfg.signals and ATTN in cfg.signals
+    assert cfg.trend_signals == [UPD] and cfg.ceilings() == {ATTN: 100.0}
+    assert cfg.watches(ATTN) and MonitorConfig(signals=[GRAD], trend_signals=[]).watches(ATTN)
+    with pytest.raises(HarnessError, match="attn_ceiling"):
+        MonitorConfig(attn_ceiling=-1).validate()

@@ -4,7 +4,8 @@
 8 samples per step in the same micro-batches of 2, so the two runs differ only in where the
 micro-batch gradients are summed. At every ZeRO stage, fp32 and bf16, optimizer offload
 included: the pre-clip global norm, the per-group norms, the clip coefficient, the loss, the
-update norm the monitor reads.
+update norm the monitor reads, and the forward's statistics (mean log(Z)^2, max log Z, the
+attention-logit bounds: means summed over ranks, maxima maxed).
 
 Tolerances:
 - fp32, and bf16 with fp32 accumulation (the default): the micro-batch gradients are
@@ -92,8 +93,10 @@ def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(tmp_path, stage, prec
     assert r0["calls"] == r1["calls"] == built.comm.calls
     for step, (two, single) in enumerate(zip(r0["metrics"], one)):
         tol = rel if step == 0 else 1e-2 if precision == "bf16" else 10 * rel
+        forward = [k for k in single if k.startswith("model/") or k == "train/z_loss"]
+        assert len(forward) == 2 + 1 + 2  # z_loss, lse max, the bound's max and per layer
         for key in [*norm_keys(single), "optim/clip_coef", "train/loss", "optim/update_norm",
-                    "optim/lr"]:
+                    "optim/lr", *forward]:
             assert two[key] == pytest.approx(single[key], rel=tol), (step, key)
         for key in ("optim/clipped", "optim/clip_rate", "optim/skipped", "train/tokens_seen"):
             assert two[key] == single[key], (step, key)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DETECTORS = ["ours", "ours-loss", "fixed", "zclip", "olmo", "megatron", "lightning"]
+DETECTORS = ["ours", "ours-alarm", "ours-loss", "fixed", "zclip", "olmo", "megatron", "lightning"]
 # engines built earlier in this pytest process exported their rank and store port
 ENV = {k: v for k, v in os.environ.items()
        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

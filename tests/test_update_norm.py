@@ -37,7 +37,7 @@ def test_update_norm_equals_measured_parameter_change(stage, wd, precision, rel)
     measured = MeasuredUpdate()
     cfg = small_cfg("train.micro_batch_size=2", "train.grad_accum_steps=2", "train.max_steps=4",
                     f"zero.stage={stage}", f"optim.weight_decay={wd}",
-                    f"train.precision={precision}")
+                    f"train.precision={precision}", "monitor.update_sample=1")
     _, metrics, _ = run_harness(cfg, callbacks=[measured])
     reported = [m["optim/update_norm"] for m in metrics]
     assert len(measured.ratios) == 4 and min(measured.ratios) > 0

@@ -10,8 +10,15 @@ set does not split evenly, the ranks with fewer batches run a real batch again w
 (it adds nothing to the sum). The weighted loss sum and the sequence count stay on the device
 until one all-reduce through the engine's collectives (made at every world size, also 1) and
 one device-to-host copy at the end.
+
+eval/bpb, beside eval/loss, is the same loss in bits per UTF-8 byte of the text the targets
+stand for: loss / (ln 2 x bytes per token of the set), counted once at start from each token's
+decoded bytes (</s> counts 0 bytes). It compares across tokenizers, as the loss cannot.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,9 +36,10 @@ class Evaluator(Callback):
     order = 15  # before the monitor and the loggers, so eval/loss is in the step's metrics
 
     def __init__(self, sequences: Sequences, every: int, batches: int, micro: int,
-                 rank: int, world: int):
+                 rank: int, world: int, token_bytes: Optional[np.ndarray] = None):
         self.every = every
         total = min(len(sequences), batches * micro * world)
+        self.bytes_per_token = _bytes_per_token(sequences, total, token_bytes)
         mine = np.arange(rank, total, world)  # rank r scores every world-th sequence
         chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
         # rank 0 holds the most sequences (ceil(total / world)): everyone runs its batch count
@@ -69,4 +77,19 @@ class Evaluator(Callback):
 
     def on_step_end(self, trainer, step, metrics):
         if self.every and step % self.every == 0:
-            metrics["eval/loss"] = self.evaluate(trainer.engine, trainer.built.comm)
+            loss = self.evaluate(trainer.engine, trainer.built.comm)
+            metrics["eval/loss"] = loss
+            if self.bytes_per_token:
+                metrics["eval/bpb"] = loss / (math.log(2) * self.bytes_per_token)
+
+
+def _bytes_per_token(sequences: Sequences, total: int,
+                     token_bytes: Optional[np.ndarray]) -> Optional[float]:
+    """UTF-8 bytes per target token over the whole fixed set (the same on every rank), from
+    each token's decoded bytes (harness.evaluate_text.piece_bytes): the targets of sequences
+    0..total-1 are tokens[1 : total x L + 1]. None without a table or without bytes."""
+    if token_bytes is None or total == 0:
+        return None
+    targets = np.asarray(sequences.tokens[1:total * sequences.seq_len + 1], dtype=np.int64)
+    n_bytes = int(token_bytes[targets].sum())
+    return n_bytes / len(targets) if n_bytes else None

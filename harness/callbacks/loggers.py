@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,31 +106,62 @@ class MetricsFile(Callback):
 
 
 class Console(Callback):
-    """A progress bar on a terminal; one plain line every `every` steps otherwise."""
+    """Where the run stands, on rank 0: a progress bar on a terminal, else one plain line every
+    `every` steps (and at the last): step / max_steps, percent, elapsed and ETA (from this
+    process's pace), tokens seen, loss, gradient norm, clip, LR, tokens/s, and the eval loss
+    and bits per byte when measured. The first lines say where the run writes, the last ones
+    what it left and the commands that use it."""
 
-    order = 100
+    order = 101  # after the other loggers: W&B has started its run when the first lines print
 
     def __init__(self, every: int):
         self.every = max(1, every)
         self.bar: tqdm | None = None
+        self._start: tuple[float, int] | None = None  # (time, step) when this process began
+        self._eval: dict[str, Any] = {}
 
     def on_train_start(self, trainer):
-        if trainer.is_main and sys.stdout.isatty():
+        if not trainer.is_main:
+            return
+        self._start = (time.perf_counter(), trainer.step)
+        for line in start_lines(trainer):
+            print(line, flush=True)
+        if sys.stdout.isatty():
             self.bar = tqdm(total=trainer.cfg.train.max_steps, initial=trainer.step,
                             unit="step", dynamic_ncols=True)
 
     def on_step_end(self, trainer, step, metrics):
         if not trainer.is_main:
             return
+        if "eval/loss" in metrics:  # the latest evaluation, shown with its step until the next
+            self._eval = {"loss": metrics["eval/loss"], "bpb": metrics.get("eval/bpb"),
+                          "step": step}
         loss, norm = metrics["train/loss"], metrics["optim/grad_norm_preclip"]
         tps = metrics["throughput/tokens_per_s"]
+        evals = ""
+        if self._eval:
+            bpb = self._eval["bpb"]
+            evals = (f" | eval loss {self._eval['loss']:.4f}"
+                     + (f" bpb {bpb:.4f}" if bpb is not None else "")
+                     + (f" (step {self._eval['step']})" if self._eval["step"] != step else ""))
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} gnorm {norm:.3f} tok/s {tps:,.0f}")
+            self.bar.set_postfix_str(f"loss {loss:.4f} gnorm {norm:.3f} tok/s {tps:,.0f}"
+                                     + evals.replace(" | ", " "))
             self.bar.update(1)
         elif step % self.every == 0 or step == trainer.cfg.train.max_steps:
-            print(f"step {step:>6} | loss {loss:.4f} | grad_norm {norm:.4f} | "
-                  f"clip {metrics['optim/clip_coef']:.3f} | lr {metrics['optim/lr']:.2e} | "
-                  f"tok/s {tps:,.0f}", flush=True)
+            print(f"{self._progress(trainer, step, metrics)} | loss {loss:.4f} | grad_norm "
+                  f"{norm:.4f} | clip {metrics['optim/clip_coef']:.3f} | lr "
+                  f"{metrics['optim/lr']:.2e} | tok/s {tps:,.0f}{evals}", flush=True)
+
+    def _progress(self, trainer, step: int, metrics) -> str:
+        total = trainer.cfg.train.max_steps
+        t0, step0 = self._start or (time.perf_counter(), 0)
+        elapsed = time.perf_counter() - t0
+        done = step - step0
+        eta = elapsed / done * (total - step) if done > 0 else math.nan
+        tokens = metrics.get("train/tokens_seen", 0)
+        return (f"step {step:>6}/{total} ({100 * step / total:5.1f}%) | {_clock(elapsed)} elapsed, "
+                f"ETA {_clock(eta)} | {_count(tokens)} tokens")
 
     def on_event(self, trainer, step, event):
         if trainer.is_main:
@@ -139,3 +171,55 @@ class Console(Callback):
     def on_train_end(self, trainer):
         if self.bar is not None:
             self.bar.close()
+        if trainer.is_main:
+            for line in end_lines(trainer):
+                print(line, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def start_lines(trainer) -> list[str]:
+    """Where the run writes: its directory, and W&B (a URL, an offline directory, or off)."""
+    run_dir = Path(trainer.cfg.train.run_dir).resolve()
+    lines = [f"run: {run_dir} (config.yaml, metrics.jsonl, checkpoints/), step "
+             f"{trainer.step} of {trainer.cfg.train.max_steps}"]
+    wandb = next((cb for cb in trainer.callbacks if type(cb).__name__ == "WandbLogger"), None)
+    run = getattr(wandb, "run", None)
+    if run is None:
+        lines.append("W&B: off (wandb.mode=disabled)")
+    elif getattr(run.settings, "mode", "") != "offline" and getattr(run, "url", None):
+        lines.append(f"W&B: {run.url}")
+    else:
+        sync_dir = getattr(run.settings, "sync_dir", None) or "the run's wandb/ directory"
+        lines.append(f"W&B: offline in {sync_dir} (upload: wandb sync {sync_dir})")
+    return lines
+
+
+def end_lines(trainer) -> list[str]:
+    """What the run left, and the commands that use it."""
+    run_dir = Path(trainer.cfg.train.run_dir)
+    ckpt = next((cb for cb in trainer.callbacks if type(cb).__name__ == "Checkpointer"), None)
+    saved = (ckpt.root / f"step{ckpt.last_saved_step:08d}"
+             if ckpt is not None and ckpt.last_saved_step is not None else None)
+    done = trainer.step >= trainer.cfg.train.max_steps
+    lines = [f"checkpoint: {saved}" if saved else "checkpoint: none saved",
+             f"report: {run_dir / 'report.png'} (harness report {run_dir})",
+             "resume: run the same `harness train` command again" + (
+                 " with a larger train.max_steps to go on" if done else "")]
+    if saved:
+        lines += [f"eval: harness eval {run_dir} --data HELD_OUT_TEXT",
+                  f"sample: harness sample {run_dir} --prompt TEXT",
+                  f"export: harness export {run_dir} --to hf OUT_DIR"]
+    return lines

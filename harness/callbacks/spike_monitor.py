@@ -1,7 +1,10 @@
 """The spike monitor in the loop: feeds harness.monitor.SpikeDetector and carries out actions.
 
 Before the update it sees the loss and pre-clip gradient norms (so `skip` can drop that very
-update); after it, the update norm. Actions (monitor.action): alert (events only), skip,
+update); after it, the update norm, parameter norm and jump, per-group update ratios.
+Warnings (event level "warning": precursors) are metrics and event lines; alarms (loss
+spikes, non-finite values, parameter jumps) are what wandb.alert and lr_cut / rollback / stop
+follow; `skip` may act on warnings. Actions (monitor.action): alert (events only), skip,
 lr_cut (LR x lr_cut_factor for lr_cut_steps), rollback (PaLM's recipe: back to the newest
 checkpoint saved BEFORE the first warning, then skip the data window that led to the spike),
 stop (end the run with a clear message and exit code 3). Every rank reaches the same decision:
@@ -15,6 +18,7 @@ from typing import Any, Optional
 from harness.callbacks.base import Callback
 from harness.checkpoint import Checkpointer, complete_checkpoints, load
 from harness.monitor import MonitorConfig, SpikeDetector
+from harness.monitor.config import is_post_step
 
 log = logging.getLogger("harness")
 
@@ -38,7 +42,7 @@ class SpikeMonitor(Callback):
         self._pending = events
 
     def on_step_end(self, trainer, step, metrics):
-        post = {k: metrics[k] for k in ("optim/update_norm",) if k in metrics}
+        post = {k: v for k, v in metrics.items() if is_post_step(k)}
         events = self._pending + self.detector.check_post_step(step, post)
         self._pending = []
         for event in events:
@@ -68,6 +72,7 @@ class SpikeMonitor(Callback):
         window = self.cfg.rollback_skip_batches * trainer.plan.batch.global_batch
         # skip at least past every batch the bad trajectory saw
         trainer.consumed_samples = max(meta["consumed_samples"] + window, spike_at)
+        trainer.norms.forget_params()  # the weights changed on purpose: no param_jump
         self.checkpointer.discard_after(trainer.step, trainer.built.dist.rank)
         self.checkpointer.last_saved_step = trainer.step
         trainer.emit({"event": "rollback", "from_step": spike_from, "to_step": trainer.step,

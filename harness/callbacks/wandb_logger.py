@@ -161,6 +161,8 @@ class WandbLogger(Callback):
             if isinstance(value, (bool, int, float)) and key != "step":
                 row[f"monitor/{kind}/{key}"] = _loggable(value)
         self.run.log({"train/step": step, **row})
+        if event.get("level") == "warning" and not event.get("action"):
+            return  # a precursor: a chartable metric, no alert (alerts are for alarms)
         # W&B holds back repeats of one title for wait_duration (default 1 min): no alert storm
         self.run.alert(title=f"harness: {kind}", text=f"step {step}: {json.dumps(event)}",
                        level=_alert_level(event))

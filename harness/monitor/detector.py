@@ -32,7 +32,23 @@ Method, per signal, on log values (spikes are multiplicative and log makes drift
   the line stops rising. Armed once a whole window lies after `trend_after` (default: the end
   of the LR warm-up, whose rise it would otherwise flag).
 
-Events (dicts, JSON-able; every one has "event", "step", "signal", "action"):
+- Ceiling rule (monitor.attn_ceiling on model/attn_logit_bound, default 100):
+  a value at or above its ceiling is a warning (rule "ceiling"), repeated every episode_gap
+  steps while the value stays above half the ceiling; no statistics, so a growth that started
+  in warm-up (before any window is full) is still caught once the monitor arms.
+
+- Parameter jump (signal optim/param_jump, from harness.grad_norms): a value at or above
+  `param_jump` is a `param_jump` alarm at once, in warm-up too: the weights changed between
+  two steps by more than rounding, outside the optimizer (no statistics: healthy is 0).
+- LR warm-up: `trend_after` (null in a replay: the first step whose optim/lr does not rise)
+  ends it; loss spikes are confirmed only after it (before, the loss's steps over loss_z are
+  warnings), and the trend rule arms one window after it.
+
+Levels: every event has "level": "alarm" for loss_spike, nonfinite and param_jump (what
+wandb.alert and lr_cut / rollback / stop follow), "warning" for grad_spike (precursors: what
+`skip` may act on; a metric and an event line otherwise).
+
+Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "action"):
 - grad_spike: a precursor crossed its threshold (rule "level"; one event per excursion: the
   signal re-arms only once z falls below threshold / 2; fields value, z, baseline, episode),
   or its trend did (rule "trend"; fields value, growth, episode).
@@ -59,8 +75,9 @@ from fnmatch import fnmatchcase
 from typing import Any, Optional
 
 
-from harness.monitor.config import MonitorConfig
+from harness.monitor.config import ALARMS, PARAM_JUMP, MonitorConfig
 
+WARM_FLAT = 10  # steps without a new LR maximum that end an inferred warm-up
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
 
 
@@ -174,6 +191,8 @@ class _Signal:
         self.stat, self.threshold, self.trend = stat, threshold, trend
         self.run, self.onset, self.hot = 0, -1, False
         self.trend_at = -1  # step of the last trend warning of the current rise, -1: none
+        self.ceiling: Optional[float] = None  # monitor.ceilings' value for this signal
+        self.ceil_at = -1  # step of the last ceiling warning of this excursion, -1: none
 
 
 class SpikeDetector:
@@ -186,6 +205,9 @@ class SpikeDetector:
         self.n_episodes = 0
         self.rollbacks = 0
         self.lr_cut_until = -1
+        # the end of the LR warm-up: configured, or inferred from optim/lr (None: not yet)
+        self.warm_end: Optional[int] = cfg.trend_after
+        self.last_lr: Optional[tuple[float, int]] = None  # the LR's maximum so far, its step
 
     # ---- public API -------------------------------------------------------------------
     def check_pre_step(self, step: int, signals: dict[str, float]) -> list[dict[str, Any]]:
@@ -201,12 +223,14 @@ class SpikeDetector:
 
     def state_dict(self) -> dict[str, Any]:
         sigs = {k: {"stat": s.stat.state_dict(), "run": s.run, "onset": s.onset, "hot": s.hot,
-                    "trend_at": s.trend_at} for k, s in self.signals.items()}
+                    "trend_at": s.trend_at, "ceil_at": s.ceil_at}
+                for k, s in self.signals.items()}
         ep = self.episode
         episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
-        return {"version": 2, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
+        return {"version": 3, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
                 "n_episodes": self.n_episodes, "rollbacks": self.rollbacks,
-                "lr_cut_until": self.lr_cut_until}
+                "lr_cut_until": self.lr_cut_until, "warm_end": self.warm_end,
+                "last_lr": None if self.last_lr is None else list(self.last_lr)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict(); statistics of another `stat` kind are dropped (relearned)."""
@@ -217,12 +241,17 @@ class SpikeDetector:
             sig.stat.load_state_dict(s["stat"])
             sig.run, sig.onset, sig.hot = int(s["run"]), int(s["onset"]), bool(s["hot"])
             sig.trend_at = int(s.get("trend_at", -1))  # absent before the trend rule
+            sig.ceil_at = int(s.get("ceil_at", -1))  # absent before the ceiling rule
             self.signals[name] = sig
         ep = state["episode"]
         self.episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
         self.n_episodes = int(state["n_episodes"])
         self.rollbacks = int(state["rollbacks"])
         self.lr_cut_until = int(state["lr_cut_until"])
+        if self.cfg.trend_after is None:  # absent before version 3: inferred again
+            self.warm_end = state.get("warm_end")
+            top = state.get("last_lr")
+            self.last_lr = None if top is None else (float(top[0]), int(top[1]))
 
     def rewind(self, state: dict[str, Any]) -> None:
         """After a rollback: statistics from the checkpoint, but this rollback is counted."""
@@ -235,7 +264,9 @@ class SpikeDetector:
         if name not in self._kinds:
             if name == self.cfg.loss_signal:
                 self._kinds[name] = "loss"
-            elif any(fnmatchcase(name, p) for p in self.cfg.signals):
+            elif name == PARAM_JUMP and any(fnmatchcase(name, p) for p in self.cfg.signals):
+                self._kinds[name] = "jump"
+            elif any(fnmatchcase(name, p) for p in [*self.cfg.signals, *self.cfg.ceilings()]):
                 self._kinds[name] = "precursor"
             else:
                 self._kinds[name] = None
@@ -248,10 +279,29 @@ class SpikeDetector:
         threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
         trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
         if cfg.stat == "ema":
-            return _Signal(_EMA(cfg.ema_alpha, cfg.min_scale, cfg.window), threshold, trend)
-        return _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold, trend)
+            sig = _Signal(_EMA(cfg.ema_alpha, cfg.min_scale, cfg.window), threshold, trend)
+        else:
+            sig = _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold, trend)
+        sig.ceiling = cfg.ceilings().get(name)
+        return sig
+
+    def _warm_up(self, step: int, signals: dict[str, float]) -> bool:
+        """Whether `step` is still in the LR warm-up. Unless configured, its end is the step
+        the LR last reached a new maximum, once none has come for WARM_FLAT steps (logged LRs
+        are rounded: two equal values in a row happen inside a warm-up)."""
+        lr = signals.get("optim/lr")
+        if self.warm_end is None and lr is not None and math.isfinite(lr):
+            top = self.last_lr
+            if top is None or lr > top[0]:
+                self.last_lr = top = (float(lr), step)
+            elif step - top[1] >= WARM_FLAT:
+                self.warm_end = top[1]
+        if self.warm_end is None:  # no LR seen yet: nothing to wait for
+            return self.last_lr is not None
+        return step < self.warm_end
 
     def _update(self, step: int, signals: dict[str, float], can_skip: bool) -> list[dict]:
+        self._warming = self._warm_up(step, signals)
         watched = [(k, v) for k, v in signals.items()
                    if v is not None and self._kind(k) is not None]
         watched.sort(key=lambda kv: (self._kind(kv[0]) == "loss", kv[0]))  # loss last
@@ -259,6 +309,7 @@ class SpikeDetector:
         for name, value in watched:
             ev = self._observe(step, name, float(value))
             if ev is not None:
+                ev["level"] = "alarm" if ev["event"] in ALARMS else "warning"
                 ev["action"] = self._action(ev["event"], step, can_skip)
                 events.append(ev)
         return events
@@ -270,6 +321,8 @@ class SpikeDetector:
             if not is_loss:
                 ev["episode"] = self._touch_episode(step, name)
             return ev
+        if self._kind(name) == "jump":
+            return self._jump(step, name, x)
         if x <= 0:  # log space needs positive values; a zero norm says nothing about spikes
             return None
         sig = self.signals.get(name)
@@ -279,12 +332,15 @@ class SpikeDetector:
         armed = step >= self.cfg.warmup_steps and sig.stat.count() >= self.cfg.window // 2
         z, center = sig.stat.score(lx) if armed else (0.0, lx)
         # only once the whole window lies after trend_after (the LR warm-up's rise)
-        trending = armed and sig.trend and step >= (self.cfg.trend_after or 0) + self.cfg.window
+        trending = (armed and sig.trend and not self._warming
+                    and step >= (self.warm_end or 0) + self.cfg.window)
         growth = sig.stat.growth() if trending else None
         sig.stat.push(lx, sig.threshold if armed else None)
         ev = self._level(step, name, x, sig, z, center, is_loss)
         if ev is None and growth is not None:
             ev = self._trend(step, name, x, sig, growth)
+        if sig.ceiling is not None and step >= self.cfg.warmup_steps:
+            ev = self._ceiling(step, name, x, sig) or ev  # always updates its own state
         return ev
 
     def _level(self, step: int, name: str, x: float, sig: _Signal, z: float, center: float,
@@ -305,10 +361,25 @@ class SpikeDetector:
                 "baseline": float(f"{math.exp(center):.6g}")}
         if sig.run < persist:  # the loss's first step over: a warning, not yet a spike
             return dict(base, event="grad_spike", rule="level", episode=None)
+        if is_loss and self._warming:  # not confirmed in the LR warm-up: warnings only
+            return None
         sig.hot = True
         if is_loss:
             return self._confirm(base, sig)
         return dict(base, event="grad_spike", rule="level", episode=episode)
+
+    def _jump(self, step: int, name: str, x: float) -> Optional[dict[str, Any]]:
+        sig = self.signals.get(name)
+        if sig is None:
+            sig = self.signals[name] = _Signal(_MedianMAD(2, 0.0), self.cfg.param_jump)
+        if x < sig.threshold:
+            sig.hot = False
+            return None
+        if sig.hot:  # one alarm per excursion
+            return None
+        sig.hot = True
+        return {"event": "param_jump", "step": step, "signal": name, "value": x,
+                "threshold": sig.threshold, "episode": self._touch_episode(step, name)}
 
     def _trend(self, step: int, name: str, x: float, sig: _Signal,
                growth: float) -> Optional[dict[str, Any]]:
@@ -323,6 +394,20 @@ class SpikeDetector:
         return {"event": "grad_spike", "rule": "trend", "step": step, "signal": name,
                 "value": x, "growth": round(math.exp(growth), 3),
                 "episode": self._touch_episode(step, name)}
+
+    def _ceiling(self, step: int, name: str, x: float,
+                 sig: _Signal) -> Optional[dict[str, Any]]:
+        """An absolute limit: warns on reaching it, reminds every episode_gap steps while the
+        value stays over half of it (hysteresis, so hovering at the limit is one episode)."""
+        if x < sig.ceiling / 2:
+            sig.ceil_at = -1
+        if x < sig.ceiling and sig.ceil_at < 0:
+            return None
+        if sig.ceil_at >= 0 and step - sig.ceil_at < self.cfg.episode_gap:
+            return None
+        sig.ceil_at = step
+        return {"event": "grad_spike", "rule": "ceiling", "step": step, "signal": name,
+                "value": x, "ceiling": sig.ceiling, "episode": self._touch_episode(step, name)}
 
     def _open_episode(self, step: int) -> Optional[dict[str, Any]]:
         ep = self.episode

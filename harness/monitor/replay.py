@@ -6,12 +6,14 @@ the strings "nan", "inf", "-inf" that the harness writes for non-finite values r
 the numbers they stand for, so a run that went NaN replays its events) or
 a CSV with a `step` column and any of loss, grad_norm, update_norm, clip_coef, loss_scale, lr,
 grad_norm_<group> (mapped to the namespaced keys; columns already namespaced pass through).
-The format is sniffed from the first character, not the file name. Each record is fed the way
-the trainer feeds a step: update norm after the step, everything else before it.
+The format is sniffed from the first character, not the file name (gzip is undone first). Each record is fed the way
+the trainer feeds a step: update norm, parameter norm and jump, update ratios after the step,
+everything else before it.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, Optional
 
 from harness.callbacks.loggers import as_number
 from harness.errors import HarnessError
-from harness.monitor.config import MonitorConfig
+from harness.monitor.config import MonitorConfig, is_post_step
 from harness.monitor.detector import SpikeDetector
 
 CSV_NAMES = {
@@ -33,7 +35,6 @@ CSV_NAMES = {
 }
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head")
 CSV_NAMES.update({f"grad_norm_{g}": f"grad_norm/{g}" for g in GROUPS})
-POST_STEP = frozenset({"optim/update_norm"})
 
 Trace = list[tuple[int, dict[str, float]]]
 
@@ -41,8 +42,11 @@ Trace = list[tuple[int, dict[str, float]]]
 def read_trace(path: str | Path) -> Trace:
     """The (step, signals) records of a metrics.jsonl or CSV file, in file order."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip (a compressed log, e.g. tests/data/*.csv.gz)
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
         raise HarnessError(f"cannot read trace {path}: {e}") from None
     if not text.strip():
         raise HarnessError(f"trace {path} is empty")
@@ -120,8 +124,8 @@ def replay(path: str | Path, cfg: MonitorConfig, detector: Optional[Any] = None)
     det = detector if detector is not None else SpikeDetector(cfg)
     events: list[dict] = []
     for step, signals in records:
-        pre = {k: v for k, v in signals.items() if k not in POST_STEP}
-        post = {k: v for k, v in signals.items() if k in POST_STEP}
+        pre = {k: v for k, v in signals.items() if not is_post_step(k)}
+        post = {k: v for k, v in signals.items() if is_post_step(k)}
         events += det.check_pre_step(step, pre)
         events += det.check_post_step(step, post)
     return events

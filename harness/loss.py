@@ -1,0 +1,124 @@
+"""The output head and its loss: cross-entropy, PaLM's z-loss, and a chunked form of both that
+never holds a micro-batch's full fp32 logits.
+
+`OutputHead` is the models' `lm_head` (an nn.Linear, so state dicts and ZeRO 3's parameter
+gathering see a plain Linear). Called with targets it returns the training loss
+
+    mean_t CE_t + z_loss x mean_t log(Z_t)^2,        log Z_t = logsumexp(logits_t)
+
+and keeps `stats` (detached, fp32): [mean CE, mean log(Z)^2, max log Z] for the metrics.
+
+chunk_tokens = 0 is the plain path: logits for every token, upcast to fp32, F.cross_entropy
+(autograd keeps the fp32 log-softmax: tokens x vocab x 4 bytes). chunk_tokens = C computes
+logits C tokens at a time inside one autograd Function and makes their gradients right there
+(Liger's fused linear cross-entropy, Wijmans et al. 2024 "Cut your losses"): what stays for
+backward is the gradient of the head's input (tokens x d) and of its weight (vocab x d, fp32),
+not tokens x vocab. The matmuls are the plain path's (forward, input grad, weight grad); the
+chunks' logits are never kept.
+
+The gradients made in the forward are those of the SUM of the per-token losses; backward scales
+them by g / tokens in fp32. With fp16 that matters: g carries the loss scale, and unnormalised
+(p - onehot) rounds to fp16 without the underflow that p / tokens would meet.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _z_term(z_loss: float, lse: torch.Tensor) -> torch.Tensor | float:
+    return z_loss * (lse * lse).mean() if z_loss > 0 else 0.0
+
+
+def _stats(ce: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    lse = lse.detach()
+    return torch.stack((ce.detach().float(), (lse * lse).mean(), lse.max()))
+
+
+def plain_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full fp32 logits, as every GPT reference does; the z term only when z_loss > 0 (so the
+    loss with z_loss = 0 is bit for bit F.cross_entropy's)."""
+    logits = F.linear(h, weight).float().view(-1, weight.shape[0])
+    ce = F.cross_entropy(logits, targets.reshape(-1))
+    lse = torch.logsumexp(logits if z_loss > 0 else logits.detach(), dim=-1)
+    return ce + _z_term(z_loss, lse), _stats(ce, lse)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, z_loss: float, chunk: int):
+        n = h.shape[0]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        lse_all = torch.empty(n, dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            logits = F.linear(hc, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            lse_all[i:i + chunk] = lse
+            ce_sum += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # d(sum CE + z sum lse^2) / d logits = p (1 + 2 z lse) - onehot, p = softmax
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            if z_loss > 0:
+                dlogits.mul_(1 + 2 * z_loss * lse[:, None])
+            dlogits.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+            dlogits = dlogits.to(h.dtype)
+            grad_h[i:i + chunk] = dlogits @ weight
+            grad_w.add_(dlogits.t() @ hc)  # each chunk's matmul in h's dtype, summed in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n, ctx.weight_dtype = n, weight.dtype
+        ce = ce_sum / n
+        loss = ce + _z_term(z_loss, lse_all)
+        stats = _stats(ce, lse_all)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g, _g_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = g.float() / ctx.n
+        return ((grad_h.float() * scale).to(grad_h.dtype),
+                (grad_w * scale).to(ctx.weight_dtype), None, None, None)
+
+
+def chunked_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 z_loss: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLoss.apply(h2, weight, t2, z_loss, chunk)
+    # no backward to come (evaluation): the same sums without gradients
+    ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    lses = []
+    for i in range(0, h2.shape[0], chunk):
+        logits = F.linear(h2[i:i + chunk], weight).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        ce_sum += (lse - logits.gather(1, t2[i:i + chunk, None]).squeeze(1)).sum()
+        lses.append(lse)
+    lse = torch.cat(lses)
+    ce = ce_sum / h2.shape[0]
+    return ce + _z_term(z_loss, lse), _stats(ce, lse)
+
+
+class OutputHead(nn.Linear):
+    """lm_head: logits without targets, the training loss with them (see the module doc)."""
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.z_loss = 0.0
+        self.chunk_tokens = 0
+        self.stats: Optional[torch.Tensor] = None
+
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)
+        z_loss = self.z_loss if self.training else 0.0  # a regulariser: evaluation scores CE
+        if self.chunk_tokens:
+            loss, self.stats = chunked_loss(h, self.weight, targets, z_loss, self.chunk_tokens)
+        else:
+            loss, self.stats = plain_loss(h, self.weight, targets, z_loss)
+        return loss

@@ -1,0 +1,55 @@
+"""The calibration split is fixed in code: tuning and held-out parts are disjoint and exactly
+what bench/spike_split.py said before any tuning (changing it means re-tuning from scratch)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import spike_split as split  # noqa: E402
+
+
+def test_scenarios_and_seeds_are_disjoint_and_fixed():
+    assert split.TUNE_SCENARIOS == ("stable", "lr_spike", "lr_ramp", "bad_random",
+                                    "scale_weights", "nat_logit")
+    assert split.HELD_SCENARIOS == ("lr_crash", "high_lr", "bad_repeat", "silent_corrupt",
+                                    "nat_attn", "repeat_spans")
+    assert not set(split.TUNE_SCENARIOS) & set(split.HELD_SCENARIOS)
+    assert split.TUNE_SEEDS == {"stable": (1, 2, 3, 4), "other": (1, 2, 3)}
+    assert split.HELD_SEEDS == {"stable": tuple(range(5, 13)), "other": (4, 5, 6)}
+    for kind in ("stable", "other"):
+        assert not set(split.TUNE_SEEDS[kind]) & set(split.HELD_SEEDS[kind])
+    assert split.REAL_LOGS == {"llmc_gpt2_124M_stable": "held_out"}
+
+
+def test_every_run_is_in_exactly_one_part():
+    scenarios = split.TUNE_SCENARIOS + split.HELD_SCENARIOS
+    parts = {(s, k): split.part(s, k) for s in scenarios for k in range(1, 13)}
+    assert set(parts.values()) == {"tune", "held_out"}
+    assert parts[("stable", 4)] == "tune" and parts[("stable", 5)] == "held_out"
+    assert parts[("lr_spike", 3)] == "tune" and parts[("lr_spike", 4)] == "held_out"
+    assert all(p == "held_out" for (s, _), p in parts.items() if s in split.HELD_SCENARIOS)
+    with pytest.raises(KeyError):
+        split.part("made_up", 1)
+
+
+def test_every_suite_scenario_is_split():
+    import spike_scenarios
+
+    assert set(spike_scenarios.SCENARIOS) <= set(split.TUNE_SCENARIOS + split.HELD_SCENARIOS)
+
+
+def test_natural_ground_truth_is_the_gap_to_the_twin():
+    """nat_* runs are scored against their twin (spike_scenarios.NATURAL): the onset is the
+    first step whose 10-step mean held-out loss is >= 5% over the twin's for 20 steps."""
+    import spike_scenarios as sc
+
+    assert (sc.NAT_GAP, sc.NAT_SMOOTH, sc.NAT_HOLD) == (0.05, 10, 20)
+    assert set(sc.NATURAL) <= set(split.HELD_SCENARIOS + split.TUNE_SCENARIOS)
+    twin = [{"step": s, "eval/heldout_loss": 4.0} for s in range(200)]
+    run = [{"step": s, "eval/heldout_loss": 4.0 if s < 100 else 4.4} for s in range(200)]
+    # the 10-step mean passes 4.2 (5%) once 6 of its 10 values are 4.4: step 105
+    assert sc.twin_gap_onsets(run, twin) == [105]
+    blip = [{"step": s, "eval/heldout_loss": 4.4 if 100 <= s < 110 else 4.0} for s in range(200)]
+    assert sc.twin_gap_onsets(blip, twin) == []  # over for < 20 steps: no onset
+    assert sc.twin_gap_onsets(twin, twin) == []
