@@ -24,6 +24,13 @@ stable log (held out) is replayed through every detector. "ours" counts every ev
 too: what `skip` may act on), "ours-alarm" only alarms (what wandb.alert, lr_cut, rollback and
 stop follow), "ours-loss" only confirmed loss spikes and non-finite values.
 
+Natural instabilities (spike_scenarios.NATURAL: nothing injected, e.g. LR 0.1 without
+qk-norm) run with a TWIN (the same run with the fix, qk-norm); their ground truth is the gap to
+the twin (spike_scenarios.twin_gap_onsets), any flag from the monitor's warm-up on counts (the
+issue asks for >= 50 steps of lead), and a table gives each one's lead and the attention
+bound's own lead. Twins are not stable runs: their warnings are shown, not counted as FA.
+Alert-mode runs drop the final checkpoint, metrics.jsonl and console (the trace is in memory).
+
 A detector's alarms are ALL its events (warnings, loss spikes, non-finite values): each could
 trigger an action, so each counts as a flag and, on a stable run, as a false alarm. A spike
 counts as flagged by the first alarm in [onset - LOOKBACK, onset + LATE]; lead = onset - that
@@ -365,18 +372,17 @@ def print_natural(runs: list[dict], twins: dict, mon: dict) -> dict:
         twin = twins.get((r["scenario"], r["seed"]))
         if twin is None:
             continue
-        ev = [e for e in replay_events(_ours(1.0, mon), r["trace"]) if e["step"] >= mon["warmup_steps"]]
+        armed = mon["warmup_steps"]
+        ev = [e for e in replay_events(_ours(1.0, mon), r["trace"]) if e["step"] >= armed]
         attn = [e["step"] for e in ev if e["signal"].startswith("model/attn_logit_bound")]
         first = ev[0]["step"] if ev else None
         onset = r["gt_all"][0] if r["gt_all"] else None
-        tw = [e for e in replay_events(_ours(1.0, mon), twin["trace"])
-              if e["step"] >= mon["warmup_steps"]]
-        peak = lambda tr: max(x.get("model/attn_logit_bound", 0.0) for x in tr)
+        tw = [e for e in replay_events(_ours(1.0, mon), twin["trace"]) if e["step"] >= armed]
         rec = {"scenario": r["scenario"], "seed": r["seed"], "onset": onset,
                "first_warning": first, "first_attn_warning": attn[0] if attn else None,
                "lead_any": None if onset is None or first is None else onset - first,
                "lead_attn": None if onset is None or not attn else onset - attn[0],
-               "bound_peak": peak(r["trace"]), "twin_bound_peak": peak(twin["trace"]),
+               "bound_peak": _peak(r["trace"]), "twin_bound_peak": _peak(twin["trace"]),
                "final_eval": r["final_eval"], "twin_final_eval": twin["final_eval"],
                "twin_warnings": len(tw)}
         out.append(rec)
@@ -392,6 +398,10 @@ def print_natural(runs: list[dict], twins: dict, mon: dict) -> dict:
                     f"-step mean > {1 + sc.NAT_GAP:g} x the twin's for {sc.NAT_HOLD} steps; "
                     f"ours at its defaults, warnings from step {mon['warmup_steps']})")
     return out
+
+
+def _peak(trace: list[dict]) -> float:
+    return max(x.get("model/attn_logit_bound", 0.0) for x in trace)
 
 
 def replay_events(det, trace: list[dict]) -> list[dict]:
@@ -480,8 +490,10 @@ def print_header(args) -> None:
     print("  (fp16 loss-scale collapse: not run; DeepSpeed refuses fp16 on the CPU accelerator)")
     print(f"ground truth: held-out loss > {sc.GT_RATIO} x its min over the previous "
           f"{sc.GT_WINDOW} steps for >= {sc.GT_PERSIST} steps (onset = the first); a spike is "
-          f"flagged by a detector's first alarm in [onset - {LOOKBACK}, onset + {LATE}]",
-          flush=True)
+          f"flagged by a detector's first alarm in [onset - {LOOKBACK}, onset + {LATE}]; natural "
+          f"runs (nat_*): held-out loss ({sc.NAT_SMOOTH}-step mean) > {1 + sc.NAT_GAP:g} x its "
+          f"twin's for {sc.NAT_HOLD} steps, flagged by any alarm from step {args.arm} to onset "
+          f"+ {LATE}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

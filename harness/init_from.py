@@ -28,9 +28,9 @@ def maybe_init(model: nn.Module, cfg: Config) -> None:
     """Load cfg.model.init_from into `model` unless this start resumes a checkpoint."""
     if not cfg.model.init_from:
         return
-    from harness.run_dir import _resume_run_dir  # noqa: WPS450 (the one place resume is known)
+    from harness.run_dir import resumed_run_dir  # late: keeps engine.py light to import
 
-    if _resume_run_dir(cfg) is not None:
+    if resumed_run_dir(cfg) is not None:
         log.info("%s=%s ignored: this run resumes its checkpoint", KEY, cfg.model.init_from)
         return
     load_into(model, cfg)

@@ -262,7 +262,7 @@ def _check_same_model(run_dir: Path, cfg: Config, step_dir: Optional[Path] = Non
                                f"(or checkpoint.resume=never with a new one)")
 
 
-def _resume_run_dir(cfg: Config) -> Optional[Path]:
+def resumed_run_dir(cfg: Config) -> Optional[Path]:
     """The run directory whose checkpoint this start will resume, if any (read before the
     engine is built: its config.yaml tells the model shape the checkpoint holds)."""
     run_dir = Path(cfg.train.run_dir)
@@ -286,7 +286,7 @@ def prepare_run(cfg: Config) -> None:
     # does, without its scontrol call: only rank 0 moves files
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     claim_run_dir(cfg, int(rank) if rank.strip().isdigit() else 0)
-    resumed = _resume_run_dir(cfg)
+    resumed = resumed_run_dir(cfg)
     if resumed is not None:
         named = cfg.checkpoint.resume not in ("auto", "never")
         _check_same_model(resumed, cfg, Path(cfg.checkpoint.resume) if named else None)

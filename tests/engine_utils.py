@@ -133,6 +133,7 @@ def plain_grads(cfg: Config, micro: int, accum: int, dtype=torch.float32,
     DeepSpeed casts it), each micro-batch's gradient / accum summed in `accum_dtype`."""
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(dtype)
+    model.set_loss(cfg.train.z_loss, 0)  # full logits: the chunked loss's reference too
     data = make_data(cfg, micro)
     grads = {n: torch.zeros_like(p, dtype=accum_dtype) for n, p in model.named_parameters()}
     for k in range(accum):

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.slow
 ARGS = ["train.micro_batch_size=2", "train.grad_accum_steps=2", "model.n_layer=2"]
 
 
-@pytest.mark.parametrize("arch, policy", [("gpt2", "none"), ("llama", "every_layer"),
-                                          ("gpt2", "attention")])
-def test_compiled_trains_like_eager(arch, policy):
-    args = [*ARGS, f"activation_checkpointing.policy={policy}",
+@pytest.mark.parametrize("arch, policy, stage", [("gpt2", "none", 0), ("llama", "every_layer", 1),
+                                                 ("gpt2", "attention", 3)])
+def test_compiled_trains_like_eager(arch, policy, stage):
+    args = [*ARGS, f"activation_checkpointing.policy={policy}", f"zero.stage={stage}",
             *(["model.arch=llama", "model.n_kv_head=1"] if arch == "llama" else [])]
     eager_params, eager, _ = run_harness(small_cfg(*args))
     torch._dynamo.reset()

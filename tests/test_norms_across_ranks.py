@@ -34,8 +34,11 @@ pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).with_name("norm_worker.py"))
 TWO = ["train.micro_batch_size=2", "train.grad_accum_steps=2"]
 ONE = ["train.micro_batch_size=2", "train.grad_accum_steps=4"]
-CASES = [(s, p, False) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + [
-    (1, "fp32", True), (2, "bf16", True)]
+MODERN = ("model.arch=llama", "model.n_kv_head=1", "model.qk_norm=true", "train.z_loss=0.01",
+          "train.loss_chunk_tokens=8")  # issue 13's model and loss
+CASES = [(s, p, False, ()) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + [
+    (1, "fp32", True, ()), (2, "bf16", True, ()), (3, "bf16", False, MODERN),
+    (0, "fp32", False, MODERN)]
 
 
 def _free_port():
@@ -77,9 +80,11 @@ def norm_keys(m: dict) -> list[str]:
     return [k for k in m if k == "optim/grad_norm_preclip" or k.startswith("grad_norm/")]
 
 
-@pytest.mark.parametrize("stage, precision, offload", CASES)
-def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(tmp_path, stage, precision, offload):
-    args = [*precision_args(stage, precision), "clip.max_norm=0.5"]
+@pytest.mark.parametrize("stage, precision, offload, extra", CASES,
+                         ids=lambda v: "llama" if v == MODERN else None)
+def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(tmp_path, stage, precision, offload,
+                                                           extra):
+    args = [*precision_args(stage, precision), "clip.max_norm=0.5", *extra]
     if offload:
         args.append("zero.offload_optimizer=true")
     bf16_sum = stage == 0 and precision == "bf16"

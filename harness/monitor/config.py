@@ -19,7 +19,20 @@ part; no real log is tuned on, the llm.c GPT-2 124M log is held out). Reasons, p
   least regularly while the LR rises; a replayed log without the config infers the end of the
   warm-up from optim/lr). `min_scale` 0.01: a change under ~z x 1% never alarms.
 - The trend rule (x`trend_growth` 4 over a window) catches a steady ramp that the level z
-  absorbs: the update norm's, and attention-logit growth (model/attn_logit_bound).
+  absorbs: the update norm's (tuning part: it leads lr_ramp by 4-12 steps; healthy runs rise
+  at most x0.9 per window after warm-up). NOT the attention-logit bound: on the tuning part's
+  stable runs it grows x2.2-3.3 per window by itself (0.3 at init to ~7 at step 300), a 1.2x
+  margin to x4, and it added no lead there (on stable seeds 5-6 it then rose x8 and x25).
+- The model's logit signals (issue 16), each kept or dropped on the tuning part alone:
+  `train/z_loss` (level, z 10): max z 3.5 on the tuning stable runs, 0 warnings; kept, cheap,
+  it is what output-logit divergence moves. `model/attn_logit_bound` (level z 10: max 6.7 on
+  stable tuning runs, 0 warnings; and `attn_ceiling` 100 below). `model/logit_lse_max` is NOT
+  a default signal: a max over tokens drifts in steps, its z reached 12 on a stable tuning
+  run (1 false warning in 1004 steps) and it added no lead on any tuning instability.
+- `attn_ceiling` 100 on model/attn_logit_bound: an absolute ceiling, because the bound's size
+  is what saturates softmax and its growth begins in the LR warm-up, before any window is
+  full. The largest value on the tuning part's stable runs is 23 (most runs end at 6-9): 100
+  leaves a 4x margin; the tuning part's lr_ramp and scale_weights runs cross it (190-1300).
 - `param_jump` 1e-4: the relative change of a layer group's parameter norm between the end of
   one step and the start of the next is 0 up to float rounding unless something outside the
   optimizer wrote the weights (silent corruption). Set from float32 rounding (healthy steps
