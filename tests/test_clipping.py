@@ -47,6 +47,9 @@ class OneVector(torch.nn.Module):
     def set_checkpointing(self, *args):
         pass
 
+    def set_loss(self, *args):
+        pass
+
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_worked_example_clips_to_max_norm_keeping_direction(stage, monkeypatch):
