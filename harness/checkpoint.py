@@ -148,6 +148,8 @@ class Checkpointer(Callback):
             files.update(_digest_files(tmp, rest, sync=True))
             meta = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
                     "world_size": world,
+                    **({"tensor_parallel_size": trainer.plan.tp_size}
+                       if trainer.plan.tp_size > 1 else {}),
                     "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks},
                     **self.extra_meta, "checksum": CHECKSUM, "files": dict(sorted(files.items()))}
             meta = json.loads(json.dumps(meta))  # as it will read back (str keys, lists)
@@ -313,6 +315,11 @@ def load(trainer, path: Path) -> dict[str, Any]:
     assertion or a silent divergence)."""
     meta = _read_meta(path)
     world = trainer.built.dist.world_size
+    saved_tp = meta.get("tensor_parallel_size", 1)
+    if saved_tp != trainer.plan.tp_size:  # AutoTP shards would load into the wrong shapes
+        raise HarnessError(f"{path} was saved at parallel.tensor_parallel_size={saved_tp}, this "
+                           f"run uses {trainer.plan.tp_size}: resume at the saved tensor-"
+                           f"parallel size (another is not supported yet)")
     _check_loadable(trainer, path, meta)
     if needs_reshard(meta["world_size"], world, trainer.cfg.zero.stage):
         # ZeRO partitioned the optimizer over the saving ranks: re-partition it through

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                        "alone: the tiny preset)"))
     ds = sub.add_parser("ds-config", help="print the generated DeepSpeed JSON")
     _config_args(ds)
-    ds.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
+    ds.add_argument("--world-size", type=int, default=1,
+                    help="ranks in all: tensor- x data-parallel (default 1)")
     ds.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="device the JSON is for (default: this machine's)")
     _config_args(sub.add_parser("prepare-data", help="tokenize the data.sources into shards"))

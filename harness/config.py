@@ -268,13 +268,25 @@ class ActivationCheckpointingConfig:
 
 @dataclass
 class ParallelConfig:
-    # tensor parallelism is not implemented; kept so partition_activations can be judged
+    # tensor parallelism: DeepSpeed's AutoTP shards attention (heads) and the MLP across this
+    # many consecutive ranks; world = tensor_parallel_size x data-parallel size (harness/plan.py)
+    tensor_parallel_size: int = 1
+    # the older name of tensor_parallel_size (Megatron's): either may be set, not both apart
     model_parallel_size: int = 1
 
     def validate(self) -> None:
-        if self.model_parallel_size != 1 or isinstance(self.model_parallel_size, bool):
-            raise HarnessError(f"parallel.model_parallel_size={self.model_parallel_size} must "
-                               f"be 1: tensor parallelism is not implemented")
+        for key in ("tensor_parallel_size", "model_parallel_size"):
+            check_number(f"parallel.{key}", getattr(self, key), 1, 4096, integer=True,
+                         fix="e.g. 2 (ranks per tensor-parallel group); 1 turns it off")
+        if 1 != self.model_parallel_size != self.tensor_parallel_size != 1:
+            raise HarnessError(f"parallel.model_parallel_size={self.model_parallel_size} and "
+                               f"parallel.tensor_parallel_size={self.tensor_parallel_size} "
+                               f"differ: set only parallel.tensor_parallel_size")
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks per tensor-parallel group, from either key."""
+        return max(self.tensor_parallel_size, self.model_parallel_size)
 
 
 @dataclass
@@ -361,9 +373,42 @@ def validate(cfg: Config) -> None:
     if ac.number_checkpoints is not None and ac.number_checkpoints > m.n_layer:
         raise HarnessError(f"{key}.number_checkpoints={ac.number_checkpoints} must be between "
                            f"1 and model.n_layer={m.n_layer}")
+    _check_tensor_parallel(cfg)
     if ac.policy == "every_k" and ac.every_k > m.n_layer:
         raise HarnessError(f"{key}.every_k={ac.every_k} exceeds model.n_layer={m.n_layer}: "
                            f"nothing is checkpointed")
+
+
+def _check_tensor_parallel(cfg: Config) -> None:
+    """What DeepSpeed's AutoTP cannot shard, or the harness has not tested, refused."""
+    tp, m = cfg.parallel.tp_size, cfg.model
+    if tp == 1:
+        return
+    name = ("tensor_parallel_size" if cfg.parallel.tensor_parallel_size != 1
+            else "model_parallel_size")
+    key = f"parallel.{name}={tp}"
+    if m.n_head % tp:
+        raise HarnessError(f"{key} must divide model.n_head={m.n_head} (each rank holds whole "
+                           f"attention heads)")
+    per_node = cfg.slurm.tasks_per_node
+    if cfg.slurm.nodes > 1 and per_node % tp:
+        # srun numbers ranks node by node (block distribution) and a group is tp consecutive
+        # ranks: a group that crosses nodes would all-reduce every layer over the network
+        raise HarnessError(f"{key} must divide the ranks per node ({per_node}, "
+                           f"slurm.gpus_per_node) so each tensor-parallel group stays on one "
+                           f"node")
+    if cfg.zero.stage == 3:
+        raise HarnessError(f"{key} needs zero.stage 0, 1 or 2 (DeepSpeed's AutoTP does not "
+                           f"train with ZeRO 3)")
+    if m.arch != "gpt2":
+        raise HarnessError(f"{key} needs model.arch=gpt2 (llama's layers are not yet mapped "
+                           f"to AutoTP): use tensor_parallel_size=1")
+    if m.qk_norm:
+        raise HarnessError(f"{key} cannot be combined with model.qk_norm (its norms act on "
+                           f"sharded heads; not yet supported): set model.qk_norm=false")
+    if cfg.train.compile:
+        raise HarnessError(f"{key} cannot be combined with train.compile (not yet tested "
+                           f"with AutoTP): set train.compile=false")
 
 
 def _check_strings(cfg: Config) -> None:

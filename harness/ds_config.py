@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from harness import tensor_parallel
 from harness.config import Config
 from harness.plan import Plan
 
@@ -44,6 +45,13 @@ def build_ds_config(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
     if cfg.train.precision != "fp32":
         ds["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}
         ds["communication_data_type"] = cfg.train.reduce_dtype
+    if plan.tp_size > 1:  # DeepSpeed's AutoTP (harness/tensor_parallel.py)
+        ds["tensor_parallel"] = tensor_parallel.ds_section(plan.tp_size)
+        # DeepSpeed checks train_batch_size against micro x accumulation x the WHOLE world
+        # (its config is read before the tensor-parallel groups exist): leave it to derive it.
+        # Gradients are still averaged over the data-parallel group only (measured: TP 2
+        # matches TP 1, tests/test_tensor_parallel.py)
+        del ds["train_batch_size"]
     if plan.segments:
         ac = cfg.activation_checkpointing
         ds["activation_checkpointing"] = {

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from harness import distributed, init_from
+from harness import distributed, init_from, tensor_parallel
 from harness.collectives import Collectives
 from harness.config import Config
 from harness.ds_config import build_ds_config
@@ -78,11 +78,14 @@ def configure_checkpointing(deepspeed, cfg: Config, plan: Plan, ds: dict[str, An
         model.set_checkpointing((), "none", None)
         return
     ac = cfg.activation_checkpointing
-    if ac.partition_activations and cfg.parallel.model_parallel_size == 1 and dist.rank == 0:
+    if ac.partition_activations and plan.tp_size == 1 and dist.rank == 0:
         log.warning("activation_checkpointing.partition_activations saves nothing without tensor "
                     "parallelism (model-parallel size 1): it only splits checkpoints across "
                     "model-parallel ranks")
-    deepspeed.checkpointing.configure(None, deepspeed_config=ds)
+    # under tensor parallelism: DeepSpeed's groups (made by deepspeed.initialize), so that
+    # partition_activations splits each checkpointed input across the tensor-parallel group
+    mpu = tensor_parallel.groups_mpu() if plan.tp_size > 1 else None
+    deepspeed.checkpointing.configure(mpu, deepspeed_config=ds)
     model.set_checkpointing(plan.segments, ac.policy, deepspeed.checkpointing.checkpoint)
 
 
@@ -104,7 +107,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
         torch.backends.cudnn.allow_tf32 = True
     # checkpointing.configure asks the process group for ranks: it must exist first
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
-    configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
+    if plan.tp_size == 1:
+        configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
     peak, lr_scale = plan.lr, [1.0]
 
     def scheduler(optimizer):
@@ -114,9 +118,13 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds, lr_scheduler=scheduler, dist_init_required=True)
+    if plan.tp_size > 1:  # the tensor-parallel groups exist only now
+        configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
     if cfg.train.compile:
         engine.compile()  # torch.compile of the module, inside DeepSpeed's hooks
-    # per-rank data order and dropout streams differ; weights were already drawn identically
-    seed_everything(cfg.train.seed + 1000 * dist.rank)
+    # per-rank data order and dropout streams differ; weights were already drawn identically.
+    # The ranks of one tensor-parallel group share a stream: dropout on their replicated
+    # activations must draw the same mask (dp_rank = rank at TP 1)
+    seed_everything(cfg.train.seed + 1000 * plan.dp_rank(dist.rank))
     return Built(engine, model, plan, ds, dist, device, lr_scale, Collectives(engine.device),
                  n_params)

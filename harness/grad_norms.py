@@ -9,6 +9,11 @@ update. Each rank sums squares over the gradient it holds: the full p.grad at Ze
 all-reduced, identical on every rank, so only rank 0 counts it), the fragment of its
 partition at ZeRO 1/2 (DeepSpeed's `_hp_mapping`), its partition at ZeRO 3. The trainer sums
 the small vector (one entry per layer group) over ranks in its one per-step all-reduce.
+
+Under tensor parallelism (harness.tensor_parallel) the ranks of one group hold different
+shards of the sharded tensors (each counted on its own rank) and identical copies of the
+replicated ones (LayerNorms, embeddings, row-parallel biases: counted on the group's first
+rank only); "rank 0" above then means the first data-parallel rank of each group position.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import math
 import torch
 
 from harness.model import layer_group
+from harness.tensor_parallel import is_sharded
 
 
 def _local_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
@@ -57,7 +63,11 @@ class GradNorms:
         named = list(engine.module.named_parameters())
         self.groups = sorted({layer_group(n) for n, _ in named})
         index = {g: i for i, g in enumerate(self.groups)}
-        self.params = [(index[layer_group(n)], p) for n, p in named]
+        tp = max(1, engine.autotp_size())
+        tp_rank, rank = rank % tp, rank // tp  # from here on, `rank` is the data-parallel rank
+        # a tensor replicated across the tensor-parallel group: its first rank counts it
+        self.all_params = [(index[layer_group(n)], p) for n, p in named]
+        self.params = [(i, p) for i, p in self.all_params if tp_rank == 0 or is_sharded(p)]
         self.full = bf16_full_grads(engine)
         # ZeRO 0 (any precision) leaves the full all-reduced gradient and the full optimizer
         # state on every rank, BF16_Optimizer the full gradient: only rank 0 counts what is
@@ -143,7 +153,9 @@ class GradNorms:
         key = (sample, tuple(id(st.get("exp_avg")) for st in opt.state.values()))
         cached = getattr(self, "_slices", None)
         if cached is None or cached[0] != key:
-            groups = {id(p): i for i, p in self.params}
+            # (under tensor parallelism the update norms still count replicated tensors once
+            # per tensor-parallel rank: not yet exact, see harness/tensor_parallel.py)
+            groups = {id(p): i for i, p in self.all_params}
             slices = [(group, st, batch, where)
                       for group, params in _optimized_params(ds_opt, opt)
                       for st, batch, where in _state_batches(opt, group, params, groups, sample)]

@@ -6,7 +6,8 @@ model state, not activations) and track the live total until autograd drops the 
 tensor, so `peak` includes what a checkpointed segment recomputes during backward.
 
 DeepSpeed's checkpoint keeps its inputs on ctx.deepspeed_saved_tensors, out of the hooks'
-sight; `wrap_checkpoint` counts those too, and frees them when DeepSpeed drops that tuple.
+sight; `wrap_checkpoint` counts those too (with partition_activations, the partition each
+input carries as .saved_data), and frees them when DeepSpeed drops that tuple.
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ class _HeldTuple(tuple):
     """deepspeed_saved_tensors with our accounting attached: freed together."""
 
     held: list
+
+
+def checkpointed_data(t: torch.Tensor) -> torch.Tensor:
+    """What DeepSpeed's checkpoint really keeps of input `t`: with partition_activations it
+    empties t and keeps this rank's partition (on the host with cpu_checkpointing) as
+    t.saved_data until the backward."""
+    return getattr(t, "saved_data", None) if hasattr(t, "saved_data") else t
 
 
 class SavedActivations:
@@ -68,7 +76,8 @@ class SavedActivations:
             saved = getattr(ctx, "deepspeed_saved_tensors", None)
             if saved is not None:
                 held = _HeldTuple(saved)
-                held.held = [self._pack(t) for t in saved if torch.is_tensor(t)]
+                held.held = [self._pack(checkpointed_data(t)) for t in saved
+                             if torch.is_tensor(t)]
                 ctx.deepspeed_saved_tensors = held
             return out
         return counted

@@ -49,14 +49,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        # the local width: under tensor parallelism (harness.tensor_parallel) a rank holds
+        # n_head / tp heads of q, k and v, so heads are counted from it, not from n_head
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        q, k, v = (z.reshape(b, t, -1, c // self.n_head).transpose(1, 2) for z in (q, k, v))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         self.logit_bound = attention_logit_bound(q, k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        y = y.transpose(1, 2).contiguous().view(b, t, -1)
         return self.resid_drop(self.proj(y))
 
 

@@ -2,6 +2,12 @@
 
 global batch = micro batch x accumulation steps x data-parallel ranks. Given any two of the
 three and the world size, the third follows; all three must agree when all are given.
+
+The process layout: world = tensor-parallel size x data-parallel size, rank =
+dp_rank x tp + tp_rank (DeepSpeed's AutoTP groups: consecutive ranks form one tensor-parallel
+group, so with ranks numbered node by node a group stays inside a node when tp divides the
+ranks per node). Batch arithmetic counts data-parallel ranks only: the ranks of one
+tensor-parallel group see the same micro-batches.
 """
 from __future__ import annotations
 
@@ -26,6 +32,14 @@ class Plan:
     lr: float  # peak LR after optional linear scaling with the global batch
     segments: tuple[tuple[int, int], ...]  # [start, end) block ranges run under one checkpoint
     seq_len: int
+    tp_size: int = 1  # ranks per tensor-parallel group; world = tp_size x batch.dp_size
+
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global `rank` (its tensor-parallel group's index)."""
+        return rank // self.tp_size
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp_size
 
     @property
     def tokens_per_step(self) -> int:
@@ -93,8 +107,12 @@ def checkpoint_segments(ac: ActivationCheckpointingConfig, n_layer: int
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
-    t = cfg.train
-    batch = plan_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, world_size)
+    t, tp = cfg.train, cfg.parallel.tp_size
+    if world_size % tp:
+        raise HarnessError(f"world size {world_size} is not divisible by "
+                           f"parallel.tensor_parallel_size={tp}: start a multiple of {tp} ranks")
+    batch = plan_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps,
+                       world_size // tp)
     lr = cfg.optim.lr
     if cfg.optim.lr_scaling:
         lr = lr * batch.global_batch / cfg.optim.base_global_batch
@@ -102,7 +120,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     if cfg.activation_checkpointing.policy == "every_k" and not segments:
         raise HarnessError(f"activation_checkpointing.every_k={cfg.activation_checkpointing.every_k}"
                            f" exceeds model.n_layer={cfg.model.n_layer}: nothing is checkpointed")
-    return Plan(batch=batch, lr=lr, segments=segments, seq_len=cfg.model.block_size)
+    return Plan(batch=batch, lr=lr, segments=segments, seq_len=cfg.model.block_size, tp_size=tp)
 
 
 def lr_at(step: int, plan: Plan, cfg: Config) -> float:

@@ -84,8 +84,9 @@ def build_data(cfg: Config, built: Built, shards: TokenShards) -> TrainData:
         raise HarnessError(f"{cfg.data.out_dir}: {len(seqs)} training sequences of "
                            f"{cfg.model.block_size} tokens, fewer than one global batch "
                            f"({built.plan.batch.global_batch}): add data or shrink the batch")
+    # data-parallel ranks split the data; the ranks of a tensor-parallel group read the same
     sampler = GlobalSampler(len(seqs), cfg.train.seed, built.plan.batch.micro_batch,
-                            built.dist.rank, built.dist.world_size)
+                            built.plan.dp_rank(built.dist.rank), built.plan.batch.dp_size)
     return TrainData(seqs, sampler, built.engine.device)
 
 
@@ -114,8 +115,9 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     if cfg.data.eval_every:
         callbacks.append(Evaluator(shards.sequences("val", cfg.model.block_size),
                                    cfg.data.eval_every, cfg.data.eval_batches,
-                                   built.plan.batch.micro_batch, built.dist.rank,
-                                   built.dist.world_size, piece_bytes(shards.tokenizer_path)))
+                                   built.plan.batch.micro_batch,
+                                   built.plan.dp_rank(built.dist.rank),
+                                   built.plan.batch.dp_size, piece_bytes(shards.tokenizer_path)))
     trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
     if resume is not None:
         meta = load(trainer, resume)

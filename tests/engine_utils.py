@@ -66,7 +66,7 @@ def run_harness(cfg: Config, dtype=torch.float32, dist=None, callbacks=()):
         built = build(cfg, dist)
         rec = Record()
         b = built.plan.batch
-        data = make_data(cfg, b.micro_batch, built.dist.rank, b.dp_size)
+        data = make_data(cfg, b.micro_batch, built.plan.dp_rank(built.dist.rank), b.dp_size)
         Trainer(cfg, built, data, [rec, *callbacks]).fit()
         params = {n: p.detach().clone() for n, p in full_params(built.engine)}
         return params, rec.metrics, built
@@ -78,6 +78,11 @@ def full_params(engine):
     """Parameters gathered to full size at every ZeRO stage."""
     import deepspeed
 
+    if engine.autotp_size() > 1:  # tensor-parallel shards gathered across the group
+        from harness.tensor_parallel import full_params as tp_full
+
+        yield from tp_full(engine.module)
+        return
     for name, p in engine.module.named_parameters():
         if hasattr(p, "ds_id"):  # ZeRO 3 partitioned
             with deepspeed.zero.GatheredParameters([p]):
