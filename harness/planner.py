@@ -10,6 +10,11 @@ ZeRO 1 shards master and Adam states over the data-parallel ranks, ZeRO 2 also t
 gradients, ZeRO 3 also the parameters; zero.offload_optimizer moves master and Adam states
 (and the optimizer step) to the CPU.
 
+Tensor parallelism (parallel.tensor_parallel_size): each rank holds 1/tp of the tensors
+AutoTP shards and all of the replicated rest, and ZeRO shards over the data-parallel ranks
+(world / tp). Activations are still counted as at TP 1, an upper bound: the sharded parts of a
+block (heads, MLP width) and, with partition_activations, the checkpointed inputs shrink by tp.
+
 Activations come from harness.memory.predict_peak (bytes saved for backward, recompute
 included). On top of them the loss needs working memory in its backward: the fp32 gradients
 of the log-softmax output and input, 2 x 4 B per logit, alive while everything is still held.
@@ -33,6 +38,7 @@ from harness.errors import HarnessError
 from harness.memory import block_parts, head_bytes, predict_peak
 from harness.model import build_model, count_params, flops_per_token
 from harness.plan import checkpoint_segments, make_plan
+from harness.tensor_parallel import LAYER_SPECS
 
 GB = 1e9
 MARGIN = 0.10  # allocator fragmentation and what the model does not see
@@ -85,9 +91,19 @@ def _counts(model_fields: tuple) -> dict[str, int]:
     with torch.device("meta"):
         model = build_model(ModelConfig(*model_fields))
     block = model.blocks[0]
-    return {"total": count_params(model), "block": count_params(block),
+    patterns = [re.compile(p) for spec in LAYER_SPECS for p in spec["patterns"]]
+    sharded = sum(p.numel() for n, p in model.named_parameters()
+                  if any(r.match(n) for r in patterns))
+    return {"total": count_params(model), "block": count_params(block), "tp_sharded": sharded,
             "attention": count_params(block.attn) + count_params(block.ln_1),
             "mlp": count_params(block.mlp) + count_params(block.ln_2)}
+
+
+def tp_rank_params(counts: dict[str, int], tp: int) -> int:
+    """Parameters one rank holds under tensor parallelism: its 1/tp of what AutoTP shards
+    (harness.tensor_parallel.LAYER_SPECS: qkv, fc, both projections' weights), all of the
+    replicated rest (embeddings and tied head, norms, the projections' biases)."""
+    return counts["total"] - counts["tp_sharded"] + math.ceil(counts["tp_sharded"] / tp)
 
 
 def _comm_buffers(cfg: Config, counts: dict[str, int]) -> int:
@@ -165,7 +181,13 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
         device = "cuda" if gpu_memory_bytes is not None else resolve_device(cfg)
     fused = device == "cuda"
     counts = _param_counts(cfg)
-    states = model_state_bytes(counts["total"], cfg.train.precision, cfg.zero.stage, world_size,
+    tp = cfg.parallel.tp_size
+    if world_size % tp:
+        raise HarnessError(f"world size {world_size} is not divisible by "
+                           f"parallel.tensor_parallel_size={tp}")
+    dp = world_size // tp
+    rank_params = tp_rank_params(counts, tp)
+    states = model_state_bytes(rank_params, cfg.train.precision, cfg.zero.stage, dp,
                                cfg.zero.offload_optimizer, cfg.train.grad_accum_dtype)
     m, mixed = cfg.model, _act_bytes(cfg) == 2
     parts = block_parts(m, micro, _act_bytes(cfg), fused)
@@ -177,7 +199,7 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
            "logits": _loss_working_bytes(cfg, micro)}
     on_gpu = ("parameters", "gradients", "master_params", "optimizer_states", "comm_buffers")
     out["model_states"] = sum(out[k] for k in on_gpu)
-    shard = math.ceil(counts["total"] / (world_size if cfg.zero.stage >= 1 else 1))
+    shard = math.ceil(rank_params / (dp if cfg.zero.stage >= 1 else 1))
     out["step_transient"] = 4 * shard if mixed and not cfg.zero.offload_optimizer else 0
     out["peak"] = out["model_states"] + max(out["activations"] + out["logits"],
                                             out["step_transient"])
@@ -193,14 +215,16 @@ def recommend(cfg: Config, world_size: int, gpu_memory_bytes: float,
     first. Relative time per sample = (1 + recompute share) x (1 + overhead / micro tokens):
     recompute costs its FLOPs; each micro-step also pays a fixed cost, so small micro
     batches waste more of it (ZeRO 2/3 gradient traffic per micro-step is not modelled)."""
-    if target_global_batch < 1 or target_global_batch % world_size:
+    dp = world_size // cfg.parallel.tp_size  # make_plan refuses a world tp does not divide
+    if target_global_batch < 1 or target_global_batch % dp:
         raise HarnessError(f"--target-global-batch={target_global_batch} must be a positive "
-                           f"multiple of the world size {world_size}")
+                           f"multiple of the data-parallel size {dp} (world size {world_size} "
+                           f"/ tensor-parallel {cfg.parallel.tp_size})")
     counts = _param_counts(cfg)
     overhead_tokens = MICRO_STEP_OVERHEAD_FLOPS / flops_per_token(cfg.model, counts["total"])
     policies = SEARCH_POLICIES + (("count",) if cfg.activation_checkpointing.number_checkpoints
                                   else ())
-    per_rank, found = target_global_batch // world_size, []
+    per_rank, found = target_global_batch // dp, []
     for micro in divisors(per_rank):
         fits_any = False
         for policy in policies:
@@ -280,7 +304,8 @@ def _positive_int(text: str, flag: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The plan-specific flags (the CLI adds --config and the overrides itself)."""
-    p.add_argument("--world-size", default="1", help="data-parallel GPUs (default 1)")
+    p.add_argument("--world-size", default="1",
+                   help="GPUs in all: tensor-parallel x data-parallel (default 1)")
     p.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default 80GB)")
     p.add_argument("--target-global-batch", default=None,
                    help="global batch in samples (default: the config's)")
@@ -289,7 +314,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     world = _int_flag(args.world_size, "--world-size", MAX_WORLD_SIZE,
-                      "the number of data-parallel GPUs, e.g. --world-size 8")
+                      "the number of GPUs, e.g. --world-size 8")
     gpu = parse_size(args.gpu_memory)
     top = _int_flag(args.top, "--top", MAX_TOP, "how many recommendations to show, e.g. 10")
     target = None

@@ -190,3 +190,30 @@ def test_plan_numbers_are_range_checked(argv, flag, capsys):
     assert planner.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag}=") and err.count("\n") == 1
+
+
+def test_tensor_parallel_model_states_by_hand():
+    """gpt2-small at TP 2 on 8 GPUs (data-parallel 4), ZeRO 1, bf16: each rank holds half of
+    every block's qkv (3d^2 + 3d), fc (4d^2 + 4d) and both projection weights (d^2, 4d^2),
+    all of the rest; the fp32 master and Adam states are sharded over the 4 data-parallel
+    ranks only."""
+    from harness.planner import model_state_bytes, predict_memory
+
+    cfg = load_config("gpt2-small", ["parallel.tensor_parallel_size=2", "zero.stage=1",
+                                     "train.precision=bf16", "train.global_batch_size=32",
+                                     "train.micro_batch_size=8"])
+    d, L = 768, 12
+    total = count_params(GPT(cfg.model))
+    sharded = L * (12 * d * d + 7 * d)
+    rank = total - sharded // 2
+    mem = predict_memory(cfg, 8, device="cuda")
+    want = model_state_bytes(rank, "bf16", 1, 4, False, "fp32")
+    assert mem["n_params"] == total
+    for key in ("parameters", "gradients", "master_params", "optimizer_states"):
+        assert mem[key] == want[key], key
+    assert mem["master_params"] == 4 * -(-rank // 4)
+    one = predict_memory(load_config("gpt2-small", ["zero.stage=1", "train.precision=bf16",
+                                                    "train.global_batch_size=32",
+                                                    "train.micro_batch_size=8"]), 4,
+                         device="cuda")
+    assert mem["parameters"] < one["parameters"] == 2 * total
