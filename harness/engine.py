@@ -105,10 +105,7 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     if device == "cuda":  # fp32 matmuls (fp32 runs, the fp32 loss) on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # checkpointing.configure asks the process group for ranks: it must exist first
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
-    if plan.tp_size == 1:
-        configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
     peak, lr_scale = plan.lr, [1.0]
 
     def scheduler(optimizer):
@@ -118,8 +115,9 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds, lr_scheduler=scheduler, dist_init_required=True)
-    if plan.tp_size > 1:  # the tensor-parallel groups exist only now
-        configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
+    # after initialize: it makes the tensor-parallel groups that partition_activations splits
+    # over (checkpointing.configure also asks the process group for ranks)
+    configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
     if cfg.train.compile:
         engine.compile()  # torch.compile of the module, inside DeepSpeed's hooks
     # per-rank data order and dropout streams differ; weights were already drawn identically.

@@ -58,13 +58,13 @@ def local_grads(engine) -> list[torch.Tensor]:
 
 
 class GradNorms:
-    def __init__(self, engine, comm, rank: int):
+    def __init__(self, engine, comm, rank: int, tp_rank: int = 0):
+        """rank: the data-parallel rank; tp_rank: the rank within the tensor-parallel group
+        (harness.plan.Plan.dp_rank / tp_rank)."""
         self.engine, self.comm = engine, comm
         named = list(engine.module.named_parameters())
         self.groups = sorted({layer_group(n) for n, _ in named})
         index = {g: i for i, g in enumerate(self.groups)}
-        tp = max(1, engine.autotp_size())
-        tp_rank, rank = rank % tp, rank // tp  # from here on, `rank` is the data-parallel rank
         # a tensor replicated across the tensor-parallel group: its first rank counts it
         self.all_params = [(index[layer_group(n)], p) for n, p in named]
         self.params = [(i, p) for i, p in self.all_params if tp_rank == 0 or is_sharded(p)]

@@ -48,6 +48,13 @@ def plain_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return ce + _z_term(z_loss, lse), _stats(ce, lse)
 
 
+def _chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """fp32 logits of a chunk of tokens, their log Z, and the chunk's summed CE."""
+    logits = F.linear(h, weight).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits, lse, (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, z_loss: float, chunk: int):
@@ -58,10 +65,9 @@ class _ChunkedLoss(torch.autograd.Function):
         lse_all = torch.empty(n, dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
             hc, tc = h[i:i + chunk], targets[i:i + chunk]
-            logits = F.linear(hc, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            logits, lse, ce = _chunk(hc, weight, tc)
             lse_all[i:i + chunk] = lse
-            ce_sum += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            ce_sum += ce
             # d(sum CE + z sum lse^2) / d logits = p (1 + 2 z lse) - onehot, p = softmax
             dlogits = logits.sub_(lse[:, None]).exp_()
             if z_loss > 0:
@@ -95,9 +101,8 @@ def chunked_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
     lses = []
     for i in range(0, h2.shape[0], chunk):
-        logits = F.linear(h2[i:i + chunk], weight).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ce_sum += (lse - logits.gather(1, t2[i:i + chunk, None]).squeeze(1)).sum()
+        _, lse, ce = _chunk(h2[i:i + chunk], weight, t2[i:i + chunk])
+        ce_sum += ce
         lses.append(lse)
     lse = torch.cat(lses)
     ce = ce_sum / h2.shape[0]

@@ -40,7 +40,7 @@ def checkpointed_data(t: torch.Tensor) -> torch.Tensor:
     """What DeepSpeed's checkpoint really keeps of input `t`: with partition_activations it
     empties t and keeps this rank's partition (on the host with cpu_checkpointing) as
     t.saved_data until the backward."""
-    return getattr(t, "saved_data", None) if hasattr(t, "saved_data") else t
+    return getattr(t, "saved_data", t)
 
 
 class SavedActivations:

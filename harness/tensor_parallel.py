@@ -58,9 +58,6 @@ def groups_mpu():
     return groups
 
 
-def tp_rank() -> int:
-    return groups_mpu().get_tensor_model_parallel_rank()
-
 
 def full_params(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) of every parameter, the shards gathered across the tensor-parallel

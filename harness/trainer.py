@@ -47,7 +47,9 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stop_signals = None  # harness.preemption.StopSignals when signals should stop us
         self.skip_update = False  # set by a callback in on_before_step
-        self.norms = GradNorms(self.engine, built.comm, built.dist.rank)
+        rank = built.dist.rank
+        self.norms = GradNorms(self.engine, built.comm, self.plan.dp_rank(rank),
+                               self.plan.tp_rank(rank))
         # a pass over the optimizer state (6 foreach ops), made only for the monitor; its share
         # of a step falls with the tokens per rank per step (see bench/README.md)
         self.measure_update = cfg.monitor.enabled and cfg.monitor.watches("optim/update_norm")
