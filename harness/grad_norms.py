@@ -68,6 +68,7 @@ class GradNorms:
         # a tensor replicated across the tensor-parallel group: its first rank counts it
         self.all_params = [(index[layer_group(n)], p) for n, p in named]
         self.params = [(i, p) for i, p in self.all_params if tp_rank == 0 or is_sharded(p)]
+        self.counted = {id(p) for _, p in self.params}  # the tensors this rank counts
         self.full = bf16_full_grads(engine)
         # ZeRO 0 (any precision) leaves the full all-reduced gradient and the full optimizer
         # state on every rank, BF16_Optimizer the full gradient: only rank 0 counts what is
@@ -125,8 +126,9 @@ class GradNorms:
         optim/param_norm = ||theta_after||, optim/param_jump = the largest relative change of
         a layer group's ||theta|| between the end of the previous step and the start of this
         one (weights changed OUTSIDE the optimizer: exactly 0 up to rounding in a healthy run),
-        and update_ratio/<group> per layer group where the optimizer holds the model's own
-        tensors (ZeRO 0; ZeRO 1-3 optimize flat partitions that mix the groups).
+        and update_ratio/<group> per layer group at ZeRO 0-2 (ZeRO 1/2's flat partitions are
+        read fragment by fragment through DeepSpeed's `_hp_mapping`; ZeRO 3's mix the groups).
+        Under tensor parallelism a replicated tensor is counted on the group's first rank only.
 
         `sample` < 1 reads a fixed subset of that fraction of each tensor's coordinates
         (stratified blocks of 1024, the same every step, squares scaled by numel / sampled): the norms
@@ -153,12 +155,11 @@ class GradNorms:
         key = (sample, tuple(id(st.get("exp_avg")) for st in opt.state.values()))
         cached = getattr(self, "_slices", None)
         if cached is None or cached[0] != key:
-            # (under tensor parallelism the update norms still count replicated tensors once
-            # per tensor-parallel rank: not yet exact, see harness/tensor_parallel.py)
-            groups = {id(p): i for i, p in self.all_params}
+            owned = _Owned({id(p): i for i, p in self.all_params}, self.counted,
+                           _flat_fragments(p for _, p in self.all_params))
             slices = [(group, st, batch, where)
                       for group, params in _optimized_params(ds_opt, opt)
-                      for st, batch, where in _state_batches(opt, group, params, groups, sample)]
+                      for st, batch, where in _state_batches(opt, group, params, owned, sample)]
             cached = self._slices = (key, slices)
         return cached[1]
 
@@ -198,14 +199,58 @@ def _optimized_params(ds_opt, opt):
             yield group, group["params"]
 
 
-def _state_batches(opt, group, params, groups: dict[int, int], sample: float = 1.0,
+class _Owned:
+    """Which coordinates of the optimizer's tensors belong to which layer group, and which of
+    them this rank counts: all of them, but a tensor replicated across the tensor-parallel
+    group only on its first rank (GradNorms.counted), so sums over ranks count it once."""
+
+    def __init__(self, groups: dict[int, int], counted: set[int],
+                 fragments: dict[int, list[tuple[int, int, int]]]):
+        self.groups, self.counted, self.fragments = groups, counted, fragments
+        self.none = max(groups.values(), default=-1) + 1  # the slot of state no group owns
+
+    def spans(self, p: torch.Tensor, sample: float, limit: int) -> list[tuple]:
+        """(start, numel, layer group, weight) of the parts of optimizer tensor `p` to read.
+        A model tensor is read at `sample` of its coordinates when sample < 1 (weight = numel
+        / sampled, for its squares); a flat partition (ZeRO 1/2) whole, fragment by fragment."""
+        frags = self.fragments.get(p.data_ptr())
+        if frags is not None:
+            return [(s, n, self.groups[i], 1.0) for start, numel, i in frags
+                    if i in self.counted for s, n in _cut(start, numel, limit)]
+        where = self.groups.get(id(p))
+        if where is None:  # ZeRO 3's flat partitions mix the groups
+            return [(s, n, self.none, 1.0) for s, n in _cut(0, p.numel(), limit)]
+        if id(p) not in self.counted:
+            return []
+        spans = _sample_spans(p.numel(), sample) if sample < 1 else _cut(0, p.numel(), limit)
+        weight = p.numel() / sum(n for _, n in spans)
+        return [(s, n, where, weight) for s, n in spans]
+
+
+def _cut(start: int, numel: int, limit: int) -> list[tuple[int, int]]:
+    return [(s, min(limit, start + numel - s)) for s in range(start, start + numel, limit)]
+
+
+def _flat_fragments(params) -> dict[int, list[tuple[int, int, int]]]:
+    """data_ptr of each flat fp32 partition the ZeRO 1/2 optimizer (or BF16_Optimizer) steps ->
+    (start, numel, id(model tensor)) of the model tensors' fragments in it, from DeepSpeed's
+    `_hp_mapping` (the link it keeps for universal checkpoints); padding belongs to none."""
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for p in params:
+        m = getattr(p, "_hp_mapping", None)
+        if m is None:
+            continue
+        address, frag = m.hp_fragment_address, m.hp_fragment
+        flat = frag.data_ptr() - address.start * frag.element_size()
+        out.setdefault(flat, []).append((address.start, address.numel, id(p)))
+    return out
+
+
+def _state_batches(opt, group, params, owned: _Owned, sample: float = 1.0,
                    limit: int = 1 << 24):
     """(state of the batch's first tensor (for its step count), ([theta], [m], [v], [weight]),
-    [layer group per slice]) in batches of at most
-    `limit` elements, big tensors cut into flat slices, so the foreach temporaries stay
-    bounded on a large model. A tensor the model owns (`groups`: id -> layer group) is read at
-    `sample` of its coordinates when sample < 1; weight = numel / sampled for its squares."""
-    none = max(groups.values(), default=-1) + 1  # the slot of state no layer group owns
+    [layer group per slice]) in batches of at most `limit` elements, big tensors cut into flat
+    slices, so the foreach temporaries stay bounded on a large model (`_Owned.spans`)."""
     by_step: dict[float, list] = {}
     for p in params:
         st = opt.state.get(p)
@@ -215,12 +260,7 @@ def _state_batches(opt, group, params, groups: dict[int, int], sample: float = 1
             first = by_step.setdefault(step, [])
             if not first:
                 first.append(st)  # read for the step count on each pass
-            where = groups.get(id(p), none)
-            spans = (_sample_spans(flat[0].numel(), sample) if where != none and sample < 1
-                     else [(s, min(limit, flat[0].numel() - s))
-                           for s in range(0, flat[0].numel(), limit)])
-            weight = flat[0].numel() / sum(n for _, n in spans)
-            for s, n in spans:
+            for s, n, where, weight in owned.spans(p, sample, limit):
                 by_step[step].append(([t.narrow(0, s, n) for t in flat], weight, where))
     for step, (st, *slices) in by_step.items():
         batch, size = [], 0

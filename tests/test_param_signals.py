@@ -2,7 +2,7 @@
 plain PyTorch: a callback copies the full parameters before each step and measures them.
 
 - optim/param_norm = ||theta|| after the step;
-- update_ratio/<group> = ||delta theta_group|| / ||theta_group|| per layer group (ZeRO 0);
+- update_ratio/<group> = ||delta theta_group|| / ||theta_group|| per layer group (ZeRO 0-2);
 - optim/param_jump = the largest relative change of a group's ||theta|| between the end of one
   step and the start of the next: 0 up to rounding, the corruption's size when a callback
   rescales one layer's weights between steps (silent corruption: loss and gradients barely
@@ -73,16 +73,25 @@ def test_one_layer_rescaled_between_steps_is_a_param_jump():
     assert metrics[3]["optim/param_jump"] < 1e-6  # one jump, then quiet again
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_flat_partitions_give_the_global_signals_only(stage):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_flat_partitions_are_read_whole(stage):
+    """ZeRO 1/2 read their flat partitions fragment by fragment (DeepSpeed's _hp_mapping): the
+    per-group ratios of plain PyTorch; ZeRO 3's partitions mix the groups: global signals only."""
     cfg = small_cfg("train.max_steps=3", "train.micro_batch_size=2", "train.grad_accum_steps=2",
                     f"zero.stage={stage}", "monitor.update_sample=0.0625")
     m = Measured()
     _, metrics, _ = run_harness(cfg, callbacks=[m])
-    for row, after in zip(metrics, m.after):
+    for row, before, after in zip(metrics, m.before, m.after):
         # flat partitions are read whole whatever update_sample says: exact
         assert row["optim/param_norm"] == pytest.approx(_norm(after), rel=1e-5)
-        assert not [k for k in row if k.startswith("update_ratio/")]
+        ratios = {k for k in row if k.startswith("update_ratio/")}
+        if stage == 3:
+            assert not ratios
+            continue
+        assert ratios == {f"update_ratio/{g}" for g in before}
+        for g in before:
+            ratio = float((after[g] - before[g]).norm() / before[g].norm())
+            assert row[f"update_ratio/{g}"] == pytest.approx(ratio, rel=1e-4), g
     assert all(row["optim/param_jump"] < 1e-6 for row in metrics[1:])
 
 

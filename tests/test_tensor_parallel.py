@@ -1,12 +1,13 @@
 """Tensor parallelism (parallel.tensor_parallel_size, DeepSpeed's AutoTP: harness/tensor_parallel.py)
 against a single process with the same global batch, on the real engine with 2 real processes.
 
-TP 2 x DP 1 (2 processes, torchrun, gloo) and TP 1 x DP 1 (this process) train the same 5 steps
-on the same micro-batches (micro 2 x accumulation 4, clipping at 0.5 so the pre-clip norm
-decides the update). Compared: the loss and the pre-clip gradient norm of every step (the norm
-counts a sharded tensor's shards once each and a replicated one, LayerNorms and row-parallel
-biases, once, not TP times: harness.grad_norms), and every parameter after training, the
-shards gathered across the group.
+TP 2 x DP 1 (2 processes, torchrun, gloo), TP 2 x DP 2 (4 processes) and TP 1 x DP 1 (this
+process) train the same 5 steps on the same global batch (micro 2 x accumulation 4, or 2 at
+DP 2; clipping at 0.5 so the pre-clip norm decides the update). Compared: the loss, the pre-clip
+gradient norms and the update-norm pass's signals (update norm, parameter norm, per-group update
+ratios) of every step, each counting a sharded tensor's shards once each and a replicated one
+(LayerNorms, embeddings, row-parallel biases) once, not TP times (harness.grad_norms), and
+every parameter after training, the shards gathered across the group.
 
 Tolerances, from a plain-PyTorch run: TP only changes the order of fp32 additions (a
 row-parallel layer sums two half-width matmuls through an all-reduce). The same kind of
@@ -30,7 +31,7 @@ from engine_utils import ROUNDING_TOL, child_env, run_harness, run_reference, sm
 pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).with_name("norm_worker.py"))
 BATCH = ["train.micro_batch_size=2", "train.grad_accum_steps=4", "train.max_steps=5",
-         "clip.max_norm=0.5"]
+         "clip.max_norm=0.5", "monitor.update_sample=1"]
 REL = 1e-5
 AC = "activation_checkpointing"
 CASES = {
@@ -62,26 +63,48 @@ def _rel(a: float, b: float) -> float:
     return abs(a / b - 1)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_tp2_matches_tp1_loss_norm_and_parameters(tmp_path, case):
-    args = [*CASES[case], *BATCH]
-    ranks = tp_ranks(tmp_path, [*args, "parallel.tensor_parallel_size=2"])
-    single_params, single, _ = run_harness(small_cfg(*args))
+def _compared(ref: dict) -> list[str]:
+    """The keys compared: loss, the pre-clip norms, the update-norm pass's signals (the
+    update, parameter norm and per-group update ratios: replicated tensors counted once)."""
+    return [k for k in ref if k in ("train/loss", "optim/grad_norm_preclip", "optim/update_norm",
+                                    "optim/param_norm")
+            or k.startswith(("grad_norm/", "update_ratio/"))]
+
+
+def _assert_matches_tp1(ranks: list[dict], single_params: dict, single: list[dict]) -> None:
     assert len(single) == len(ranks[0]["metrics"]) == 5
+    keys = _compared(single[0])
+    assert "optim/update_norm" in keys and any(k.startswith("update_ratio/") for k in keys)
     for step, ref in enumerate(single):
-        for r in ranks:  # both ranks of the group log the same numbers
+        for r in ranks:  # every rank logs the same numbers
             m = r["metrics"][step]
-            assert _rel(m["train/loss"], ref["train/loss"]) < REL, (step, m["train/loss"])
-            for key in [k for k in ref if k == "optim/grad_norm_preclip"
-                        or k.startswith("grad_norm/")]:
+            for key in keys:
                 assert _rel(m[key], ref[key]) < REL, (step, key, m[key], ref[key])
             assert m["optim/clipped"] == ref["optim/clipped"], step
+            assert m.get("optim/param_jump", 0) < 1e-6, step
     assert any(m["optim/clipped"] for m in single)  # the norm decided some updates
     for r in ranks:  # gathered to full size: the shapes and values of the TP 1 run
         assert set(r["params"]) == set(single_params)
         for name, p in single_params.items():
             assert r["params"][name].shape == p.shape, name
             assert (r["params"][name] - p).abs().max().item() < ROUNDING_TOL, name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_matches_tp1_loss_norm_and_parameters(tmp_path, case):
+    args = [*CASES[case], *BATCH]
+    ranks = tp_ranks(tmp_path, [*args, "parallel.tensor_parallel_size=2"])
+    _assert_matches_tp1(ranks, *run_harness(small_cfg(*args))[:2])
+
+
+@pytest.mark.parametrize("case", ["zero0", "zero2", "zero1-partitioned-ac"])
+def test_tp2_dp2_matches_tp1_with_the_same_global_batch(tmp_path, case):
+    """4 processes: 2 tensor-parallel groups of 2, each group a data-parallel rank with half of
+    the global batch (accumulation 2 instead of 4: global batch 8 either way)."""
+    args = [*CASES[case], *BATCH]
+    ranks = tp_ranks(tmp_path, [*args, "parallel.tensor_parallel_size=2",
+                                "train.grad_accum_steps=2"], n=4)
+    _assert_matches_tp1(ranks, *run_harness(small_cfg(*args))[:2])
 
 
 def test_the_tolerance_covers_plain_pytorch_reordering():
