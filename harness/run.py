@@ -33,6 +33,7 @@ from harness.preemption import INTERRUPT_EXIT_CODE, StopSignals
 from harness.report import write_report
 from harness.run_dir import prepare_run, write_run_files
 from harness.slurm import REQUEUE_EXIT_CODE
+from harness.tp_layout import check_tp_hosts
 from harness.trainer import Trainer
 
 log = logging.getLogger("harness")
@@ -103,6 +104,8 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     run_dir = Path(cfg.train.run_dir)
     prepare_run(cfg)
     built = build(cfg)
+    # the launcher's real rank numbering, which the config cannot see: refused before data
+    check_tp_hosts(built.comm, built.plan, built.dist.rank)
     shards = open_shards(cfg, built)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, {"data_fingerprint": shards.fingerprint})
     checkpointer.clean_partial(built.dist.rank)

@@ -3,6 +3,7 @@
 Use it from a test module:
     from slurm_fixtures import slurm_cluster  # noqa: F401  (the fixture, a SlurmCluster)
     def test_x(slurm_cluster): job = slurm_cluster.sbatch(path); slurm_cluster.wait(job, 60)
+slurm_gpu_cluster is the same cluster with 4 fake GPUs per node (gpus_per_node=4 scripts).
 Skips with the reason when Slurm's daemons are not installed (.ci/install_slurm.sh) or when
 not root. Every wait has its own timeout: a request the nodes cannot meet pends for ever.
 """
@@ -86,5 +87,14 @@ def stop_cluster(cluster: SlurmCluster) -> None:
 @pytest.fixture(scope="module")
 def slurm_cluster():
     cluster = start_cluster(nodes=2)
+    yield cluster
+    stop_cluster(cluster)
+
+
+@pytest.fixture(scope="module")
+def slurm_gpu_cluster():
+    """The same 2 nodes with 4 fake GPUs each (GRES): for scripts with gpus_per_node > 0, which
+    ask for --gres=gpu:N and N tasks per node. Nothing uses the devices on a CPU machine."""
+    cluster = start_cluster(nodes=2, gpus=4)
     yield cluster
     stop_cluster(cluster)

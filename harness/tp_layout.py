@@ -1,0 +1,69 @@
+"""Each tensor-parallel group on one host: checked once at start-up, from the ranks' own hosts.
+
+A tensor-parallel group all-reduces activations inside every layer, forward and backward:
+over NVLink within a node, over the network across nodes, many times slower and without any
+error. The config refuses a tensor_parallel_size that does not divide slurm.gpus_per_node, but
+it cannot see how the ranks were actually numbered: `srun --distribution=cyclic` (or
+SLURM_DISTRIBUTION in the environment), torchrun started with mixed-up --node_rank values,
+nodes with different task counts. Groups are consecutive ranks (harness.plan: rank = dp_rank x
+tp + tp_rank), so with the real host of every rank the check is exact.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Sequence
+
+import torch
+
+from harness.collectives import Collectives
+from harness.errors import HarnessError
+from harness.plan import Plan
+
+# Linux's HOST_NAME_MAX: gethostname() returns at most this many bytes
+HOST_BYTES = 64
+SHOWN_RANKS = 16  # ranks of the offending group named in the message: it stays one short line
+
+
+def spanning_group_error(hosts: Sequence[str], tp: int) -> str | None:
+    """The refusal (one line) when a group of `tp` consecutive ranks spans more than one host;
+    None when every group is on one host. hosts[r] is rank r's host."""
+    groups = [hosts[start:start + tp] for start in range(0, len(hosts), tp)]
+    bad = [g for g, members in enumerate(groups) if len(set(members)) > 1]
+    if not bad:
+        return None
+    first = bad[0]
+    members = groups[first]
+    shown = ", ".join(members[:SHOWN_RANKS]) + (", ..." if len(members) > SHOWN_RANKS else "")
+    return (f"parallel.tensor_parallel_size={tp}: {len(bad)} of {len(groups)} tensor-parallel "
+            f"groups span hosts (group {first}: ranks {first * tp}-{first * tp + tp - 1} on "
+            f"{shown}), so every layer's all-reduce would cross the network: number the ranks "
+            f"node by node (srun's default block distribution, no --distribution=cyclic or "
+            f"SLURM_DISTRIBUTION; torchrun: one --node_rank per node) with "
+            f"tensor_parallel_size dividing the ranks per node")
+
+
+def gather_hosts(comm: Collectives, rank: int, world: int) -> list[str]:
+    """Every rank's host name, on every rank (a collective: all ranks must call it).
+
+    One all-reduce of a world x HOST_BYTES table in which each rank fills only its own row:
+    the sum is the whole table. Built on the engine's device, as NCCL requires."""
+    name = socket.gethostname().encode()[:HOST_BYTES]
+    table = torch.zeros(world, HOST_BYTES, dtype=torch.uint8)
+    if name:
+        table[rank, :len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    table = comm.all_reduce(table.to(comm.device)).cpu()
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in table.tolist()]
+
+
+def check_tp_hosts(comm: Collectives, plan: Plan, rank: int) -> None:
+    """Refuse (HarnessError, on every rank alike) a tensor-parallel group that spans hosts.
+
+    Nothing to check, and no collective made, at tensor_parallel_size 1: the decision depends
+    on the config alone, the same on every rank, so no rank is left waiting in the all-reduce.
+    """
+    if plan.tp_size == 1:
+        return
+    hosts = gather_hosts(comm, rank, plan.tp_size * plan.batch.dp_size)
+    error = spanning_group_error(hosts, plan.tp_size)
+    if error is not None:
+        raise HarnessError(error)
