@@ -18,6 +18,7 @@ rank only); "rank 0" above then means the first data-parallel rank of each group
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -126,8 +127,8 @@ class GradNorms:
         optim/param_norm = ||theta_after||, optim/param_jump = the largest relative change of
         a layer group's ||theta|| between the end of the previous step and the start of this
         one (weights changed OUTSIDE the optimizer: exactly 0 up to rounding in a healthy run),
-        and update_ratio/<group> per layer group at ZeRO 0-2 (ZeRO 1/2's flat partitions are
-        read fragment by fragment through DeepSpeed's `_hp_mapping`; ZeRO 3's mix the groups).
+        and update_ratio/<group> per layer group at ZeRO 0-2 (flat fp32 copies are read
+        tensor by tensor: `_flat_fragments`; ZeRO 3's partitions mix the groups).
         Under tensor parallelism a replicated tensor is counted on the group's first rank only.
 
         `sample` < 1 reads a fixed subset of that fraction of each tensor's coordinates
@@ -156,7 +157,7 @@ class GradNorms:
         cached = getattr(self, "_slices", None)
         if cached is None or cached[0] != key:
             owned = _Owned({id(p): i for i, p in self.all_params}, self.counted,
-                           _flat_fragments(p for _, p in self.all_params))
+                           _flat_fragments(ds_opt, (p for _, p in self.all_params)))
             slices = [(group, st, batch, where)
                       for group, params in _optimized_params(ds_opt, opt)
                       for st, batch, where in _state_batches(opt, group, params, owned, sample)]
@@ -231,18 +232,27 @@ def _cut(start: int, numel: int, limit: int) -> list[tuple[int, int]]:
     return [(s, min(limit, start + numel - s)) for s in range(start, start + numel, limit)]
 
 
-def _flat_fragments(params) -> dict[int, list[tuple[int, int, int]]]:
-    """data_ptr of each flat fp32 partition the ZeRO 1/2 optimizer (or BF16_Optimizer) steps ->
-    (start, numel, id(model tensor)) of the model tensors' fragments in it, from DeepSpeed's
-    `_hp_mapping` (the link it keeps for universal checkpoints); padding belongs to none."""
+def _flat_fragments(ds_opt, params) -> dict[int, list[tuple[int, int, int]]]:
+    """data_ptr of each flat fp32 tensor the optimizer steps -> (start, numel, id(model
+    tensor)) of the model tensors' parts in it; padding belongs to none. ZeRO 1/2 and
+    BF16_Optimizer: DeepSpeed's `_hp_mapping` (the link it keeps for universal checkpoints);
+    ZeRO 0 in bf16/fp16: FP16_Optimizer's groups flattened tensor after tensor, or
+    FP16_UnfusedOptimizer's fp32 copy of each tensor."""
     out: dict[int, list[tuple[int, int, int]]] = {}
+    params = list(params)
     for p in params:
         m = getattr(p, "_hp_mapping", None)
-        if m is None:
-            continue
-        address, frag = m.hp_fragment_address, m.hp_fragment
-        flat = frag.data_ptr() - address.start * frag.element_size()
-        out.setdefault(flat, []).append((address.start, address.numel, id(p)))
+        if m is not None:
+            address, frag = m.hp_fragment_address, m.hp_fragment
+            flat = frag.data_ptr() - address.start * frag.element_size()
+            out.setdefault(flat, []).append((address.start, address.numel, id(p)))
+    if not out and hasattr(ds_opt, "fp16_groups") and hasattr(ds_opt, "fp32_groups_flat"):
+        for lps, flat in zip(ds_opt.fp16_groups, ds_opt.fp32_groups_flat):
+            starts = itertools.accumulate((p.numel() for p in lps), initial=0)
+            out[flat.data_ptr()] = [(s, p.numel(), id(p)) for s, p in zip(starts, lps)]
+    if not out and hasattr(ds_opt, "fp16_groups") and hasattr(ds_opt, "fp32_groups"):
+        for lps, copies in zip(ds_opt.fp16_groups, ds_opt.fp32_groups):  # a copy per tensor
+            out.update({c.data_ptr(): [(0, p.numel(), id(p))] for p, c in zip(lps, copies)})
     return out
 
 

@@ -2,6 +2,7 @@
 every rank runs the same number of forwards (ZeRO 3 all-gathers in each one), and the sum
 goes through the engine's collectives in one all-reduce, also in a world of one rank."""
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,13 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, 
     with torch.no_grad():
         want = model(rows[:, :-1], rows[:, 1:]).item()  # every sequence has the same length
     assert got == pytest.approx(want, rel=1e-5)
+    # eval/bpb from both ranks' halves = the whole set's loss over its decoded UTF-8 bytes
+    from harness import checkpoint_io
+
+    targets = rows[:, 1:].flatten().tolist()
+    text = checkpoint_io.load_tokenizer(cfg, tmp_path / "run").decode(targets)
+    bpb = next(r["eval/bpb"] for r in lines if "eval/bpb" in r)
+    assert bpb == pytest.approx(want / math.log(2) * len(targets) / len(text.encode()), rel=1e-3)
 
 
 def _run_group(cmd: list[str], timeout: float) -> tuple[int, str]:

@@ -4,7 +4,8 @@
 8 samples per step in the same micro-batches of 2, so the two runs differ only in where the
 micro-batch gradients are summed. At every ZeRO stage, fp32 and bf16, optimizer offload
 included: the pre-clip global norm, the per-group norms, the clip coefficient, the loss, the
-update norm the monitor reads, and the forward's statistics (mean log(Z)^2, max log Z, the
+update-norm pass the monitor reads (update norm, parameter norm, per-group update ratios at
+ZeRO 0-2, the parameter jump), and the forward's statistics (mean log(Z)^2, max log Z, the
 attention-logit bounds: means summed over ranks, maxima maxed).
 
 Tolerances:
@@ -96,13 +97,20 @@ def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(tmp_path, stage, prec
     # (memory too: the largest peak over ranks)
     assert [same_everywhere(m) for m in r0["metrics"]] == [same_everywhere(m) for m in r1["metrics"]]
     assert r0["calls"] == r1["calls"] == built.comm.calls
+    plain_groups = [k for k in one[0] if k.startswith("grad_norm/")]
     for step, (two, single) in enumerate(zip(r0["metrics"], one)):
         tol = rel if step == 0 else 1e-2 if precision == "bf16" else 10 * rel
         forward = [k for k in single if k.startswith("model/") or k == "train/z_loss"]
         assert len(forward) == 2 + 1 + 2  # z_loss, lse max, the bound's max and per layer
-        for key in [*norm_keys(single), "optim/clip_coef", "train/loss", "optim/update_norm",
-                    "optim/lr", *forward]:
+        # the update-norm pass: update norm, parameter norm, per-group update ratios (ZeRO 0-2)
+        update = [k for k in single if k in ("optim/update_norm", "optim/param_norm")
+                  or k.startswith("update_ratio/")]
+        assert len(update) == 2 + (0 if stage == 3 else len(plain_groups))  # ZeRO 3: mixed
+        for key in [*norm_keys(single), "optim/clip_coef", "train/loss", "optim/lr", *update,
+                    *forward]:
             assert two[key] == pytest.approx(single[key], rel=tol), (step, key)
+        if step:  # nothing wrote the weights between steps: rounding only, on both
+            assert max(two["optim/param_jump"], single["optim/param_jump"]) < 1e-6, step
         for key in ("optim/clipped", "optim/clip_rate", "optim/skipped", "train/tokens_seen"):
             assert two[key] == single[key], (step, key)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
