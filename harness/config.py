@@ -397,6 +397,11 @@ def _check_tensor_parallel(cfg: Config) -> None:
         raise HarnessError(f"{key} must divide the ranks per node ({per_node}, "
                            f"slurm.gpus_per_node) so each tensor-parallel group stays on one "
                            f"node")
+    for line in cfg.slurm.extra_sbatch:
+        if line.startswith("--distribution=") and not line.split("=", 1)[1].startswith("block"):
+            raise HarnessError(f"slurm.extra_sbatch entry {line!r} numbers ranks across nodes, "
+                               f"so {key}'s groups would span nodes: drop it (srun's default "
+                               f"block distribution keeps each group on one node)")
     if cfg.zero.stage == 3:
         raise HarnessError(f"{key} needs zero.stage 0, 1 or 2 (DeepSpeed's AutoTP does not "
                            f"train with ZeRO 3)")

@@ -1,7 +1,8 @@
 """Tensor-parallel groups under the real srun (tests/slurm_cluster.sh, 2 nodes x 4 fake GPUs): the
 harness's own batch script for nodes=2, gpus_per_node=4, tensor_parallel_size=4 keeps each
-group of 4 consecutive ranks inside one node; with --distribution=cyclic (which the config
-cannot see) the start-up check refuses the run in one line, exit 2.
+group of 4 consecutive ranks inside one node; with --distribution=cyclic in the script (the
+config refuses it in slurm.extra_sbatch, but cannot see an edited script or a site's default)
+the start-up check refuses the run in one line, exit 2.
 
 Eight real trainers would take minutes on 2 cores: a stand-in for `python` runs the part of
 start-up that decides the layout: the job config, the harness's rank mapping
@@ -54,10 +55,10 @@ CONFIG = ["slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.cpus_per_task=1",
           "slurm.time=0-00:05:00", "parallel.tensor_parallel_size=4"]
 
 
-def run_job(cluster, tmp_path: Path, *overrides: str) -> tuple[dict, str, dict]:
-    """The harness's batch script for CONFIG (+ overrides), the probe standing in for python:
-    (job record, its output, rank -> (node, host, group, tp_rank))."""
-    cfg = load_config("tiny", [*CONFIG, *overrides])  # the config's own checks pass
+def run_job(cluster, tmp_path: Path, *directives: str) -> tuple[dict, str, dict]:
+    """The harness's batch script for CONFIG (+ #SBATCH `directives` written into it), the probe
+    standing in for python: (job record, its output, rank -> (node, host, group, tp_rank))."""
+    cfg = load_config("tiny", CONFIG)  # the config's own checks pass
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     job_config = run_dir / "job_config.yaml"
@@ -67,8 +68,10 @@ def run_job(cluster, tmp_path: Path, *overrides: str) -> tuple[dict, str, dict]:
     python.write_text(f'#!/bin/bash\nexec {sys.executable} {tmp_path / "probe.py"} "$@"\n')
     python.chmod(0o755)
     script = run_dir / "train.sbatch"
-    script.write_text(render_sbatch(cfg.slurm, str(run_dir), ["--config", str(job_config)],
-                                    str(python)))
+    text = render_sbatch(cfg.slurm, str(run_dir), ["--config", str(job_config)], str(python))
+    first = text.index("#SBATCH")
+    script.write_text(text[:first] + "".join(f"#SBATCH {d}\n" for d in directives)
+                      + text[first:])
     job = cluster.sbatch(script)
     info = cluster.wait(job, timeout=90)
     out = (run_dir / f"slurm-{job}.out").read_text()
@@ -94,8 +97,7 @@ def test_sbatch_keeps_each_tensor_parallel_group_inside_a_node(slurm_gpu_cluster
 
 def test_cyclic_distribution_is_refused_at_start(slurm_gpu_cluster, tmp_path):  # noqa: F811
     # --distribution in the batch script reaches srun (SLURM_DISTRIBUTION): round-robin ranks
-    info, out, ranks = run_job(slurm_gpu_cluster, tmp_path,
-                               "slurm.extra_sbatch=[--distribution=cyclic]")
+    info, out, ranks = run_job(slurm_gpu_cluster, tmp_path, "--distribution=cyclic")
     assert info["JobState"] == "FAILED", out
     # every task that exited on its own exited 2; the first one gets the rest TERM
     # (--kill-on-bad-exit), and one still leaving then can make the step's code 143
