@@ -124,6 +124,17 @@ def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
 # softmax and dropout mask and dropped probabilities 3 x b*h*t*t, output B); residual dropout
 # mask B. MLP: ln_2 input B and output B, fc output 4B, GELU output 4B, dropout mask B.
 # Layer norms keep mean and rstd (2 x b*t, fp32).
+#
+# Per rank of a tensor-parallel group of tp (harness/tensor_parallel.py; measured op by op in
+# tests/test_tp_memory.py): what lies between a column-parallel layer (qkv, fc) and the next
+# row-parallel one (attn.proj, mlp.proj) is the rank's h/tp heads or 4d/tp MLP columns, so
+# /tp: qkv's output, SDPA's saved tensors (the math path's copies and T x T tensors too), the
+# attention output, fc's output and GELU's. Full on every rank: the LayerNorms' inputs,
+# outputs (the column-parallel layers' input) and statistics, the residual stream, the
+# row-parallel outputs' dropout masks, the embeddings and the head. AutoTP's layers add no
+# saved tensor of their own (their all-reduces are identity functions for autograd).
+# The math path reshapes v to (b*h, t, d_head): a copy, except with one head per rank, where it
+# is a view and v keeps qkv's whole output alive (3B/tp instead of B/tp).
 
 
 # qk_norm adds a LayerNorm on q (input B, stats 2 x b*h*t) and k (the same), and a copy of the
@@ -132,20 +143,34 @@ def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
 # inside its kernel (no T x T tensors) and RMSNorm has a fused kernel.
 
 
-def block_parts(cfg, micro: int, act_bytes: int = 4, fused: bool = False) -> dict[str, int]:
+def block_parts(cfg, micro: int, act_bytes: int = 4, fused: bool = False,
+                tp: int = 1) -> dict[str, int]:
+    """Bytes one block saves for backward on one rank of a tensor-parallel group of tp."""
     if cfg.arch == "llama":
+        if tp > 1:
+            raise ValueError("tensor parallelism shards model.arch=gpt2 only")
         return llama_block_parts(cfg, micro, act_bytes, fused, ffn_hidden(cfg))
-    b, t, d, h = micro, cfg.block_size, cfg.d_model, cfg.n_head
+    b, t, d = micro, cfg.block_size, cfg.d_model
+    heads = cfg.n_head // tp  # this rank's
     unit, stats = b * t * d * act_bytes, 2 * b * t * 4
+    shard = unit // tp  # a (b, t, d) tensor's columns between column- and row-parallel layers
     mask = unit if cfg.dropout > 0 else 0
     if cfg.dropout > 0 and not fused:
-        core = 3 * unit + 3 * b * h * t * t * act_bytes + unit
+        v = 3 * shard if heads == 1 else shard
+        core = 2 * shard + v + 3 * b * heads * t * t * act_bytes + shard
     else:
-        core = 3 * unit + unit + b * h * t * 4
-    qk = 3 * unit + 4 * b * h * t * 4 if cfg.qk_norm else 0
+        core = 3 * shard + shard + b * heads * t * 4
+    qk = 3 * shard + 4 * b * heads * t * 4 if cfg.qk_norm else 0
     return {"input": unit,
             "attention": stats + unit + core + qk + mask,  # without its input
-            "mlp": unit + stats + unit + 4 * unit + 4 * unit + mask}  # with ln_2's input
+            "mlp": unit + stats + unit + 4 * shard + 4 * shard + mask}  # with ln_2's input
+
+
+def checkpoint_kept(parts: dict[str, int], tp: int = 1, partitioned: bool = False) -> int:
+    """What a checkpoint holds of its input through the forward: with partition_activations
+    at tp > 1, DeepSpeed's checkpoint keeps this rank's 1/tp of it (plus a 3-element int64
+    size tensor, not counted); at tp 1 the partition is the whole input."""
+    return parts["input"] // tp if partitioned else parts["input"]
 
 
 def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int = 0,
@@ -164,23 +189,29 @@ def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int =
 
 
 def _units(cfg, micro: int, policy: str, segments, act_bytes: int, fused: bool = False,
-           head: int = 0) -> list[tuple[int, int]]:
-    """(bytes stored through the forward, bytes recomputed in its backward), forward order."""
-    p = block_parts(cfg, micro, act_bytes, fused)
+           head: int = 0, tp: int = 1, partitioned: bool = False) -> list[tuple[int, int]]:
+    """(bytes stored through the forward, bytes recomputed in its backward), forward order.
+    tp, partitioned: per rank of a tensor-parallel group, partition_activations on."""
+    p = block_parts(cfg, micro, act_bytes, fused, tp)
     full = p["input"] + p["attention"] + p["mlp"]
+    kept = checkpoint_kept(p, tp, partitioned)
+    # the recompute's input: the kept storage itself, or, split across tp > 1 ranks, gathered
+    # into a new full-size storage (the meter still holds the partition until the checkpoint's
+    # tuple is dropped, so this counts one partition more than the allocator would)
+    gathered = p["input"] if partitioned and tp > 1 else 0
     units = [(p["input"] if cfg.dropout > 0 else 0, 0)]  # embedding dropout mask
     if policy == "attention":  # its own MLP's tensors are freed before the attention recompute
-        units += [(p["input"], p["input"] + p["attention"]), (p["mlp"], 0)] * cfg.n_layer
+        units += [(kept, p["input"] + p["attention"]), (p["mlp"], 0)] * cfg.n_layer
     elif policy == "mlp":  # the recompute's ln_2 input is the checkpoint's input: one storage
         units += [(p["input"] + p["attention"], 0),
-                  (p["input"], p["mlp"] - p["input"])] * cfg.n_layer
+                  (kept, p["mlp"] - p["input"] + gathered)] * cfg.n_layer
     else:
         starts = {a: b_ for a, b_ in segments}
         i = 0
         while i < cfg.n_layer:
             if i in starts:
                 # the recompute re-saves the segment, its input storage excepted
-                units.append((p["input"], (starts[i] - i) * full - p["input"]))
+                units.append((kept, (starts[i] - i) * full - p["input"] + gathered))
                 i = starts[i]
             else:
                 units.append((full, 0))
@@ -189,11 +220,14 @@ def _units(cfg, micro: int, policy: str, segments, act_bytes: int, fused: bool =
 
 
 def predict_peak(cfg, micro: int, policy: str, segments, act_bytes: int = 4,
-                 fused: bool = False, head: int = 0) -> int:
+                 fused: bool = False, head: int = 0, tp: int = 1,
+                 partitioned: bool = False) -> int:
     """Peak bytes saved for backward: the end of the forward, or a segment's recompute
     while everything before it is still held (later units are already freed). head: the
-    head's bytes when not full logits without z-loss (head_bytes)."""
-    units = _units(cfg, micro, policy, segments, act_bytes, fused, head)
+    head's bytes when not full logits without z-loss (head_bytes). tp: per rank of a
+    tensor-parallel group of that size (the head and embeddings replicated, full);
+    partitioned: activation_checkpointing.partition_activations."""
+    units = _units(cfg, micro, policy, segments, act_bytes, fused, head, tp, partitioned)
     peak, held = sum(s for s, _ in units), 0
     for stored, recompute in units:
         held += stored

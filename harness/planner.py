@@ -12,8 +12,12 @@ gradients, ZeRO 3 also the parameters; zero.offload_optimizer moves master and A
 
 Tensor parallelism (parallel.tensor_parallel_size): each rank holds 1/tp of the tensors
 AutoTP shards and all of the replicated rest, and ZeRO shards over the data-parallel ranks
-(world / tp). Activations are still counted as at TP 1, an upper bound: the sharded parts of a
-block (heads, MLP width) and, with partition_activations, the checkpointed inputs shrink by tp.
+(world / tp). Activations are per rank too (harness.memory.block_parts): what lies between a
+column- and the next row-parallel layer (q, k, v, attention's saved tensors, the MLP's fc and
+GELU outputs) is 1/tp; the LayerNorms, the residual stream and its dropout masks, the
+embeddings and the head are whole on every rank. With partition_activations a checkpoint
+keeps 1/tp of its input and its recompute gathers the whole input again. Checked against the
+bytes saved for backward on each of 2 real ranks (tests/test_tp_memory.py, within 1%).
 
 Activations come from harness.memory.predict_peak (bytes saved for backward, recompute
 included). On top of them the loss needs working memory in its backward: the fp32 gradients
@@ -35,7 +39,7 @@ import torch
 from harness.config import Config, ModelConfig, load_config
 from harness.engine import resolve_device
 from harness.errors import HarnessError
-from harness.memory import block_parts, head_bytes, predict_peak
+from harness.memory import block_parts, checkpoint_kept, head_bytes, predict_peak
 from harness.model import build_model, count_params, flops_per_token
 from harness.plan import checkpoint_segments, make_plan
 from harness.tensor_parallel import LAYER_SPECS
@@ -128,14 +132,19 @@ def _act_bytes(cfg: Config) -> int:
     return 4 if cfg.train.precision == "fp32" else 2
 
 
+def _sharding(cfg: Config) -> tuple[int, bool]:
+    """(tensor-parallel size, partition_activations): how a rank's activations shrink."""
+    return cfg.parallel.tp_size, cfg.activation_checkpointing.partition_activations
+
+
 def activation_bytes(cfg: Config, micro: int, policy: str, fused: bool) -> int:
-    """Peak bytes saved for backward under `policy`. fused: a GPU, where FlashAttention applies
-    attention dropout inside its kernel (no T x T tensors, unlike a CPU's math path) and
-    RMSNorm runs as one kernel."""
+    """Peak bytes saved for backward under `policy`, per rank. fused: a GPU, where
+    FlashAttention applies attention dropout inside its kernel (no T x T tensors, unlike a
+    CPU's math path) and RMSNorm runs as one kernel."""
     t = cfg.train
     head = head_bytes(cfg.model, micro, _act_bytes(cfg), fused, t.loss_chunk_tokens, t.z_loss)
     return predict_peak(cfg.model, micro, policy, _segments(cfg, policy), _act_bytes(cfg),
-                        fused, head)
+                        fused, head, *_sharding(cfg))
 
 
 def _loss_working_bytes(cfg: Config, micro: int) -> int:
@@ -190,12 +199,12 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
     states = model_state_bytes(rank_params, cfg.train.precision, cfg.zero.stage, dp,
                                cfg.zero.offload_optimizer, cfg.train.grad_accum_dtype)
     m, mixed = cfg.model, _act_bytes(cfg) == 2
-    parts = block_parts(m, micro, _act_bytes(cfg), fused)
+    parts = block_parts(m, micro, _act_bytes(cfg), fused, tp)
     out = {"n_params": counts["total"], "device": device, "micro_batch": micro, "policy": policy,
            **states, "comm_buffers": _comm_buffers(cfg, counts),
            "activations": activation_bytes(cfg, micro, policy, fused),
            "activations_per_layer": parts["input"] + parts["attention"] + parts["mlp"],
-           "checkpointed_per_layer": parts["input"],
+           "checkpointed_per_layer": checkpoint_kept(parts, *_sharding(cfg)),
            "logits": _loss_working_bytes(cfg, micro)}
     on_gpu = ("parameters", "gradients", "master_params", "optimizer_states", "comm_buffers")
     out["model_states"] = sum(out[k] for k in on_gpu)

@@ -78,3 +78,16 @@ def test_modern(tmp_path):
     saved = result["saved_peak"]
     # the chunked loss keeps no logits: the saving is at least half the fp32 logits
     assert int(saved["0"]) - int(saved["256"]) >= 0.5 * result["logits_bytes"]
+
+
+def test_tensor_parallel(tmp_path):
+    """bench_tp: TP 1 and TP 2 (2 real processes) per variant; the planner per rank within 1%
+    of the meter, TP 2 below TP 1 everywhere, partition_activations below its absence."""
+    stdout, result = run_bench("bench_tp", tmp_path)
+    assert "planner / meas" in stdout and "the host is the device" in stdout
+    rows = {(r["variant"], r["tp"]): r for r in result["rows"]}
+    for (variant, tp), r in rows.items():
+        assert abs(r["predicted"] / r["peak"] - 1) < 0.01, (variant, tp)
+        if tp == 2:
+            assert r["peak"] < rows[variant, 1]["peak"] and r["seconds"] > 0
+    assert rows["partitioned", 2]["forward"] < rows["every_layer", 2]["forward"]

@@ -217,3 +217,26 @@ def test_tensor_parallel_model_states_by_hand():
                                                     "train.micro_batch_size=8"]), 4,
                          device="cuda")
     assert mem["parameters"] < one["parameters"] == 2 * total
+
+
+def test_tensor_parallel_activations_by_hand():
+    """gpt2-small, bf16 on a GPU, micro 8, at TP 2: per rank, qkv's output, attention's output
+    and logsumexp (6 of 12 heads), fc's and GELU's outputs are halved; the LayerNorms (input,
+    output, statistics) and the residual stream are whole. partition_activations halves what
+    a checkpoint keeps (measured on 2 real ranks: tests/test_tp_memory.py)."""
+    base = ["train.precision=bf16", "train.global_batch_size=16", "train.micro_batch_size=8",
+            "parallel.tensor_parallel_size=2"]
+    u, stats = 8 * 1024 * 768 * 2, 2 * 8 * 1024 * 4
+    lse = 8 * 6 * 1024 * 4
+    attention = stats + u + 3 * u // 2 + u // 2 + lse
+    mlp = u + stats + u + 8 * u // 2
+    mem = planner.predict_memory(_gpt2_small(*base), 2, device="cuda")
+    assert mem["activations_per_layer"] == u + attention + mlp
+    assert mem["checkpointed_per_layer"] == u
+    split = planner.predict_memory(_gpt2_small(*base, f"{AC}.policy=every_layer",
+                                               f"{AC}.partition_activations=true"), 2,
+                                   device="cuda")
+    assert split["checkpointed_per_layer"] == u // 2
+    one = planner.predict_memory(_gpt2_small(*base[:3]), 1, device="cuda")
+    assert one["activations_per_layer"] - mem["activations_per_layer"] == \
+        (4 * u + 8 * 1024 * 12 * 4 + 8 * u) // 2

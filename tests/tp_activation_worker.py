@@ -1,11 +1,16 @@
-"""One rank of tests/test_tensor_parallel.py's activation measurement (torchrun, or alone at
-TP 1). usage: tp_activation_worker.py OUT_JSON key=value ...
+"""One rank of an activation measurement on the real engine (torchrun, or alone at TP 1), for
+tests/test_tensor_parallel.py and tests/test_tp_memory.py.
 
-Builds the real engine, runs one forward + backward of the engine's module under the saved-bytes
-meter (harness.memory.SavedActivations, DeepSpeed's checkpoint wrapped with wrap_checkpoint) and
-writes this rank's numbers: `checkpointed`, the bytes of the inputs DeepSpeed's checkpoint holds
-for backward after the forward (its ctx.deepspeed_saved_tensors: with partition_activations the
-rank's partition, harness.memory.checkpointed_data), with the device they lie on; `forward`, everything held after the forward.
+usage: tp_activation_worker.py OUT key=value ... [-- OUT2 key=value ... ...]
+
+Each group (OUT and its overrides; groups separated by `--`, so one launch pays the process
+start and the rendezvous once) builds the real engine, runs one forward + backward of the
+engine's module under the saved-bytes meter (harness.memory.SavedActivations, DeepSpeed's
+checkpoint wrapped with wrap_checkpoint) and writes this rank's numbers to OUT.rankR.json:
+`checkpointed`, the bytes of the inputs DeepSpeed's checkpoint holds for backward after the
+forward (its ctx.deepspeed_saved_tensors: with partition_activations the rank's partition,
+harness.memory.checkpointed_data), with the device they lie on; `forward`, everything held
+after the forward; `peak`, the most held at once, recompute included; `loss`.
 """
 import json
 import sys
@@ -18,8 +23,7 @@ from harness.memory import SavedActivations, checkpointed_data
 from harness.run import leave_together
 
 
-def main() -> None:
-    out, overrides = sys.argv[1], sys.argv[2:]
+def measure(overrides: list[str]) -> dict:
     cfg = small_cfg(*overrides)
     built = build(cfg)
     model = built.engine.module
@@ -28,28 +32,50 @@ def main() -> None:
                      b.dp_size).micro_batch(0, 0)
     meter = SavedActivations(model.parameters())
     held, devices = [], set()
-    wrapped = meter.wrap_checkpoint(model.checkpoint_fn)
+    checkpoint_fn = model.checkpoint_fn
+    if checkpoint_fn is not None:
+        wrapped = meter.wrap_checkpoint(checkpoint_fn)
 
-    def counted(function, *args):
-        result = wrapped(function, *args)
-        saved = getattr(result.grad_fn, "deepspeed_saved_tensors", ())
-        for t in saved:
-            if torch.is_tensor(t):
-                kept = checkpointed_data(t)
-                held.append(kept.numel() * kept.element_size())
-                devices.add(kept.device.type)
-        return result
+        def counted(function, *args):
+            result = wrapped(function, *args)
+            saved = getattr(result.grad_fn, "deepspeed_saved_tensors", ())
+            for t in saved:
+                if torch.is_tensor(t):
+                    kept = checkpointed_data(t)
+                    held.append(kept.numel() * kept.element_size())
+                    devices.add(kept.device.type)
+            return result
 
-    model.checkpoint_fn = counted
-    with meter:
-        loss = model(x, y)
-        forward = meter.live
-        loss.backward()
-    res = {"rank": built.dist.rank, "checkpointed": sum(held), "tensors": len(held),
-           "devices": sorted(devices), "forward": forward, "peak": meter.peak,
-           "loss": loss.item()}
-    with open(f"{out}.rank{built.dist.rank}.json", "w") as f:
-        json.dump(res, f)
+        model.checkpoint_fn = counted
+    try:
+        with meter:
+            loss = model(x, y)
+            forward = meter.live
+            loss.backward()
+    finally:
+        model.checkpoint_fn = checkpoint_fn
+    return {"rank": built.dist.rank, "checkpointed": sum(held), "tensors": len(held),
+            "devices": sorted(devices), "forward": forward, "peak": meter.peak,
+            "loss": loss.item()}
+
+
+def groups(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """[(OUT, overrides), ...] from `OUT k=v ... -- OUT2 k=v ...`."""
+    found, current = [], []
+    for arg in [*argv, "--"]:
+        if arg == "--":
+            found.append((current[0], current[1:]))
+            current = []
+        else:
+            current.append(arg)
+    return found
+
+
+def main() -> None:
+    for out, overrides in groups(sys.argv[1:]):
+        res = measure(overrides)
+        with open(f"{out}.rank{res['rank']}.json", "w") as f:
+            json.dump(res, f)
     leave_together()
 
 
