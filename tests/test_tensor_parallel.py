@@ -65,21 +65,27 @@ def _rel(a: float, b: float) -> float:
 
 def _compared(ref: dict) -> list[str]:
     """The keys compared: loss, the pre-clip norms, the update-norm pass's signals (the
-    update, parameter norm and per-group update ratios: replicated tensors counted once)."""
+    update, parameter norm and per-group update ratios: replicated tensors counted once), the
+    forward's statistics (mean log(Z)^2 and max log Z of the replicated head, the attention
+    bound of each rank's heads, maxed over the group)."""
     return [k for k in ref if k in ("train/loss", "optim/grad_norm_preclip", "optim/update_norm",
-                                    "optim/param_norm")
-            or k.startswith(("grad_norm/", "update_ratio/"))]
+                                    "optim/param_norm", "train/z_loss")
+            or k.startswith(("grad_norm/", "update_ratio/", "model/"))]
 
 
 def _assert_matches_tp1(ranks: list[dict], single_params: dict, single: list[dict]) -> None:
     assert len(single) == len(ranks[0]["metrics"]) == 5
     keys = _compared(single[0])
     assert "optim/update_norm" in keys and any(k.startswith("update_ratio/") for k in keys)
+    assert "train/z_loss" in keys and "model/attn_logit_bound" in keys
     for step, ref in enumerate(single):
         for r in ranks:  # every rank logs the same numbers
             m = r["metrics"][step]
             for key in keys:
-                assert _rel(m[key], ref[key]) < REL, (step, key, m[key], ref[key])
+                # a product of two maxima of weights that Adam moved apart by rounding (as
+                # tests/test_norms_across_ranks.py, later steps at 10x; measured 1.3e-5)
+                tol = 10 * REL if step and key.startswith("model/") else REL
+                assert _rel(m[key], ref[key]) < tol, (step, key, m[key], ref[key])
             assert m["optim/clipped"] == ref["optim/clipped"], step
             assert m.get("optim/param_jump", 0) < 1e-6, step
     assert any(m["optim/clipped"] for m in single)  # the norm decided some updates
