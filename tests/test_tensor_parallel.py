@@ -167,6 +167,21 @@ def test_partition_activations_halves_the_checkpointed_bytes_at_tp2(tmp_path, ex
         assert r["loss"] == pytest.approx(one["loss"], rel=REL)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cpu_checkpointing_holds_the_checkpointed_inputs_in_host_memory(tmp_path):
+    """On a GPU, one rank (NCCL refuses two ranks on one device, so TP 2 cannot run on a
+    single GPU): with cpu_checkpointing the inputs DeepSpeed's checkpoint keeps for backward
+    lie in host memory, the same bytes; without it on the GPU. On this CPU-only machine the
+    host is the device, so only a GPU can tell them apart (`make test ARGS="-m gpu"`)."""
+    base = [*PARTITIONED, "train.device=cuda"]
+    on_gpu = _activations(tmp_path / "gpu", base, 1)[0]
+    on_host = _activations(tmp_path / "host", [*base, f"{AC}.cpu_checkpointing=true"], 1)[0]
+    assert on_gpu["devices"] == ["cuda"] and on_host["devices"] == ["cpu"]
+    assert on_host["checkpointed"] == on_gpu["checkpointed"]
+    assert on_host["loss"] == pytest.approx(on_gpu["loss"], rel=REL)
+
+
 def test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout(tmp_path):
     """Dropout 0.1 at TP 2: partition_activations + contiguous memory + cpu_checkpointing give
     the same losses and pre-clip norms as no checkpointing (DeepSpeed's checkpoint replays the

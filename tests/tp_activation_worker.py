@@ -28,8 +28,8 @@ def measure(overrides: list[str]) -> dict:
     built = build(cfg)
     model = built.engine.module
     b = built.plan.batch
-    x, y = make_data(cfg, b.micro_batch, built.plan.dp_rank(built.dist.rank),
-                     b.dp_size).micro_batch(0, 0)
+    x, y = (t.to(built.engine.device) for t in make_data(
+        cfg, b.micro_batch, built.plan.dp_rank(built.dist.rank), b.dp_size).micro_batch(0, 0))
     meter = SavedActivations(model.parameters())
     held, devices = [], set()
     checkpoint_fn = model.checkpoint_fn
@@ -43,7 +43,8 @@ def measure(overrides: list[str]) -> dict:
                 if torch.is_tensor(t):
                     kept = checkpointed_data(t)
                     held.append(kept.numel() * kept.element_size())
-                    devices.add(kept.device.type)
+                    if kept.is_floating_point():  # the activations, not their int64 sizes
+                        devices.add(kept.device.type)
             return result
 
         model.checkpoint_fn = counted
