@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/spike_suite.py [--quick] [--out FILE.json]
         [--seeds 5] [--stable-seeds 12] [--steps 300] [--jobs 1]
+    .venv/bin/python bench/spike_suite.py --rescore runs/spike_suite/results.json [--out F]
 
 1. Train the tiny model once per (scenario, seed) with the monitor in alert mode
    (bench/spike_scenarios.py: controlled instabilities, a held-out batch evaluated every step,
@@ -16,11 +17,18 @@
 4. Rollback: a run that never recovers unprotected, rerun with monitor.action=rollback, and
    its final held-out loss compared with the clean run's. 5. The monitor's CPU overhead.
 
+--rescore FILE skips step 1: it reads the traces (and twins, ground truth, rollback and
+overhead figures) a previous run wrote with --out and redoes steps 2-3 with the CURRENT
+detector code and defaults (seconds, not the ~13 minutes of training). The traces hold every
+signal the default monitor reads (TRACE_KEYS); the live-vs-replay check is skipped (the live
+events were recorded under that run's defaults), and rollback and overhead are the file's.
+
 Calibration (issue 16): bench/spike_split.py splits scenarios AND seeds into a tuning part and
 a held-out part, fixed before any tuning. The monitor's defaults come from the tuning part
 only. The main tables are measured on the HELD-OUT part; the matched-false-alarm settings of
 every detector are chosen on the tuning part and then scored on the held-out part; the real
-stable log (held out) is replayed through every detector. "ours" counts every event (warnings
+stable log is replayed through every detector, its tuning and held-out halves apart
+(spike_split.REAL_TUNE_LAST) and the whole log labelled as half tuned on. "ours" counts every event (warnings
 too: what `skip` may act on), "ours-alarm" only alarms (what wandb.alert, lr_cut, rollback and
 stop follow), "ours-loss" only confirmed loss spikes and non-finite values.
 
@@ -64,7 +72,7 @@ from harness.monitor.replay import read_trace  # noqa: E402
 LOOKBACK, LATE = 20, 10  # LOOKBACK = the detector's default episode_gap
 FA_BUDGET = 1.0  # false alarms per 1000 stable steps allowed at the matched setting
 REAL_LOG = Path(__file__).resolve().parents[1] / "tests" / "data" / "llmc_gpt2_124M_stable.csv.gz"
-REAL_FROM = 500  # the issue's convention: alarms per 1000 steps after step 500
+REAL_FROM = split.REAL_FROM  # the issue's convention: alarms per 1000 steps after step 500
 
 
 # ---- detectors: name -> (knob, default, sweep grid, factory(knob, monitor kwargs)) ---------
@@ -283,23 +291,39 @@ def tuned(run: dict) -> bool:
     return split.part(run["scenario"], run["seed"]) == "tune"
 
 
+REAL_SPANS = ("held_out", "tune", "whole")  # the whole log: half of it tuned on
+
+
+def real_span(step: int, span: str) -> bool:
+    """Whether `step` of the real log counts in `span`: its held-out half, its tuning half
+    (both from REAL_FROM on) or the whole log from REAL_FROM (not a held-out figure)."""
+    if step < REAL_FROM:
+        return False
+    return span == "whole" or split.real_part(REAL_LOG.name.split(".")[0], step) == span
+
+
 def real_log_rates(mon: dict, picks: dict) -> dict:
-    """Alarms per 1000 steps after REAL_FROM on the held-out real stable log, every detector
-    at its published setting and at each matched setting. The suite's monitor overrides
-    (warm-up, window) are for 300-step runs: the real log gets the defaults."""
+    """Alarms per 1000 steps on the real stable log (REAL_SPANS), every detector at its
+    published setting and at each matched setting. The suite's monitor overrides (warm-up,
+    window) are for 300-step runs: the real log gets the defaults."""
     if not REAL_LOG.is_file():
         return {}
     trace = [dict(signals, step=step) for step, signals in read_trace(REAL_LOG)]
-    n = sum(1 for r in trace if r["step"] >= REAL_FROM)
+    n = {sp: sum(1 for r in trace if real_span(r["step"], sp)) for sp in REAL_SPANS}
     out = {}
     for name, (knob, default, _, make) in DETECTORS.items():
         settings = {"published": default, **{f"matched<={b:g}": p[name] for b, p in picks.items()}}
-        out[name] = {label: 1000 * sum(1 for a in alarm_steps(make(v, {}), trace)
-                                       if a >= REAL_FROM) / n for label, v in settings.items()}
+        out[name] = {}
+        for label, v in settings.items():
+            al = alarm_steps(make(v, {}), trace)
+            for sp in REAL_SPANS:
+                out[name][f"{label}:{sp}"] = 1000 * sum(1 for a in al if real_span(a, sp)) / n[sp]
     rows = [[name, *(_f(v, 2) for v in r.values())] for name, r in out.items()]
     print_table(["detector", *next(iter(out.values()))], rows,
-                f"\nreal stable log (held out): {REAL_LOG.name}, alarms / 1000 steps after "
-                f"step {REAL_FROM} ({n} steps; every alarm is a false one)")
+                f"\nreal stable log {REAL_LOG.name}: alarms / 1000 steps from step {REAL_FROM}; "
+                f"held_out = steps > {split.REAL_TUNE_LAST[REAL_LOG.name.split('.')[0]]} "
+                f"({n['held_out']} steps), tune = the half tuned on ({n['tune']}), whole = "
+                f"both ({n['whole']}, NOT a held-out figure); every alarm is a false one")
     return out
 
 
@@ -465,12 +489,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--workdir", default="runs/spike_suite")
+    ap.add_argument("--rescore", metavar="FILE",
+                    help="no training: replay the traces a previous --out wrote")
     args = ap.parse_args(argv)
     # the monitor must arm early in short runs: 50-step warm-up, 64-step windows (quick: 30
     # and 32, after the one-step transient this model shows when its LR peaks at step ~28)
     warm, window = (30, 32) if args.quick else (50, 64)
     if args.quick:
         args.seeds, args.stable_seeds, args.steps = 1, 1, 60
+    if args.rescore:
+        args.stored = load_results(args.rescore)
+        conf = args.stored["config"]
+        args.quick, args.seeds, args.stable_seeds, args.steps = (
+            conf["quick"], conf["seeds"], conf["stable_seeds"], conf["steps"])
+        warm, window = (30, 32) if args.quick else (50, 64)
     args.scenarios = ["stable", "lr_crash"] if args.quick else list(sc.SCENARIOS)
     args.rollback, args.arm = "lr_crash", warm
     args.inject = 45 if args.quick else args.steps // 2
@@ -496,14 +528,34 @@ def print_header(args) -> None:
           f"+ {LATE}", flush=True)
 
 
+def load_results(path: str | Path) -> dict:
+    """A previous --out file with its traces back as one dict per step (TRACE_KEYS)."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    keys = data["trace_keys"]
+    for r in data["runs"] + data.get("twins", []):
+        r["trace"] = [{k: v for k, v in zip(keys, row) if v is not None} for row in r["trace"]]
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     t0 = time.perf_counter()
-    workdir = Path(args.workdir)
-    shards = sc.prepare_shards(workdir / "shards", 300_000 if args.quick else 1_000_000)
     print_header(args)
-    runs, saved = run_all(args, shards, workdir)
-    live_ok = _check_live(runs, args.mon)
+    if args.rescore:
+        stored = args.stored
+        if stored["config"]["monitor"] != args.mon:
+            raise SystemExit(f"{args.rescore}: recorded with monitor {stored['config']['monitor']}"
+                             f", this suite replays with {args.mon}")
+        runs, saved = stored["runs"], None
+        args.twins = {(r["scenario"], r["seed"]): r for r in stored.get("twins", [])}
+        live_ok = f"not checked (rescored from {args.rescore})"
+    else:
+        workdir = Path(args.workdir)
+        shards = sc.prepare_shards(workdir / "shards", 300_000 if args.quick else 1_000_000)
+        runs, saved = run_all(args, shards, workdir)
+        live_ok = _check_live(runs, args.mon)
     alarms = replay_all(runs, args.mon, args.arm)
     held = [r for r in runs if not tuned(r)]
     # --quick has no held-out stable run: its tables then cover every run (said in the title)
@@ -526,13 +578,19 @@ def main(argv: list[str] | None = None) -> int:
     clean = next(r for r in runs if r["scenario"] == "stable" and r["seed"] == 1)
     broken = next(r for r in runs if r["scenario"] == args.rollback and r["seed"] == 1)
     natural = print_natural(runs, args.twins, args.mon)
-    rollback = print_rollback(clean, broken, saved)
-    overhead = print_overhead(runs, args.mon)
+    if saved is None:  # rescored: no run was trained, the file's figures stand
+        rollback, overhead = stored["rollback"], stored["overhead"]
+        print(f"\nrollback and overhead: not rerun (see {args.rescore})")
+    else:
+        rollback = print_rollback(clean, broken, saved)
+        overhead = print_overhead(runs, args.mon)
     wall = time.perf_counter() - t0
     print(f"\nspike suite done in {wall:.0f} s")
     save_json(args.out, dict(_payload(args, runs, res, picks, rollback, overhead, wall, held_out),
                              real_log=real, scored_part=part, natural=natural,
-                             twins=[_run_json(r) for r in args.twins.values()]))
+                             twins=[_run_json(r) for r in args.twins.values()],
+                             # rescored: the runs' live "events" are the recording's
+                             rescored_from=args.rescore))
     return 0
 
 

@@ -62,16 +62,17 @@ def test_warmup_has_no_events():
     assert feed(SpikeDetector(MonitorConfig(warmup_steps=100)), tr, stop=100) == []
 
 
-def test_grad_step_change_leads_loss_by_two_steps():
+def test_grad_step_change_is_confirmed_on_its_second_step_and_leads_the_loss():
     tr = synth(400)
     tr[GRAD][300:] *= 5
     tr[LOSS][302:] *= 1.3
     events = feed(SpikeDetector(MonitorConfig()), tr)
-    # the loss's first step over its threshold is a warning; the second confirms the spike
-    assert kinds(events) == [("grad_spike", 300, GRAD), ("grad_spike", 302, LOSS),
+    # the grad norm warns once a second step confirms it (grad_confirm 2); the loss's first
+    # step over its threshold is a warning, the second confirms the spike
+    assert kinds(events) == [("grad_spike", 301, GRAD), ("grad_spike", 302, LOSS),
                              ("loss_spike", 303, LOSS)]
     loss = events[2]
-    assert (loss["onset"], loss["warned_at"], loss["lead_steps"]) == (302, 300, 2)
+    assert (loss["onset"], loss["warned_at"], loss["lead_steps"]) == (302, 301, 1)
     assert loss["warned_by"] == [GRAD]  # the loss's own warning is no precursor
     assert loss["episode"] == events[0]["episode"] == 1 and loss["action"] == "alert"
     assert events[0]["action"] is None  # by default only the loss spike is acted on
@@ -80,7 +81,7 @@ def test_grad_step_change_leads_loss_by_two_steps():
 
 def test_same_step_warning_is_lead_zero_and_no_warning_is_none():
     tr = synth(400)
-    tr[GRAD][300:] *= 5
+    tr[GRAD][299:] *= 5  # confirmed at 300
     tr[LOSS][300:] *= 1.3
     assert feed(SpikeDetector(MonitorConfig()), tr)[-1]["lead_steps"] == 0
     tr = synth(400)
@@ -89,6 +90,30 @@ def test_same_step_warning_is_lead_zero_and_no_warning_is_none():
     assert (warning["event"], warning["signal"]) == ("grad_spike", LOSS)
     assert spike["event"] == "loss_spike" and spike["warned_at"] is None
     assert spike["lead_steps"] is None
+
+
+def test_one_step_grad_blip_is_no_event_unless_catastrophic():
+    """A one-step gradient-norm blip (clipping absorbs it; the public llm.c log has dozens at
+    z 10-58, x2-14 the baseline, with nothing after them) raises nothing and opens no
+    episode; a value >= grad_at_once x the baseline warns at once, and `skip` acts on it."""
+    tr = synth(400)
+    tr[GRAD][250] *= 5  # z ~ 13: over grad_z, one step only
+    tr[GRAD][300] *= 500  # a catastrophic gradient
+    tr[LOSS][303:] *= 1.3
+    events = feed(SpikeDetector(MonitorConfig(action="skip")), tr)
+    assert kinds(events) == [("grad_spike", 300, GRAD), ("grad_spike", 303, LOSS),
+                             ("loss_spike", 304, LOSS)]
+    assert events[0]["action"] == "skip" and events[0]["z"] > 10
+    assert events[2]["warned_at"] == 300  # the blip at 250 opened no episode
+    # grad_confirm=1 (or confirm_signals=[]) is the pre-confirmation rule: every blip warns
+    for cfg in (MonitorConfig(grad_confirm=1), MonitorConfig(confirm_signals=[])):
+        assert [e["step"] for e in feed(SpikeDetector(cfg), tr)
+                if e["signal"] == GRAD] == [250, 300]
+    # the update norm is no confirm signal: one step over grad_z warns (a one-step LR spike
+    # shows there first, one step before the loss)
+    tr = synth(400)
+    tr[UPD][250] *= 5
+    assert kinds(feed(SpikeDetector(MonitorConfig()), tr)) == [("grad_spike", 250, UPD)]
 
 
 def test_one_bad_batch_is_a_warning_not_a_loss_spike():
@@ -142,7 +167,8 @@ def test_skip_only_before_the_update():
     events = feed(SpikeDetector(cfg), spike_trace())
     acts = {(e["step"], e["signal"]): e["action"] for e in events}
     assert acts[(398, UPD)] is None  # the update norm is known too late to skip
-    assert acts[(400, GRAD)] == "skip" and acts[(500, GRAD)] == "skip"
+    # x5 from 400: confirmed, and skipped, at its second step
+    assert acts[(401, GRAD)] == "skip" and acts[(500, GRAD)] == "skip"
     assert acts[(402, LOSS)] == "skip"  # a batch whose loss jumps is not applied either
     assert [e["event"] for e in events if e["step"] == 403] == ["loss_spike"]
     assert acts[(403, LOSS)] is None
@@ -220,10 +246,11 @@ def test_loss_scale_halvings_and_group_norm_patterns():
     scale[[150, 250]] = 32768.0  # a lone overflow each: normal for fp16
     scale[200:] = 16384.0  # two halvings
     groups = {f"grad_norm/{g}": tr[GRAD] * w for g, w in (("mlp", 1.0), ("head", 0.3))}
-    groups["grad_norm/mlp"][260] *= 10
+    groups["grad_norm/mlp"][260:262] *= 10  # a group norm needs confirmation too
+    groups["grad_norm/head"][280] *= 10  # one step: not confirmed
     events = feed(det, {**tr, "optim/loss_scale": scale, **groups})
     assert kinds(events) == [("grad_spike", 200, "optim/loss_scale"),
-                             ("grad_spike", 260, "grad_norm/mlp")]
+                             ("grad_spike", 261, "grad_norm/mlp")]
     assert events[0]["z"] == 2.0 and events[0]["baseline"] == 65536.0
 
 
@@ -239,6 +266,9 @@ def test_config_validation_names_the_key():
            ({"lr_cut_factor": 2.0}, "monitor.lr_cut_factor"), ({"stat": "x"}, "monitor.stat"),
            ({"param_jump": 0}, "monitor.param_jump"),
            ({"update_sample": 1.5}, "monitor.update_sample"),
+           ({"grad_confirm": 0}, "monitor.grad_confirm"),
+           ({"grad_at_once": 1.0}, "monitor.grad_at_once"),
+           ({"confirm_signals": [""]}, "monitor.confirm_signals"),
            # a warning is not worth a restart: rollback and stop follow alarms only
            ({"action": "rollback", "act_on": ["grad_spike"]}, "monitor.act_on")]
     for kwargs, key in bad:
@@ -246,7 +276,8 @@ def test_config_validation_names_the_key():
             MonitorConfig(**kwargs).validate()
 
 
-EXPECTED = [("grad_spike", 398, UPD), ("grad_spike", 400, GRAD), ("grad_spike", 402, LOSS),
+# the grad norm's x5 from 400 is confirmed at 401; the NaN at 500 is an alarm at once
+EXPECTED = [("grad_spike", 398, UPD), ("grad_spike", 401, GRAD), ("grad_spike", 402, LOSS),
             ("loss_spike", 403, LOSS), ("nonfinite", 500, GRAD)]
 
 
@@ -404,6 +435,9 @@ def test_default_signals_are_the_tuned_ones():
     cfg = MonitorConfig()
     assert "model/logit_lse_max" not in cfg.signals and ATTN in cfg.signals
     assert cfg.trend_signals == [UPD] and cfg.ceilings() == {ATTN: 100.0}
+    # gradient norms (only) need a second step over grad_z, or x100 the baseline at once
+    assert (cfg.grad_confirm, cfg.grad_at_once, cfg.grad_z) == (2, 100.0, 10.0)
+    assert cfg.confirm_signals == [GRAD, "grad_norm/*"] and UPD not in cfg.confirm_signals
     assert cfg.watches(ATTN) and MonitorConfig(signals=[GRAD], trend_signals=[]).watches(ATTN)
     with pytest.raises(HarnessError, match="attn_ceiling"):
         MonitorConfig(attn_ceiling=-1).validate()

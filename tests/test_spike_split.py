@@ -1,5 +1,7 @@
 """The calibration split is fixed in code: tuning and held-out parts are disjoint and exactly
-what bench/spike_split.py said before any tuning (changing it means re-tuning from scratch)."""
+what bench/spike_split.py said before any tuning (changing it means re-tuning from scratch).
+The real log's cut by step (first half tunes) was made later, after its events had been seen
+and before any tuning on it (spike_split's History)."""
 import sys
 from pathlib import Path
 
@@ -19,7 +21,18 @@ def test_scenarios_and_seeds_are_disjoint_and_fixed():
     assert split.HELD_SEEDS == {"stable": tuple(range(5, 13)), "other": (4, 5, 6)}
     for kind in ("stable", "other"):
         assert not set(split.TUNE_SEEDS[kind]) & set(split.HELD_SEEDS[kind])
-    assert split.REAL_LOGS == {"llmc_gpt2_124M_stable": "held_out"}
+    # the real log is cut by step (changed after its events had been seen, before any tuning
+    # on it: see spike_split's History): the first half tunes, the anneal to LR 0 is held out
+    assert split.REAL_TUNE_LAST == {"llmc_gpt2_124M_stable": 9780}
+    assert split.REAL_FROM == 500
+
+
+def test_real_log_is_cut_by_step():
+    log = "llmc_gpt2_124M_stable"
+    assert split.real_part(log, 1) == split.real_part(log, 9780) == "tune"
+    assert split.real_part(log, 9781) == split.real_part(log, 19560) == "held_out"
+    with pytest.raises(KeyError):
+        split.real_part("some_other_log", 1)  # an unknown log is not silently tuned on
 
 
 def test_every_run_is_in_exactly_one_part():

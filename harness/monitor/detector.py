@@ -23,6 +23,11 @@ Method, per signal, on log values (spikes are multiplicative and log makes drift
 - The spread is floored at `min_scale`, so near-constant signals do not alarm on tiny changes.
 - z = (log x - baseline) / spread, one-sided upwards. No alarm before `warmup_steps` or before a
   signal has window/2 values. Loss-scale keys instead count halvings below their window max.
+- Confirmation (signals matching `confirm_signals`, default the gradient norms): a level
+  excursion warns only on its `grad_confirm`-th consecutive step at or over grad_z (default
+  2: a one-step blip is what clipping absorbs; a real log has dozens), or at once when the
+  value is >= `grad_at_once` x its baseline (a catastrophic gradient, which `skip` should drop
+  before it is applied). An unconfirmed step is no event and opens no episode.
 - NaN/inf in any watched signal is a `nonfinite` event at once (value "nan"/"inf"/"-inf").
 - Trend rule (signals matching `trend_signals`): the line's rise over one window, exp(slope x
   window), at or above `trend_growth` is a warning too: a steady ramp (an LR schedule gone
@@ -49,8 +54,9 @@ wandb.alert and lr_cut / rollback / stop follow), "warning" for grad_spike (prec
 `skip` may act on; a metric and an event line otherwise).
 
 Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "action"):
-- grad_spike: a precursor crossed its threshold (rule "level"; one event per excursion: the
-  signal re-arms only once z falls below threshold / 2; fields value, z, baseline, episode),
+- grad_spike: a precursor crossed its threshold (rule "level", confirmed where it must be;
+  one event per excursion: the signal re-arms only once z falls below threshold / 2; fields
+  value, z, baseline, episode),
   or its trend did (rule "trend"; fields value, growth, episode).
 - loss_spike: the loss stayed >= loss_z for loss_persist consecutive observations (one hard
   batch is not a spike); re-arms like grad_spike. The first of those steps is a grad_spike
@@ -62,8 +68,9 @@ Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "act
 - Episode: warnings (and non-finite precursors) at most `episode_gap` steps apart form one
   episode; a loss_spike closes it.
 - action: cfg.action when the event kind is in cfg.resolved_act_on(), else None; "skip" only
-  from check_pre_step, and only for the first step of an excursion (skipping every step of a
-  real level shift would stall training); "rollback" turns into "stop" after max_rollbacks
+  from check_pre_step, and only for an excursion's one warning (its first step, or for a
+  confirm signal its confirming step: skipping every step of a real level shift would stall
+  training); "rollback" turns into "stop" after max_rollbacks
   rewinds. With fp16, an overflow step has an inf grad norm by design: feed the loss scale,
   not the grad norm, on steps the engine skipped.
 """
@@ -187,8 +194,13 @@ class _Signal:
     whether it has fired in the current excursion (`hot`: cleared below threshold / 2, so a
     value hovering at the threshold after a level shift fires once, not on every crossing)."""
 
-    def __init__(self, stat: Any, threshold: float, trend: bool = False):
+    def __init__(self, stat: Any, threshold: float, trend: bool = False, confirm: int = 1,
+                 at_once: float = math.inf):
         self.stat, self.threshold, self.trend = stat, threshold, trend
+        # a level excursion warns on its `confirm`-th consecutive step, or at once when the
+        # value is >= at_once x the baseline, in log units (monitor.grad_confirm and
+        # grad_at_once on the confirm_signals; 1 and inf on the others)
+        self.confirm, self.at_once = confirm, at_once
         self.run, self.onset, self.hot = 0, -1, False
         self.trend_at = -1  # step of the last trend warning of the current rise, -1: none
         self.ceiling: Optional[float] = None  # monitor.ceilings' value for this signal
@@ -278,10 +290,14 @@ class SpikeDetector:
             return _Signal(_Halvings(cfg.window), float(cfg.loss_scale_halvings))
         threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
         trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
+        confirmed = name != cfg.loss_signal and any(fnmatchcase(name, p)
+                                                    for p in cfg.confirm_signals)
+        confirm = (cfg.grad_confirm, math.log(cfg.grad_at_once)) if confirmed else (1, math.inf)
         if cfg.stat == "ema":
-            sig = _Signal(_EMA(cfg.ema_alpha, cfg.min_scale, cfg.window), threshold, trend)
+            stat = _EMA(cfg.ema_alpha, cfg.min_scale, cfg.window)
         else:
-            sig = _Signal(_MedianMAD(cfg.window, cfg.min_scale), threshold, trend)
+            stat = _MedianMAD(cfg.window, cfg.min_scale)
+        sig = _Signal(stat, threshold, trend, *confirm)
         sig.ceiling = cfg.ceilings().get(name)
         return sig
 
@@ -353,13 +369,16 @@ class SpikeDetector:
         sig.run += 1
         if sig.run == 1:
             sig.onset = step
+        if not is_loss and sig.run < sig.confirm and math.log(x) - center < sig.at_once:
+            return None  # not confirmed yet: no event, and it opens no episode
         episode = None if is_loss else self._touch_episode(step, name)
-        persist = self.cfg.loss_persist if is_loss else 1
-        if sig.hot or sig.run not in (1, persist):  # fire on the first step and the persist-th
+        if is_loss and sig.run not in (1, self.cfg.loss_persist):
+            return None  # the loss fires on its first step over and the persist-th
+        if sig.hot:  # a precursor fires once per excursion (re-armed below threshold / 2)
             return None
         base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
                 "baseline": float(f"{math.exp(center):.6g}")}
-        if sig.run < persist:  # the loss's first step over: a warning, not yet a spike
+        if is_loss and sig.run < self.cfg.loss_persist:  # its first step over: a warning
             return dict(base, event="grad_spike", rule="level", episode=None)
         if is_loss and self._warming:  # not confirmed in the LR warm-up: warnings only
             return None

@@ -75,6 +75,7 @@ NUMERIC = [
     "checkpoint.every=-1", "checkpoint.keep_last=0", "checkpoint.keep_last=-3",
     "monitor.param_jump=0", "monitor.param_jump=nan", "monitor.attn_ceiling=-1",
     "monitor.attn_ceiling=inf", "monitor.update_sample=0", "monitor.update_sample=1.5",
+    "monitor.grad_confirm=0", "monitor.grad_at_once=1", "monitor.grad_at_once=nan",
     "monitor.grad_z=inf", "monitor.grad_z=0", "monitor.loss_z=nan", "monitor.loss_z=-6",
     "monitor.min_scale=-1", "monitor.min_scale=inf", "monitor.trend_growth=inf",
     "monitor.trend_growth=1", "monitor.ema_alpha=1.0", "monitor.ema_alpha=nan",
