@@ -274,14 +274,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_left_group: list[bool] = []  # an error path left a process group (see entry)
+
+
 def _close_process_group() -> None:
     try:
         from harness.distributed import close_process_group
 
-        close_process_group()
+        if close_process_group():
+            _left_group.append(True)
     except Exception:  # leaving the group must not hide the error being reported
         pass
 
 
+def entry() -> None:
+    """The `harness` command and `python -m harness.cli`: main(), and after an error that
+    followed a process group's creation, an exit without the interpreter's teardown. There,
+    DeepSpeed's references to the (destroyed) groups and gloo's threads go in no fixed order;
+    once, under heavy load, that aborted a process after its error line (SIGABRT, not 2)."""
+    code = main()
+    if code != 0 and _left_group:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -109,10 +109,12 @@ def export(dist: DistEnv) -> None:
                       MASTER_PORT=str(dist.master_port))
 
 
-def close_process_group() -> None:
+def close_process_group() -> bool:
     """Leave the process group, if one exists, before the process exits on an error: gloo's
     threads left to interpreter exit can abort it ("terminate called without an active
-    exception"), turning a clean exit 2 into SIGABRT."""
+    exception"), turning a clean exit 2 into SIGABRT. True when there was one."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        return True
+    return False
