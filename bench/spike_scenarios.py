@@ -237,7 +237,15 @@ SCENARIOS: dict[str, tuple[str, bool, Installer]] = {
                      _bad("span", 20)),
     "nat_attn": ("natural: LR 0.1 (33x), no qk-norm: attention-logit growth; twin: qk-norm",
                  True, lambda trainer, k, seed: []),
+    "anneal_to_0": ("stable, no injection; cosine to LR 0 at the last step (not to 10%)", True,
+                    lambda trainer, k, seed: []),
 }
+# scenarios made by their config alone (no twin): name -> overrides. anneal_to_0: the end of
+# a schedule (issue 16: "robust to the end of a schedule, LR near 0"); every other run's
+# cosine ends at the harness's default floor, optim.min_lr_ratio 0.1. Its LR falls under 25%
+# of the peak for the last third of the run (steps > 207 of 300), where the loss's and the
+# gradient norm's spread shrink and the update norm falls with the LR.
+CONFIG: dict[str, list[str]] = {"anneal_to_0": ["optim.min_lr_ratio=0"]}
 
 # Natural instabilities (issue 16): nothing is injected; the run's own config makes it unstable
 # and a TWIN (same seed, data and LR, the one fix applied) says what the run would have been.
@@ -276,7 +284,7 @@ def run_scenario(name: str, seed: int, steps: int, inject_at: int, shards: Path,
     tag "twin" trains a natural scenario's twin."""
     run_dir = workdir / f"{name}-s{seed}-{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    natural, twin = NATURAL.get(name, ([], []))
+    natural, twin = NATURAL.get(name, (CONFIG.get(name, []), []))
     cfg = load_config("tiny", [*MODEL, *MONITOR, *QUIET, f"train.max_steps={steps}",
                                f"train.seed={seed}", f"train.run_dir={run_dir}",
                                f"data.out_dir={shards}", f"data.val_fraction={VAL_FRACTION}",

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/spike_suite.py [--quick] [--out FILE.json]
         [--seeds 5] [--stable-seeds 12] [--steps 300] [--jobs 1]
     .venv/bin/python bench/spike_suite.py --rescore runs/spike_suite/results.json [--out F]
+        [--record SCENARIO ...]
 
 1. Train the tiny model once per (scenario, seed) with the monitor in alert mode
    (bench/spike_scenarios.py: controlled instabilities, a held-out batch evaluated every step,
@@ -16,6 +17,11 @@
    stable steps (the target), and SpikeDetector's own rate at its defaults if that is higher.
 4. Rollback: a run that never recovers unprotected, rerun with monitor.action=rollback, and
    its final held-out loss compared with the clean run's. 5. The monitor's CPU overhead.
+
+--rescore FILE --record SCENARIO (repeatable) trains only that scenario's runs (and twins), at
+FILE's settings and on the same shards (--workdir), puts them in place of FILE's runs of it,
+and scores everything as --rescore does (the live-vs-replay check covers the new runs): how a
+scenario added later joins a recorded suite without retraining the rest.
 
 --rescore FILE skips step 1: it reads the traces (and twins, ground truth, rollback and
 overhead figures) a previous run wrote with --out and redoes steps 2-3 with the CURRENT
@@ -71,6 +77,8 @@ from harness.monitor.replay import read_trace  # noqa: E402
 
 LOOKBACK, LATE = 20, 10  # LOOKBACK = the detector's default episode_gap
 FA_BUDGET = 1.0  # false alarms per 1000 stable steps allowed at the matched setting
+STABLE = split.STABLE_SCENARIOS  # runs whose every step counts in the false-alarm denominator
+LOW_LR = 0.25  # the end of a schedule: steps whose LR is under this fraction of the run's peak
 REAL_LOG = Path(__file__).resolve().parents[1] / "tests" / "data" / "llmc_gpt2_124M_stable.csv.gz"
 REAL_FROM = split.REAL_FROM  # the issue's convention: alarms per 1000 steps after step 500
 
@@ -146,7 +154,7 @@ def score(runs: list[dict], alarms: list[list[int]], arm: int) -> dict:
     for run, al in zip(runs, alarms):
         kind = "pre" if sc.SCENARIOS[run["scenario"]][1] else "none"
         leads[kind] += [first_flag(al, o, lookback(run)) for o in run["gt"]]
-        if run["scenario"] == "stable":
+        if run["scenario"] in STABLE:
             stable_steps += sum(1 for r in run["trace"] if r["step"] >= arm)
             false += sum(1 for a in al  # alarms near a real spike in a stable run are true
                          if not any(o - LOOKBACK <= a <= o + LATE for o in run["gt_all"]))
@@ -208,20 +216,24 @@ def _n(x: float) -> float:
 def plan_runs(args) -> list[tuple]:
     """(scenario, seed, inject_at) for every alert-mode run; injection steps differ per seed
     so no detector meets the instability at the same point of its windows every time."""
-    todo = [("stable", s, 0) for s in range(1, args.stable_seeds + 1)]
+    todo = []
     for name in args.scenarios:
-        if name != "stable":
+        if name in STABLE:  # stable runs: the false-alarm denominator, stable_seeds of each
+            todo += [(name, s, 0) for s in range(1, args.stable_seeds + 1)]
+        else:
             todo += [(name, s, args.inject + 7 * (s - 1)) for s in range(1, args.seeds + 1)]
     return todo
 
 
-def run_all(args, shards: Path, workdir: Path) -> tuple[list[dict], dict]:
+def run_all(args, shards: Path, workdir: Path) -> tuple[list[dict], dict | None]:
+    """Every planned run (and its twin), and the rollback run unless only some scenarios are
+    recorded (--record: the stored file's rollback stands); returns (runs, rollback run)."""
     jobs = [(n, s, args.steps, k, shards, workdir, args.monitor) for n, s, k in plan_runs(args)]
     rb = args.rollback
-    rollback_job = (rb, 1, args.steps, args.inject, shards, workdir,
-                    [*args.monitor, "monitor.action=rollback", "checkpoint.every=10",
-                     "monitor.rollback_skip_batches=20"], "rollback")
-    jobs.append(rollback_job)
+    if not args.record:
+        jobs.append((rb, 1, args.steps, args.inject, shards, workdir,
+                     [*args.monitor, "monitor.action=rollback", "checkpoint.every=10",
+                      "monitor.rollback_skip_batches=20"], "rollback"))
     twins = [(n, s, args.steps, 0, shards, workdir, args.monitor, "twin")
              for n, s, _ in plan_runs(args) if n in sc.NATURAL]
     jobs += twins
@@ -237,6 +249,8 @@ def run_all(args, shards: Path, workdir: Path) -> tuple[list[dict], dict]:
         r["gt_all"] = (sc.twin_gap_onsets(r["trace"], twin["trace"]) if twin
                        else sc.loss_spikes(r["trace"]))
         r["gt"] = [o for o in r["gt_all"] if o >= args.arm]  # a detector can flag these
+    if args.record:
+        return results[:n], None
     return results[:n - 1], results[n - 1]
 
 
@@ -337,7 +351,7 @@ def print_held_out(runs: list[dict], res: dict, arm: int) -> dict:
         alarms = res[det]["alarms"]
         for name, keep in parts:
             idx = [i for i, r in enumerate(runs) if keep(r)]
-            if any(runs[i]["scenario"] == "stable" for i in idx):
+            if any(runs[i]["scenario"] in STABLE for i in idx):
                 out[f"{det} {name}"] = score([runs[i] for i in idx], [alarms[i] for i in idx],
                                              arm)
     rows = [[n.split()[0], " ".join(n.split()[1:]).replace(" ", "_"), s["n_pre"], s["n_none"],
@@ -347,6 +361,72 @@ def print_held_out(runs: list[dict], res: dict, arm: int) -> dict:
     print_table(["detector", "part", "spikes", "spikes*", "ahead>=1", "by_onset", "by_onset*",
                  "lead_med", "FA", "stable_steps", "FA/1k"], rows,
                 "\nours at its defaults, by calibration part (bench/spike_split.py)")
+    return out
+
+
+def low_lr(run: dict) -> set[int]:
+    """The steps of a run whose LR is under LOW_LR x its peak after the warm-up: the end of
+    its schedule (anneal_to_0: the last third, LR falling to 0; stable: LR between its 10%
+    floor and 25%)."""
+    lrs = [(int(r["step"]), r.get("optim/lr", math.nan)) for r in run["trace"]]
+    peak = max((v for _, v in lrs if math.isfinite(v)), default=math.nan)
+    top = next((s for s, v in lrs if v == peak), 0)
+    return {s for s, v in lrs if s > top and v < LOW_LR * peak}
+
+
+def false_in(run: dict, al: list[int], arm: int, steps: set[int] | None = None) -> tuple[int, int]:
+    """(false alarms, steps) of a stable run from `arm` on, within `steps` if given; an alarm
+    near a real spike of the run is a true one (as in `score`)."""
+    inside = (lambda x: x >= arm) if steps is None else (lambda x: x >= arm and x in steps)
+    n = sum(1 for r in run["trace"] if inside(int(r["step"])))
+    fa = sum(1 for a in al if inside(a)
+             and not any(o - LOOKBACK <= a <= o + LATE for o in run["gt_all"]))
+    return fa, n
+
+
+def print_end_of_schedule(runs: list[dict], alarms: dict, picks: dict, arm: int) -> dict:
+    """False alarms / 1000 steps on the held-out stable runs, those of anneal_to_0 (cosine
+    to LR 0) and those of stable (cosine to its 10% floor) apart, over every scored step and
+    over the end of the schedule (low_lr); every detector at its published setting and at
+    its matched setting (FA_BUDGET, chosen on the tuning part)."""
+    groups = {n: [i for i, r in enumerate(runs) if r["scenario"] == n and not tuned(r)]
+              for n in STABLE}
+    if not groups["anneal_to_0"]:
+        return {}
+    groups = {n: idx for n, idx in groups.items() if idx}  # --quick: no held-out stable run
+    cols, out, rows = {}, {}, []
+    for name, idx in groups.items():
+        for span in ("all", "low_lr"):
+            cols[f"{name}:{span}"] = (idx, span)
+    settings = {"published": {n: d[1] for n, d in DETECTORS.items()}}
+    if FA_BUDGET in picks:
+        settings[f"matched<={FA_BUDGET:g}"] = picks[FA_BUDGET]
+    n_steps = {}
+    for label, values in settings.items():
+        for name, (knob, *_rest) in DETECTORS.items():
+            v, rec = values[name], {}
+            for col, (idx, span) in cols.items():
+                fa, n = 0, 0
+                for i in idx:
+                    f, k = false_in(runs[i], alarms[name][v][i], arm,
+                                    low_lr(runs[i]) if span == "low_lr" else None)
+                    fa, n = fa + f, n + k
+                rec[col] = {"false_alarms": fa, "steps": n,
+                            "fa_per_1000": 1000.0 * fa / n if n else math.nan}
+                n_steps[col] = n
+            out[f"{name} {knob}{v:g} ({label})"] = rec
+            rows.append([name, f"{knob}{v:g}", label,
+                         *(f"{r['false_alarms']}:{_f(r['fa_per_1000'], 1)}" for r in rec.values())])
+    seeds = {n: sorted(runs[i]["seed"] for i in idx) for n, idx in groups.items()}
+    print_table(["detector", "setting", "picked", *cols], rows,
+                f"\nend of schedule, held-out stable runs: false alarms:per 1000 steps from step "
+                f"{arm} (all) and where LR < {LOW_LR:g} x its peak (low_lr); anneal_to_0 = cosine "
+                f"to LR 0, stable = to its 10% floor; seeds " + ", ".join(
+                    f"{n} {v}" for n, v in seeds.items()) + "; steps: " + ", ".join(
+                    f"{c} {n}" for c, n in n_steps.items()))
+    mon_ev = [f"s{runs[i]['seed']}@{a}" for i in groups["anneal_to_0"]
+              for a in alarms["ours"][DETECTORS["ours"][1]][i]]
+    print(f"\nours' events on anneal_to_0 (seed@step): {', '.join(mon_ev) or 'none'}")
     return out
 
 
@@ -371,7 +451,7 @@ def print_per_kind(runs: list[dict], alarms: dict, names: tuple[str, ...]) -> No
     """Per scenario, every seed (both parts; the part is in the seed column of the per-spike
     table): spikes flagged by onset, and the lead's median / p10 / p90, at published settings."""
     rows = []
-    for kind in dict.fromkeys(r["scenario"] for r in runs if r["scenario"] != "stable"):
+    for kind in dict.fromkeys(r["scenario"] for r in runs if r["scenario"] not in STABLE):
         idx = [i for i, r in enumerate(runs) if r["scenario"] == kind]
         n = sum(len(runs[i]["gt"]) for i in idx)
         cells = []
@@ -491,7 +571,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", default="runs/spike_suite")
     ap.add_argument("--rescore", metavar="FILE",
                     help="no training: replay the traces a previous --out wrote")
+    ap.add_argument("--record", metavar="SCENARIO", action="append", default=[],
+                    help="with --rescore: train only this scenario (repeatable; its twins "
+                         "too) at FILE's settings, replace FILE's runs of it, score them all")
     args = ap.parse_args(argv)
+    if args.record and not args.rescore:
+        ap.error("--record needs --rescore FILE (the runs it is merged into)")
+    unknown = [n for n in args.record if n not in sc.SCENARIOS]
+    if unknown:
+        ap.error(f"--record: unknown scenario(s) {unknown}; known: {list(sc.SCENARIOS)}")
     # the monitor must arm early in short runs: 50-step warm-up, 64-step windows (quick: 30
     # and 32, after the one-step transient this model shows when its LR peaks at step ~28)
     warm, window = (30, 32) if args.quick else (50, 64)
@@ -504,6 +592,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             conf["quick"], conf["seeds"], conf["stable_seeds"], conf["steps"])
         warm, window = (30, 32) if args.quick else (50, 64)
     args.scenarios = ["stable", "lr_crash"] if args.quick else list(sc.SCENARIOS)
+    if args.record:  # the stored runs of every other scenario are kept as they are
+        args.scenarios = list(dict.fromkeys(args.record))
     args.rollback, args.arm = "lr_crash", warm
     args.inject = 45 if args.quick else args.steps // 2
     # trend_after: the LR warm-up of spike_scenarios.MODEL, as load_config resolves it live
@@ -513,6 +603,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_header(args) -> None:
+    if args.record:
+        print(f"recording {len(plan_runs(args))} runs ({', '.join(args.record)}) into the runs "
+              f"of {args.rescore}")
     print(f"spike suite: {len(plan_runs(args)) + 1} runs of {args.steps} steps, monitor "
           f"warm-up {args.arm} and window {args.mon['window']}, k = step {args.inject} + 7 x "
           f"(seed - 1)")
@@ -551,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         runs, saved = stored["runs"], None
         args.twins = {(r["scenario"], r["seed"]): r for r in stored.get("twins", [])}
         live_ok = f"not checked (rescored from {args.rescore})"
+        if args.record:
+            runs, live_ok = record_into(args, runs)
     else:
         workdir = Path(args.workdir)
         shards = sc.prepare_shards(workdir / "shards", 300_000 if args.quick else 1_000_000)
@@ -559,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     alarms = replay_all(runs, args.mon, args.arm)
     held = [r for r in runs if not tuned(r)]
     # --quick has no held-out stable run: its tables then cover every run (said in the title)
-    scored = any(r["scenario"] == "stable" for r in held) and any(r["gt"] for r in held)
+    scored = any(r["scenario"] in STABLE for r in held) and any(r["gt"] for r in held)
     part = "held-out part" if scored else "all runs (no held-out stable run)"
     res = evaluate(runs, alarms, args.arm, (lambda r: not tuned(r)) if scored else (lambda r: True))
     res_tune = evaluate(runs, alarms, args.arm, tuned)
@@ -573,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     # the target budget, and ours' own rate at its defaults (tuning part) when that is higher
     budgets = sorted({FA_BUDGET, max(FA_BUDGET, round(ours_fa, 2))})
     picks = print_detection(res, res_tune, budgets, part)
+    end_of_schedule = print_end_of_schedule(runs, alarms, picks, args.arm)
     held_out = print_held_out(runs, evaluate(runs, alarms, args.arm), args.arm)
     real = real_log_rates(args.mon, picks)
     clean = next(r for r in runs if r["scenario"] == "stable" and r["seed"] == 1)
@@ -588,10 +684,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nspike suite done in {wall:.0f} s")
     save_json(args.out, dict(_payload(args, runs, res, picks, rollback, overhead, wall, held_out),
                              real_log=real, scored_part=part, natural=natural,
+                             end_of_schedule=end_of_schedule, recorded_now=args.record,
                              twins=[_run_json(r) for r in args.twins.values()],
                              # rescored: the runs' live "events" are the recording's
                              rescored_from=args.rescore))
     return 0
+
+
+def record_into(args, stored: list[dict]) -> tuple[list[dict], str]:
+    """Train args.record's scenarios (args.scenarios) at the stored file's settings, on the
+    same shards (--workdir), and put them in place of the stored runs (and twins) of those
+    scenarios; the rest stay as recorded. Runs are kept in SCENARIOS order."""
+    workdir = Path(args.workdir)
+    shards = sc.prepare_shards(workdir / "shards", 300_000 if args.quick else 1_000_000)
+    kept_twins = {k: r for k, r in args.twins.items() if k[0] not in args.record}
+    new, _ = run_all(args, shards, workdir)  # sets args.twins to the new twins
+    args.twins = {**kept_twins, **args.twins}
+    order = list(sc.SCENARIOS)
+    runs = sorted([r for r in stored if r["scenario"] not in args.record] + new,
+                  key=lambda r: (order.index(r["scenario"]), r["seed"]))
+    ok = _check_live(new, args.mon)
+    return runs, f"{ok} on the {len(new)} runs recorded now ({', '.join(args.record)}); others " \
+                 f"not checked (rescored from {args.rescore})"
 
 
 def _check_live(runs: list[dict], mon: dict) -> bool:

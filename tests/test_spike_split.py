@@ -14,8 +14,13 @@ import spike_split as split  # noqa: E402
 def test_scenarios_and_seeds_are_disjoint_and_fixed():
     assert split.TUNE_SCENARIOS == ("stable", "lr_spike", "lr_ramp", "bad_random",
                                     "scale_weights", "nat_logit")
+    # anneal_to_0 (stable runs, cosine to LR 0) was added after issue 16's tuning, held out
+    # before any of its runs was recorded
     assert split.HELD_SCENARIOS == ("lr_crash", "high_lr", "bad_repeat", "silent_corrupt",
-                                    "nat_attn", "repeat_spans")
+                                    "nat_attn", "repeat_spans", "anneal_to_0")
+    assert split.STABLE_SCENARIOS == ("stable", "anneal_to_0")
+    assert split.NEW_IN_ISSUE_16 == ("silent_corrupt", "nat_attn", "nat_logit", "repeat_spans",
+                                     "anneal_to_0")
     assert not set(split.TUNE_SCENARIOS) & set(split.HELD_SCENARIOS)
     assert split.TUNE_SEEDS == {"stable": (1, 2, 3, 4), "other": (1, 2, 3)}
     assert split.HELD_SEEDS == {"stable": tuple(range(5, 13)), "other": (4, 5, 6)}
@@ -42,6 +47,7 @@ def test_every_run_is_in_exactly_one_part():
     assert parts[("stable", 4)] == "tune" and parts[("stable", 5)] == "held_out"
     assert parts[("lr_spike", 3)] == "tune" and parts[("lr_spike", 4)] == "held_out"
     assert all(p == "held_out" for (s, _), p in parts.items() if s in split.HELD_SCENARIOS)
+    assert all(split.clean_held_out("anneal_to_0", k) for k in range(1, 13))
     with pytest.raises(KeyError):
         split.part("made_up", 1)
 

@@ -1,7 +1,8 @@
 """bench/spike_suite.py --quick trains 3 tiny runs (stable, a one-step LR x300 crash, and the
 crash again under monitor.action=rollback) in a subprocess; its tables must be printed and
 well-formed and its JSON must hold every number the tables show. --rescore of that JSON (no
-training) must print the same detection tables."""
+training) must print the same detection tables; --record anneal_to_0 adds one stable run whose
+cosine ends at LR 0 and keeps the stored runs."""
 import json
 import math
 import os
@@ -82,3 +83,27 @@ def test_spike_suite_quick(tmp_path):
                   "lead in steps per spike", "real stable log"):
         assert _table(relines, title) == _table(lines, title)
     assert any("rescored from" in ln for ln in relines)
+
+    # one scenario recorded later and merged in (--record): only its run trains; the stored
+    # runs stay as they were, and the anneal-to-0 run counts as a stable, held-out run
+    merged = tmp_path / "merged.json"
+    rec = subprocess.run(
+        [sys.executable, "bench/spike_suite.py", "--rescore", str(out), "--record", "anneal_to_0",
+         "--out", str(merged), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=180)
+    assert rec.returncode == 0, rec.stderr[-3000:]
+    mlines = rec.stdout.splitlines()
+    end = _table(mlines, "end of schedule")
+    assert [r[0] for r in end] == DETECTORS * 2  # published, then matched
+    assert any("True on the 1 runs recorded now" in ln for ln in mlines)
+    both = json.loads(merged.read_text())
+    assert [r["scenario"] for r in both["runs"]] == ["stable", "lr_crash", "anneal_to_0"]
+    assert both["runs"][:2] == result["runs"][:2]  # kept as recorded
+    lr = [row[both["trace_keys"].index("optim/lr")] for row in both["runs"][2]["trace"]]
+    assert lr[-1] < 0.01 * max(lr)  # the cosine ends at LR 0, not at the 10% floor
+    assert both["rollback"] == result["rollback"]
+    # quick's stable seed 1 is a tuning run: the anneal run is the held-out FA denominator
+    assert result["scored_part"].startswith("all runs")
+    assert both["scored_part"] == "held-out part"
+    assert both["detectors"]["ours"]["sweep"]["1.0"]["stable_steps"] == 60 - 30 + 1

@@ -46,7 +46,9 @@ in two after its events under the earlier defaults had been seen, before any tun
   no flag on the suite, where a loss rising that much warns by itself); a tail-aware spread (a
   high quantile instead of the MAD: 128 values give a noisy p99) and muting the loss and
   gradient rules while the LR is near 0: the tuning half never goes below LR 0.5 x its peak
-  and the suite's runs end at a 10% floor, so no tuning data could set such a threshold.
+  and the suite's tuning runs end at a 10% floor, so no tuning data could set such a
+  threshold (the held-out `anneal_to_0` runs, which reach LR 0, then showed 0 events in
+  their last third: bench/README.md).
 - The loss needs `loss_persist` 2 steps above `loss_z` 6 to be a confirmed spike (one hard
   batch is not one), and only after the LR warm-up (`trend_after`: the loss falls fastest and
   least regularly while the LR rises; a replayed log without the config infers the end of the
