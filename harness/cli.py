@@ -166,7 +166,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     from harness.monitor.replay import main
 
-    return main(args.trace, _load(args).monitor)
+    # the config's optim.warmup_steps is a preset's, not the traced run's: unless
+    # monitor.trend_after is given, the warm-up's end comes from the trace's logged LR
+    given = any(o.startswith("monitor.trend_after=") for o in args.overrides)
+    return main(args.trace, _load(args).monitor, warmup_from_trace=not given)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -59,3 +59,17 @@ def test_one_step_gradient_blips_of_the_real_log_stay_quiet():
     assert grad == [10823]
     unconfirmed = replay(LOG, MonitorConfig(grad_confirm=1))
     assert sum(e["signal"] == "optim/grad_norm_preclip" for e in unconfirmed) == 44
+
+
+def test_the_cli_replay_reads_the_warm_up_from_the_log(capsys):
+    """`harness monitor replay LOG` gives the events of the Python replay: the end of the LR
+    warm-up comes from the log's own LR (700), not from the default preset's warmup_steps."""
+    import json
+
+    from harness.cli import main
+
+    assert main(["monitor", "replay", str(LOG)]) == 0
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert cli == replay(LOG, MonitorConfig())
+    assert main(["monitor", "replay", str(LOG), "monitor.trend_after=10"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) != len(cli)  # the explicit value is used

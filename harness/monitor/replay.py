@@ -131,8 +131,12 @@ def replay(path: str | Path, cfg: MonitorConfig, detector: Optional[Any] = None)
     return events
 
 
-def main(path: str | Path, cfg: MonitorConfig) -> int:
-    """CLI body: one JSON line per event on stdout. Bad input raises HarnessError."""
+def main(path: str | Path, cfg: MonitorConfig, warmup_from_trace: bool = False) -> int:
+    """CLI body: one JSON line per event on stdout. Bad input raises HarnessError.
+    warmup_from_trace: the end of the LR warm-up is read from the trace's own optim/lr where
+    it has one (SpikeDetector with trend_after None), not taken from the config."""
+    if warmup_from_trace and any("optim/lr" in signals for _, signals in read_trace(path)):
+        cfg.trend_after = None
     for event in replay(path, cfg):
         print(json.dumps(event))
     return 0
