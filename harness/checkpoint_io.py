@@ -12,6 +12,11 @@ whatever ZeRO stage and world size the checkpoint was saved at.
     only placeholders there, and bf16/fp16 runs keep low-precision copies: then DeepSpeed's
     zero_to_fp32 rebuilds the fp32 master weights from the per-rank optimizer files, at any
     number of saving ranks.
+  - Tensor parallelism (meta.json's tensor_parallel_size): each tensor-parallel rank's file
+    (mp_rank_NN) holds its shards; they are read as above and joined as AutoTP cut them
+    (harness.tensor_parallel.merge_shards). fp32 and bf16 at ZeRO 0-1 give fp32 masters;
+    where only zero_to_fp32 could (ZeRO 2 in bf16, fp16 at ZeRO 1-2), the trained
+    low-precision weights are upcast.
   - The tokenizer is the run's own: data.tokenizer_model, else DATA_OUT_DIR/tokenizer.model.
 """
 from __future__ import annotations
@@ -133,21 +138,37 @@ def load(path: str | Path) -> Loaded:
 
 
 def state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights by our parameter names, from any ZeRO stage and saving world size."""
+    """fp32 weights by our parameter names, from any ZeRO stage and saving world size; at
+    tensor parallelism each rank's shards (ds/mp_rank_NN_*) joined as AutoTP cut them."""
+    tp = int(json.loads((step_dir / META).read_text()).get("tensor_parallel_size", 1))
+    if tp == 1:
+        return _mp_state_dict(step_dir, 0, tp)
+    from harness.tensor_parallel import merge_shards
+
+    return merge_shards([_mp_state_dict(step_dir, r, tp) for r in range(tp)])
+
+
+def _mp_state_dict(step_dir: Path, mp: int, tp: int) -> dict[str, torch.Tensor]:
+    """Tensor-parallel rank `mp`'s weights (all of them at tp 1), fp32."""
     ds_dir = step_dir / TAG
-    files = [ds_dir / MODEL_STATES, ds_dir / f"zero_pp_rank_0_{MODEL_STATES}"]
+    name = MODEL_STATES.replace("00", f"{mp:02d}")
+    files = [ds_dir / name, ds_dir / f"zero_pp_rank_0_{name}"]
     states_file = next((f for f in files if f.is_file()), None)
     if states_file is None:
-        raise HarnessError(f"{ds_dir}: no {MODEL_STATES}: not a harness checkpoint")
+        raise HarnessError(f"{ds_dir}: no {name}: not a harness checkpoint")
     saved = torch.load(states_file, map_location="cpu", weights_only=False)
     stage = int(((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     module = saved.get("module") or {}
     if stage < 3 and module and all(t.dtype == torch.float32 for t in module.values()):
         return {k: v for k, v in module.items()}
-    bf16_files = sorted(ds_dir.glob(BF16_OPTIM), key=_rank_of)
+    bf16_files = sorted(ds_dir.glob(BF16_OPTIM.replace("00", f"{mp:02d}")), key=_rank_of)
     if bf16_files:  # DeepSpeed's BF16_Optimizer (bf16 at ZeRO 0-1): zero_to_fp32 cannot read it
         return _bf16_fp32(bf16_files, saved)
-    if stage == 0:  # no fp32 master copy outside the optimizer: the trained weights, upcast
+    if stage == 0 or tp > 1:
+        # ZeRO 0 keeps no fp32 master copy outside the optimizer; zero_to_fp32 reads one
+        # tensor-parallel rank only: the trained low-precision weights, upcast
+        log.info("%s: %s weights upcast to fp32 (no fp32 master copy read)", states_file.name,
+                 next(iter(module.values())).dtype if module else "low-precision")
         return {k: v.float() for k, v in module.items()}
     return _zero_fp32(step_dir)
 

@@ -23,6 +23,7 @@ tensor-parallel group, rank = dp_rank x tp + tp_rank (harness.plan.Plan.dp_rank)
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 import torch
@@ -57,6 +58,28 @@ def groups_mpu():
 
     return groups
 
+
+
+def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full tensors from the tensor-parallel ranks' own state dicts (rank order), as
+    LAYER_SPECS cut them: column-parallel tensors joined along dim 0, each of a `shape`'s
+    sub-blocks apart (qkv: every rank holds its heads of q, k and v), row-parallel weights along
+    dim 1; everything else is replicated (rank 0's copy)."""
+    out = {}
+    for name, first in shards[0].items():
+        spec = next((s for s in LAYER_SPECS if any(re.match(p, name) for p in s["patterns"])),
+                    None)
+        if spec is None:  # (a tied copy may be named on rank 0 only)
+            out[name] = first
+            continue
+        parts = [s[name] for s in shards]
+        if spec["partition_type"] == "row":
+            out[name] = torch.cat(parts, dim=1)
+        else:
+            k = spec.get("shape", [1])[0]
+            blocks = [p.chunk(k, dim=0) for p in parts]
+            out[name] = torch.cat([b[i] for i in range(k) for b in blocks])
+    return out
 
 
 def full_params(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -66,3 +66,28 @@ def test_tp2_checkpoint_is_refused_at_tp1(tmp_path, shards_dir, tp2dp2):
     launch(1, tmp_path / "a", tmp_path / "run", shards_dir, 0, 1, f"checkpoint.resume={step3}",
            refused=(
                f"{step3} was saved at parallel.tensor_parallel_size=2"))
+
+
+def test_eval_and_export_read_a_tp2_checkpoint_whole(tp2dp2):
+    """harness.checkpoint_io (eval, sample, export) joins the ranks' shards as AutoTP cut
+    them: exactly the parameters DeepSpeed's own gather gives in the training processes."""
+    from harness import checkpoint_io
+
+    state = checkpoint_io.state_dict(tp2dp2["step3"].parent / "step00000006")
+    for name, p in tp2dp2["ranks"][0].items():
+        assert torch.equal(state[name], p), name
+
+
+def test_a_bf16_tp2_checkpoint_gives_its_fp32_masters(tmp_path, shards_dir):
+    """bf16 at ZeRO 1 (BF16_Optimizer): each tensor-parallel rank's optimizer files hold its
+    shards' fp32 masters; joined, they round to the bf16 weights the processes trained with."""
+    from harness import checkpoint_io
+
+    run = tmp_path / "run"
+    ranks, _, _ = launch(2, tmp_path / "out", run, shards_dir, 0, 1, *TP2,
+                         "train.precision=bf16")
+    state = checkpoint_io.state_dict(run / "checkpoints" / "step00000006")
+    assert any(not torch.equal(state[n], p.float()) for n, p in ranks[0].items())  # masters
+    for name, p in ranks[0].items():
+        assert state[name].dtype == torch.float32
+        assert torch.equal(state[name].to(p.dtype), p), name
