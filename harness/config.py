@@ -405,10 +405,21 @@ def _check_tensor_parallel(cfg: Config) -> None:
     if cfg.zero.stage == 3:
         raise HarnessError(f"{key} needs zero.stage 0, 1 or 2 (DeepSpeed's AutoTP does not "
                            f"train with ZeRO 3)")
-    if m.arch != "gpt2":
-        raise HarnessError(f"{key} needs model.arch=gpt2 (llama's layers are not yet mapped "
-                           f"to AutoTP): use tensor_parallel_size=1")
+    # llama: wk/wv and w1/w3 are cut in tp equal parts, so each rank holds whole key/value
+    # heads (with the query heads that share them) and an equal share of SwiGLU's columns
+    if m.arch == "llama":
+        from harness.llama import ffn_hidden  # (harness.llama imports this module)
+
+        kv = m.n_kv_head or m.n_head
+        if kv % tp:
+            raise HarnessError(f"{key} must divide model.n_kv_head={kv} (each rank holds whole "
+                               f"key/value heads): choose a model.n_kv_head that {tp} divides")
+        if ffn_hidden(m) % tp:
+            raise HarnessError(f"{key} must divide model.ffn_hidden={ffn_hidden(m)} (each rank "
+                               f"holds an equal share of the SwiGLU columns)")
     if m.qk_norm:
+        # the per-head norm weights are shared by every rank's heads: their gradients would
+        # need an all-reduce over the tensor-parallel group, which AutoTP does not do
         raise HarnessError(f"{key} cannot be combined with model.qk_norm (its norms act on "
                            f"sharded heads; not yet supported): set model.qk_norm=false")
     if cfg.train.compile:

@@ -83,10 +83,12 @@ class GQAttention(nn.Module):
         self.logit_bound: Optional[torch.Tensor] = None  # of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the head counts from the projections' widths: under tensor parallelism
+        # (harness/tensor_parallel.py) this rank's n_head/tp and n_kv_head/tp heads
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_head, self.d_head).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_head, self.d_head).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_head, self.d_head).transpose(1, 2)
+        q = self.wq(x).view(b, t, -1, self.d_head).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.d_head).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.d_head).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(t, self.d_head, self.theta, x.device)
@@ -94,8 +96,8 @@ class GQAttention(nn.Module):
         self.logit_bound = attention_logit_bound(q, k)  # rotations keep the norms
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(b, t, self.n_head * self.d_head)
+            enable_gqa=k.shape[1] != q.shape[1])
+        y = y.transpose(1, 2).contiguous().view(b, t, -1)
         return self.resid_drop(self.wo(y))
 
 

@@ -13,6 +13,14 @@ B = b*t*d elements in the activation dtype (a bytes), F = b*t*ffn_hidden, r = n_
   per-head RMSNorm on q (B) and k (r*B), and a copy of the output for wo (the norm leaves q
   in (b, h, t) order).
 - SwiGLU: w1's output, silu's output, w3's output and their product: 4F. Dropout masks B.
+
+Per rank of a tensor-parallel group of tp (harness/tensor_parallel.py; measured on 2 real ranks
+in tests/test_tp_memory.py): what lies between the column-parallel wq/wk/wv, w1/w3 and the
+row-parallel wo, w2 is the rank's h/tp query and kv/tp key/value heads or ffn/tp columns, so
+/tp: q, k, v, RoPE's outputs, SDPA's saved tensors (the math path's T x T tensors of h/tp
+heads), the attention output, and SwiGLU's 4F. Whole on every rank: the RMSNorms' inputs,
+statistics and outputs (the column-parallel layers' input), RoPE's tables, the residual stream,
+the row-parallel outputs' dropout masks, and the head.
 """
 from __future__ import annotations
 
@@ -27,19 +35,22 @@ def _norm(elems: int, rows: int, a: int, fused: bool, with_input: bool) -> int:
     return upcast + own_input + rows * 4 + elems * 4
 
 
-def llama_block_parts(cfg, micro: int, a: int, fused: bool, ffn: int) -> dict[str, int]:
+def llama_block_parts(cfg, micro: int, a: int, fused: bool, ffn: int,
+                      tp: int = 1) -> dict[str, int]:
+    """Bytes one block saves for backward on one rank of a tensor-parallel group of tp."""
     b, t, d, h = micro, cfg.block_size, cfg.d_model, cfg.n_head
     r = (cfg.n_kv_head or h) / h
     unit, rows = b * t * d * a, b * t
+    shard, heads = unit // tp, h // tp  # this rank's columns and heads between the layers
     mask = unit if cfg.dropout > 0 else 0
     tables = 2 * t * (d // h) * 4
     math_path = cfg.dropout > 0 and not fused
     if math_path:
-        core = 3 * unit + 3 * b * h * t * t * a + unit
+        core = 3 * shard + 3 * b * heads * t * t * a + shard
     else:
-        core = unit + 2 * int(r * unit) + unit + b * h * t * 4
+        core = shard + 2 * int(r * shard) + shard + b * heads * t * 4
     qk = 0
-    if cfg.qk_norm:  # q's and k's per-head norms; their inputs are the projections' outputs
+    if cfg.qk_norm:  # q's and k's per-head norms (tp 1 only: config refuses it at tp > 1)
         qk = sum(_norm(int(share * b * t * d), int(share * b * h * t), a, fused, True)
                  for share in (1.0, r))
         if not math_path:  # q leaves the norm in (b, h, t) order: wo's input is a copy
@@ -48,8 +59,8 @@ def llama_block_parts(cfg, micro: int, a: int, fused: bool, ffn: int) -> dict[st
     return {"input": unit,
             "attention": _norm(b * t * d, rows, a, fused, False) + out + tables + qk + core
             + mask,
-            "mlp": unit + _norm(b * t * d, rows, a, fused, False) + out + 4 * b * t * ffn * a
-            + mask}
+            "mlp": unit + _norm(b * t * d, rows, a, fused, False) + out
+            + 4 * b * t * (ffn // tp) * a + mask}
 
 
 def llama_head(cfg, micro: int, a: int, fused: bool) -> int:

@@ -138,7 +138,7 @@ def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
 
 
 # qk_norm adds a LayerNorm on q (input B, stats 2 x b*h*t) and k (the same), and a copy of the
-# attention output for proj (the norm leaves q in (b, h, t) order). llama:
+# attention output for proj (the norm leaves q in (b, h, t) order). llama, at any tp:
 # harness/llama_memory.py. fused: a GPU, where FlashAttention applies attention dropout
 # inside its kernel (no T x T tensors) and RMSNorm has a fused kernel.
 
@@ -147,9 +147,7 @@ def block_parts(cfg, micro: int, act_bytes: int = 4, fused: bool = False,
                 tp: int = 1) -> dict[str, int]:
     """Bytes one block saves for backward on one rank of a tensor-parallel group of tp."""
     if cfg.arch == "llama":
-        if tp > 1:
-            raise ValueError("tensor parallelism shards model.arch=gpt2 only")
-        return llama_block_parts(cfg, micro, act_bytes, fused, ffn_hidden(cfg))
+        return llama_block_parts(cfg, micro, act_bytes, fused, ffn_hidden(cfg), tp)
     b, t, d = micro, cfg.block_size, cfg.d_model
     heads = cfg.n_head // tp  # this rank's
     unit, stats = b * t * d * act_bytes, 2 * b * t * 4

@@ -14,10 +14,11 @@ Tensor parallelism (parallel.tensor_parallel_size): each rank holds 1/tp of the 
 AutoTP shards and all of the replicated rest, and ZeRO shards over the data-parallel ranks
 (world / tp). Activations are per rank too (harness.memory.block_parts): what lies between a
 column- and the next row-parallel layer (q, k, v, attention's saved tensors, the MLP's fc and
-GELU outputs) is 1/tp; the LayerNorms, the residual stream and its dropout masks, the
-embeddings and the head are whole on every rank. With partition_activations a checkpoint
-keeps 1/tp of its input and its recompute gathers the whole input again. Checked against the
-bytes saved for backward on each of 2 real ranks (tests/test_tp_memory.py, within 1%).
+GELU outputs, llama's SwiGLU w1/w3 outputs and product) is 1/tp; the Layer- and RMSNorms, the
+residual stream and its dropout masks, the embeddings and the head are whole on every rank.
+With partition_activations a checkpoint keeps 1/tp of its input and its recompute gathers the
+whole input again. Checked against the bytes saved for backward on each of 2 real ranks
+(tests/test_tp_memory.py, within 1%).
 
 Activations come from harness.memory.predict_peak (bytes saved for backward, recompute
 included). On top of them the loss needs working memory in its backward: the fp32 gradients
@@ -105,8 +106,9 @@ def _counts(model_fields: tuple) -> dict[str, int]:
 
 def tp_rank_params(counts: dict[str, int], tp: int) -> int:
     """Parameters one rank holds under tensor parallelism: its 1/tp of what AutoTP shards
-    (harness.tensor_parallel.LAYER_SPECS: qkv, fc, both projections' weights), all of the
-    replicated rest (embeddings and tied head, norms, the projections' biases)."""
+    (harness.tensor_parallel.LAYER_SPECS: qkv, fc, both projections' weights; llama's wq, wk,
+    wv, wo, w1, w2, w3), all of the replicated rest (embeddings and head, norms, the
+    projections' biases)."""
     return counts["total"] - counts["tp_sharded"] + math.ceil(counts["tp_sharded"] / tp)
 
 

@@ -7,7 +7,15 @@
   of all three; attn.proj: row-parallel (all-reduce of the output, bias replicated);
 - mlp.fc: column-parallel; mlp.proj: row-parallel.
 
-Everything else stays replicated on every rank of the group: LayerNorms, position and token
+and llama's (harness/llama.py), whose names the gpt2 patterns never match:
+
+- attn.wq, attn.wk, attn.wv: column-parallel, each cut on its own, so rank i holds query heads
+  i*h/tp.. and key/value heads i*kv/tp..: the query heads of a key/value head stay on its rank
+  (repeat_interleave order), so the GQA ratio per rank is the model's;
+- attn.wo: row-parallel; mlp.w1 (gate) and mlp.w3 (up): column-parallel, the same columns on
+  a rank, so SwiGLU's product is elementwise per rank; mlp.w2: row-parallel. No biases.
+
+Everything else stays replicated on every rank of the group: LayerNorms and RMSNorms, position and token
 embeddings and the tied output head (the loss, z-loss and chunked loss of harness.loss run
 unchanged on full logits). The model's forward is written for any head count per rank
 (harness/model.py reads the local width), so one model file serves TP 1 and TP N.
@@ -36,6 +44,11 @@ LAYER_SPECS = [
      "partition_type": "column", "shape": [3, -1]},
     {"patterns": [r".*\.mlp\.fc\.weight$", r".*\.mlp\.fc\.bias$"], "partition_type": "column"},
     {"patterns": [r".*\.attn\.proj\.weight$", r".*\.mlp\.proj\.weight$"],
+     "partition_type": "row"},
+    # llama (no biases)
+    {"patterns": [r".*\.attn\.w[qkv]\.weight$", r".*\.mlp\.w[13]\.weight$"],
+     "partition_type": "column"},
+    {"patterns": [r".*\.attn\.wo\.weight$", r".*\.mlp\.w2\.weight$"],
      "partition_type": "row"},
 ]
 

@@ -221,7 +221,7 @@ def test_planner_counts_and_flops_for_llama_1b():
     block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
     assert counts == {"total": V * d + L * block + d, "block": block,
                       "attention": 2 * d * d + 2 * d * kv + d, "mlp": 3 * d * f + d,
-                      "tp_sharded": 0}  # AutoTP's specs map gpt2's layers only
+                      "tp_sharded": L * (block - 2 * d)}  # wq wk wv wo w1 w2 w3: all but the RMSNorms
     assert counts["total"] == 1_038_682_112
     assert flops_per_token(cfg.model, counts["total"]) == 6 * counts["total"] + 12 * L * d * 2048
     untied = load_config("llama-1b", ["model.tie_embeddings=false"])

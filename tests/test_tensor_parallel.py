@@ -1,6 +1,7 @@
 """Tensor parallelism (parallel.tensor_parallel_size, DeepSpeed's AutoTP: harness/tensor_parallel.py)
 against a single process with the same global batch, on the real engine with 2 real processes.
 
+gpt2 and llama (GQA: each rank holds its query heads with the key/value head they share).
 TP 2 x DP 1 (2 processes, torchrun, gloo), TP 2 x DP 2 (4 processes) and TP 1 x DP 1 (this
 process) train the same 5 steps on the same global batch (micro 2 x accumulation 4, or 2 at
 DP 2; clipping at 0.5 so the pre-clip norm decides the update). Compared: the loss, the pre-clip
@@ -34,6 +35,7 @@ BATCH = ["train.micro_batch_size=2", "train.grad_accum_steps=4", "train.max_step
          "clip.max_norm=0.5", "monitor.update_sample=1"]
 REL = 1e-5
 AC = "activation_checkpointing"
+LLAMA = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=64"]
 CASES = {
     "zero0": ["zero.stage=0"],
     "zero1": ["zero.stage=1"],
@@ -42,6 +44,14 @@ CASES = {
     # across the 2 ranks, gathered again for the recompute
     "zero1-partitioned-ac": ["zero.stage=1", f"{AC}.policy=every_layer",
                              f"{AC}.partition_activations=true"],
+    # llama (harness/llama.py): 4 query heads sharing 2 key/value heads, so each rank holds 2
+    # query heads and the 1 key/value head they share (GQA within the rank); wq/wk/wv and the
+    # SwiGLU's w1/w3 column-parallel, wo and w2 row-parallel; RMSNorms replicated
+    "llama-zero1": ["zero.stage=1", *LLAMA],
+    # an untied (replicated) lm_head, the checkpoint's inputs split across the group
+    "llama-zero2-untied-partitioned-ac": ["zero.stage=2", *LLAMA, "model.tie_embeddings=false",
+                                          f"{AC}.policy=every_layer",
+                                          f"{AC}.partition_activations=true"],
 }
 
 

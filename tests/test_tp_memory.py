@@ -4,7 +4,7 @@ each of 2 real ranks (torchrun, gloo, the real engine with DeepSpeed's AutoTP an
 
 fp32 on a CPU, so the meter is exact: the prediction misses only what it leaves out on
 purpose, the token ids, positions, targets, the loss scalar and DeepSpeed's 24-byte size
-tensor per partitioned checkpoint (0.8-1.4 kB of 190-810 kB here): within 1%, as the TP 1
+tensor per partitioned checkpoint (0.5-1.4 kB of 190-930 kB here): within 1%, as the TP 1
 predictions in tests/test_llama_memory.py. The TP 1 arithmetic (the planner before it knew
 about tp) misses every case by more than that, so the bound is not loose by construction.
 """
@@ -29,6 +29,7 @@ SHAPE = ["model.n_layer=3", "model.n_head=4", "model.d_model=64", "model.block_s
          "train.micro_batch_size=2", "train.grad_accum_steps=1",
          "parallel.tensor_parallel_size=2"]
 PARTITIONED = [f"{AC}.partition_activations=true"]
+LLAMA = ["model.arch=llama", "model.n_kv_head=2", "model.ffn_hidden=128"]
 CASES = {
     "none": [],
     "none-dropout": ["model.dropout=0.1"],
@@ -46,6 +47,17 @@ CASES = {
     "mlp-partitioned": [f"{AC}.policy=mlp", *PARTITIONED, "model.dropout=0.1"],
     # one head per rank: the math path's v is a view of qkv's whole output, not a copy
     "one-head-per-rank-dropout": ["model.n_head=2", "model.dropout=0.1"],
+    # llama: 2 query heads and the 1 key/value head they share per rank (GQA on each rank)
+    "llama-none": LLAMA,
+    "llama-none-dropout": [*LLAMA, "model.dropout=0.1"],
+    "llama-every_layer": [*LLAMA, f"{AC}.policy=every_layer"],
+    "llama-every_layer-dropout": [*LLAMA, f"{AC}.policy=every_layer", "model.dropout=0.1"],
+    "llama-every_layer-partitioned": [*LLAMA, f"{AC}.policy=every_layer", *PARTITIONED],
+    "llama-every_layer-partitioned-dropout": [*LLAMA, f"{AC}.policy=every_layer",
+                                              *PARTITIONED, "model.dropout=0.1"],
+    # multi-head (no GQA), one head per rank, the math path
+    "llama-one-head-per-rank-dropout": [*LLAMA, "model.n_head=2", "model.n_kv_head=2",
+                                        "model.dropout=0.1"],
 }
 
 
@@ -120,3 +132,35 @@ def test_one_gpt2_block_by_hand_at_tp2():
         max(half + head, half + one_block)
     assert predict_peak(cfg, 2, "every_layer", ((0, 1),), tp=2) == \
         max(unit + head, unit + one_block - unit)
+
+
+def test_autotp_cuts_llamas_projections_and_swiglu(measured):
+    """Each rank holds half of wq, wk, wv, w1, w3 (rows) and of wo, w2 (columns): d 64, 4 query
+    heads and 2 key/value heads of 16, SwiGLU 128 wide; the RMSNorms and embedding whole."""
+    expected = {}
+    for i in range(3):
+        for name, shape in (("attn.wq", [32, 64]), ("attn.wk", [16, 64]), ("attn.wv", [16, 64]),
+                            ("attn.wo", [64, 32]), ("mlp.w1", [64, 64]), ("mlp.w3", [64, 64]),
+                            ("mlp.w2", [64, 64])):
+            expected[f"blocks.{i}.{name}.weight"] = shape
+    for r in measured["llama-none"]:
+        assert r["sharded"] == expected
+
+
+def test_one_llama_block_by_hand_at_tp2():
+    """b=2, t=8, d=16, 4 query heads sharing 2 key/value heads (2 and 1 per rank), SwiGLU 32
+    wide, fp32, no dropout: B = 1024 bytes; the CPU's composite RMSNorm keeps its input, rstd
+    (b*t fp32) and the normalised fp32 tensor."""
+    cfg = ModelConfig(arch="llama", n_layer=1, n_head=4, n_kv_head=2, d_model=16, block_size=8,
+                      vocab_size=64, ffn_hidden=32)
+    unit, rows = 2 * 8 * 16 * 4, 2 * 8 * 4
+    half = unit // 2
+    norm = rows + unit  # rstd and the normalised tensor (the input is counted apart)
+    tables = 2 * 8 * 4 * 4  # cos, sin: t x d_head fp32, whole
+    #        q      k, v (1 of 2 kv heads)  output  logsumexp (2 heads)
+    core = half + 2 * (half // 2) + half + 2 * 2 * 8 * 4
+    swiglu = 4 * 2 * 8 * 16 * 4  # w1, silu, w3 outputs and the product: 16 of 32 columns
+    parts = block_parts(cfg, 2, tp=2)
+    assert parts == {"input": unit, "attention": norm + unit + tables + core,
+                     "mlp": unit + norm + unit + swiglu}
+    assert checkpoint_kept(parts, 2, partitioned=True) == half

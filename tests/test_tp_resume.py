@@ -91,3 +91,18 @@ def test_a_bf16_tp2_checkpoint_gives_its_fp32_masters(tmp_path, shards_dir):
     for name, p in ranks[0].items():
         assert state[name].dtype == torch.float32
         assert torch.equal(state[name].to(p.dtype), p), name
+
+
+def test_a_llama_tp2_checkpoint_reads_whole(tmp_path, shards_dir):
+    """llama's shards (wq, wk, wv, w1, w3 cut by rows, wo and w2 by columns, an untied lm_head
+    replicated) joined by harness.checkpoint_io: the parameters DeepSpeed's gather gives."""
+    from harness import checkpoint_io
+
+    llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=64",
+             "model.tie_embeddings=false"]
+    run = tmp_path / "run"
+    ranks, _, _ = launch(2, tmp_path / "out", run, shards_dir, 0, 1, *TP2, *llama)
+    state = checkpoint_io.state_dict(run / "checkpoints" / "step00000006")
+    assert "blocks.0.attn.wk.weight" in ranks[0] and "lm_head.weight" in ranks[0]
+    for name, p in ranks[0].items():
+        assert torch.equal(state[name], p), name

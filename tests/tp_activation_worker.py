@@ -10,7 +10,8 @@ checkpoint wrapped with wrap_checkpoint) and writes this rank's numbers to OUT.r
 `checkpointed`, the bytes of the inputs DeepSpeed's checkpoint holds for backward after the
 forward (its ctx.deepspeed_saved_tensors: with partition_activations the rank's partition,
 harness.memory.checkpointed_data), with the device they lie on; `forward`, everything held
-after the forward; `peak`, the most held at once, recompute included; `loss`.
+after the forward; `peak`, the most held at once, recompute included; `loss`; `sharded`, the
+names and local shapes of the parameters AutoTP cut on this rank.
 """
 import json
 import sys
@@ -21,6 +22,7 @@ from engine_utils import make_data, small_cfg
 from harness.engine import build
 from harness.memory import SavedActivations, checkpointed_data
 from harness.run import leave_together
+from harness.tensor_parallel import is_sharded
 
 
 def measure(overrides: list[str]) -> dict:
@@ -57,7 +59,8 @@ def measure(overrides: list[str]) -> dict:
         model.checkpoint_fn = checkpoint_fn
     return {"rank": built.dist.rank, "checkpointed": sum(held), "tensors": len(held),
             "devices": sorted(devices), "forward": forward, "peak": meter.peak,
-            "loss": loss.item()}
+            "loss": loss.item(),
+            "sharded": {n: list(p.shape) for n, p in model.named_parameters() if is_sharded(p)}}
 
 
 def groups(argv: list[str]) -> list[tuple[str, list[str]]]:
