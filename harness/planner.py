@@ -43,7 +43,7 @@ from harness.errors import HarnessError
 from harness.memory import block_parts, checkpoint_kept, head_bytes, predict_peak
 from harness.model import build_model, count_params, flops_per_token
 from harness.plan import checkpoint_segments, make_plan
-from harness.tensor_parallel import LAYER_SPECS
+from harness.tensor_parallel import spec_of
 
 GB = 1e9
 MARGIN = 0.10  # allocator fragmentation and what the model does not see
@@ -96,9 +96,7 @@ def _counts(model_fields: tuple) -> dict[str, int]:
     with torch.device("meta"):
         model = build_model(ModelConfig(*model_fields))
     block = model.blocks[0]
-    patterns = [re.compile(p) for spec in LAYER_SPECS for p in spec["patterns"]]
-    sharded = sum(p.numel() for n, p in model.named_parameters()
-                  if any(r.match(n) for r in patterns))
+    sharded = sum(p.numel() for n, p in model.named_parameters() if spec_of(n) is not None)
     return {"total": count_params(model), "block": count_params(block), "tp_sharded": sharded,
             "attention": count_params(block.attn) + count_params(block.ln_1),
             "mlp": count_params(block.mlp) + count_params(block.ln_2)}

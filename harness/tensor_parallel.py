@@ -73,6 +73,11 @@ def groups_mpu():
 
 
 
+def spec_of(name: str) -> dict[str, Any] | None:
+    """The LAYER_SPECS entry that cuts parameter `name`; None for a replicated one."""
+    return next((s for s in LAYER_SPECS if any(re.match(p, name) for p in s["patterns"])), None)
+
+
 def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Full tensors from the tensor-parallel ranks' own state dicts (rank order), as
     LAYER_SPECS cut them: column-parallel tensors joined along dim 0, each of a `shape`'s
@@ -80,8 +85,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     dim 1; everything else is replicated (rank 0's copy)."""
     out = {}
     for name, first in shards[0].items():
-        spec = next((s for s in LAYER_SPECS if any(re.match(p, name) for p in s["patterns"])),
-                    None)
+        spec = spec_of(name)
         if spec is None:  # (a tied copy may be named on rank 0 only)
             out[name] = first
             continue
