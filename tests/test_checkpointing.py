@@ -17,11 +17,27 @@ POLICIES = {
     "none": [], "every_layer": [], "every_k": [f"{AC}.every_k=2"], "sqrt": [],
     "count": [f"{AC}.number_checkpoints=2"], "attention": [], "mlp": [],
 }
+# DeepSpeed's checkpoint options, passed through its configuration in this one CPU process,
+# where they change nothing: partition_activations and contiguous_memory_optimization need a
+# tensor-parallel group (without one the build warns: the last test here), cpu_checkpointing
+# moves inputs to the host, which is the device here, synchronize_checkpoint_boundary is a
+# CUDA synchronize and profile only logs timings. So these variants show only that the
+# options leave the gradients alone (their ids say "inert"). What they do is tested where it
+# happens: partitioning at TP 2 in
+# tests/test_tensor_parallel.py (test_partition_activations_halves_the_checkpointed_bytes_at_tp2,
+# test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout, with cpu_checkpointing
+# and contiguous memory), cpu_checkpointing's host placement on a GPU only
+# (test_cpu_checkpointing_holds_the_checkpointed_inputs_in_host_memory, `-m gpu`).
 VARIANTS = [
     ["every_layer", f"{AC}.partition_activations=true", f"{AC}.cpu_checkpointing=true"],
     ["sqrt", f"{AC}.partition_activations=true", f"{AC}.contiguous_memory_optimization=true"],
     ["every_layer", f"{AC}.synchronize_checkpoint_boundary=true", f"{AC}.profile=true"],
 ]
+
+
+def _id(args: list[str]) -> str:
+    names = "+".join(s.split(".")[-1].removesuffix("=true") for s in args[1:])
+    return f"{args[0]}+{names}-inert-on-1-cpu-process" if names else args[0]
 
 
 def _grads(policy, *extra):
@@ -39,8 +55,7 @@ def plain_grads():
     return _grads("none")
 
 
-@pytest.mark.parametrize("args", [[p] for p in POLICIES if p != "none"] + VARIANTS,
-                         ids=lambda a: "+".join(s.split(".")[-1] for s in a))
+@pytest.mark.parametrize("args", [[p] for p in POLICIES if p != "none"] + VARIANTS, ids=_id)
 def test_gradients_equal_without_checkpointing(args, plain_grads):
     grads = _grads(*args)
     for name, g in plain_grads.items():
@@ -72,9 +87,11 @@ def test_other_policies_fall_between_in_the_predicted_order(peaks):
     assert sorted(peaks, key=lambda p: peaks[p][0]) == sorted(peaks, key=lambda p: peaks[p][1])
 
 
-def test_prediction_within_10_percent(peaks):
+def test_prediction_within_1_percent(peaks):
+    # measured at most 0.14% apart (every_layer), the rest under 0.08%; bound 1%, as
+    # tests/test_planner.py (where a forgotten dropout mask is shown to fail it)
     for policy, (measured, predicted) in peaks.items():
-        assert predicted == pytest.approx(measured, rel=0.10), policy
+        assert predicted == pytest.approx(measured, rel=0.01), policy
 
 
 def test_partition_without_tensor_parallel_warns(caplog):

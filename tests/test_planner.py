@@ -1,5 +1,7 @@
 """The planner: model-state arithmetic by hand, activation predictions against the exact meter
 on small CPU models, recommendations that fit and are ordered by the cost model, bad input."""
+import math
+
 import pytest
 
 from engine_utils import make_data, small_cfg
@@ -77,9 +79,35 @@ def _measured_and_predicted(policy, dropout, shape, precision, extra, micro=4):
     return measured, planner.predict_memory(cfg, 1, device="cpu")["activations"]
 
 
+# The saved-bytes meter is exact and deterministic: measured at most 0.79% apart from the
+# planner (attention-p0.1-C), under 0.2% in 7 of the 10 cases; bound 1% (as test_llama_memory
+# and test_tp_memory). A forgotten dropout mask moves it 1.9-5.2%:
+# test_a_forgotten_dropout_mask_fails_the_bound. (A forgotten logsumexp, b*h*t fp32, is
+# 0.1-0.9% of these shapes: too small for any one bound over all cases to see.)
+REL = 0.01
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-p{c[1]}-{c[2]}-{c[3]}")
-def test_activation_prediction_within_10_percent(case):
+def test_activation_prediction_within_1_percent(case):
     measured, predicted = _measured_and_predicted(*case)
+    assert predicted == pytest.approx(measured, rel=REL)
+
+
+def test_a_forgotten_dropout_mask_fails_the_bound(monkeypatch):
+    """The bound above can fail: without the MLP's dropout mask (b*t*d) the planner is 4.3%
+    below the meter at sqrt-p0.1-B (the old 10% bound let it pass)."""
+    import harness.memory as memory
+
+    real = memory.block_parts
+
+    def without_mask(cfg, micro, act_bytes=4, fused=False, tp=1):
+        parts = dict(real(cfg, micro, act_bytes, fused, tp))
+        parts["mlp"] -= micro * cfg.block_size * cfg.d_model * act_bytes
+        return parts
+
+    monkeypatch.setattr(memory, "block_parts", without_mask)
+    measured, predicted = _measured_and_predicted("sqrt", 0.1, "B", "fp32", [])
+    assert predicted != pytest.approx(measured, rel=REL)
     assert predicted == pytest.approx(measured, rel=0.10)
 
 
@@ -168,17 +196,31 @@ def test_main_prints_the_tables(capsys):
         assert line in out
 
 
-def test_the_search_walks_divisors_not_every_integer():
-    import time
-
+def test_the_search_walks_divisors_not_every_integer(monkeypatch):
     assert planner.divisors(1) == [1]
     assert planner.divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
     assert planner.divisors(97) == [1, 97]
+    # the work counted, not timed (a wall clock flakes on a shared machine): trial divisions
+    # up to sqrt(n), and a walk past it stops at once instead of running for hours
+    n, seen = 125 * 10**9, []  # 1.25e11 per rank below; 2^9 x 5^12: 10 x 13 divisors
+
+    class Counted(int):
+        def __mod__(self, d):
+            seen.append(d)
+            assert len(seen) <= math.isqrt(n) + 1, "trial division past sqrt(n)"
+            return int(self) % d
+
+    assert len(planner.divisors(Counted(n))) == 130 and len(seen) == math.isqrt(n)
+    # one memory prediction per (divisor, policy) tried: at most 130 x the policies
+    calls = []
+    real = planner.predict_memory
+    monkeypatch.setattr(planner, "predict_memory",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
     cfg = load_config("gpt2-small")
-    start = time.monotonic()
-    found = planner.recommend(cfg, 8, 80e9, 10**12)  # 1.25e11 per rank: seconds, not hours
-    assert time.monotonic() - start < 20
+    found = planner.recommend(cfg, 8, 80e9, 10**12)
     assert found and all(10**12 % (c["micro_batch"] * 8) == 0 for c in found)
+    assert 0 < len(calls) <= 130 * len(planner.SEARCH_POLICIES)
+    assert all(125 * 10**9 % micro == 0 for _, _, micro, *_ in calls)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--target-global-batch", "1000000000000"],
