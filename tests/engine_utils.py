@@ -164,6 +164,38 @@ def child_env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command for `nproc` local ranks under torchrun --standalone; args: the script (or
+    -m module) and its arguments. --standalone: torchrun's agent binds its rendezvous store on
+    port 0 itself and the ranks join that store (torchrun gives them its MASTER_PORT and
+    TORCHELASTIC_USE_AGENT_STORE=True, which init_process_group's env:// honours), so no port
+    is picked, closed and handed on for another process to take in between."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *args]
+
+
+ADDRESS_IN_USE = ("eaddrinuse", "address already in use")
+
+
+def retry_on_port_clash(launch, attempts: int = 3):
+    """For launchers that need a port number up front (the deepspeed launcher, ranks started
+    by hand): launch(port) -> (result, output text) with a port that was free a moment ago;
+    when rank 0 then found it taken (another process bound it in between: its output says
+    EADDRINUSE), again with a new port."""
+    import socket
+
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result, output = launch(port)
+        if not any(m in output.lower() for m in ADDRESS_IN_USE):
+            return result
+    raise AssertionError(f"{attempts} ports taken before rank 0 bound them:\n{output[-3000:]}")
+
+
 class StopAt(Callback):
     """Ends the loop after `step`, as a crash right after a save would (minus the crash)."""
 
