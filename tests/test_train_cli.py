@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import yaml
 from engine_utils import child_env
@@ -15,11 +14,10 @@ def harness(*args, timeout=300):
 
 def test_tiny_trains_to_lower_loss_and_writes_the_run_dir(tmp_path):
     run, data = tmp_path / "run", tmp_path / "data"
-    start = time.time()
+    # no wall clock (a shared 2-core machine makes it flaky): harness()'s timeout only stops a
+    # hang; the README's "about 20 s" is a measurement, not a test
     proc = harness("train", f"train.run_dir={run}", f"data.out_dir={data}")
-    elapsed = time.time() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 120, f"tiny took {elapsed:.0f} s"
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [ln for ln in lines if "event" not in ln]
     assert [m["step"] for m in steps] == list(range(1, 61))  # one line per optimizer step
