@@ -30,6 +30,7 @@ class StopSignals:
     def __init__(self):
         self.received: Optional[str] = None
         self.interrupted = False  # a Ctrl-C (SIGINT) among the signals received
+        self.seen: set[str] = set()  # every signal received, not only the first
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
@@ -40,6 +41,14 @@ class StopSignals:
                   "again to abort at once (losing the steps since the last checkpoint)",
                   file=sys.stderr, flush=True)
         self.received = self.received or signal.Signals(signum).name
+        self.seen.add(signal.Signals(signum).name)
+
+    @property
+    def terminated(self) -> bool:
+        """SIGTERM was seen here. Under Slurm (scancel, a time limit without a warning signal,
+        `scontrol requeue`, most preemptions) it reaches every process of the job step at
+        once: helper processes this one started, such as W&B's service, are ending too."""
+        return "SIGTERM" in self.seen
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

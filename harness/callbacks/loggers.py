@@ -36,11 +36,14 @@ def as_number(value: Any) -> Any:
     return value
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, in file order. A last line that does not parse was torn
-    by a crash mid-write and is dropped; a bad line elsewhere is an error naming it."""
+def read_lines(path: Path, start: int = 0) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in file order, from byte `start` (a line boundary). A
+    last line that does not parse was torn by a crash mid-write and is dropped; a bad line
+    elsewhere is an error naming it."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            lines = fh.read().decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise HarnessError(f"{path} is not a metrics.jsonl (not UTF-8 text: a binary file?); "
                            "point at the run directory `harness train` wrote") from None

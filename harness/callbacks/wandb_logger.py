@@ -17,6 +17,16 @@ waits `init_timeout` (wandb's default: 90 s) and fails. Here it waits `wandb.ini
 (default 20 s), then logs offline into the same directory, with one warning that names the
 offline run directory and `wandb sync DIR` to upload it later; training goes on. A refused
 login (a wrong key) is not a network problem: it stays an error.
+
+W&B never costs training: once the run has started, any exception from W&B (its service gone,
+a full disk, the network) is one warning, W&B is off for the rest of the run and
+metrics.jsonl goes on. One loss is foreseeable: Slurm's SIGTERM (scancel, a time limit without
+a warning signal, `scontrol requeue`) reaches every process of the job step, W&B's service
+(`wandb-core`, a Go program that cannot ignore it) included, which dies with the rows it had
+not yet written (it writes in batches). So when this rank has seen SIGTERM, the logger starts
+a new service for the same run id (a new offline-run directory beside the old) and logs again,
+from metrics.jsonl, every row the dead service's file lacks; the steps up to the final save
+reach W&B too (`wandb sync` both directories).
 """
 from __future__ import annotations
 
@@ -26,9 +36,12 @@ import math
 import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from harness.callbacks.base import Callback
+from harness.callbacks.loggers import as_number, read_lines
+from harness.callbacks.wandb_file import history_rows
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -84,9 +97,51 @@ def _first_line(err: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def event_row(step: int, event: dict[str, Any]) -> dict[str, Any]:
+    """The W&B row of a monitor event: numbers become chartable metrics, names (signal,
+    action) stay in the alert text."""
+    kind = str(event.get("event", "event"))
+    row = {"train/step": step, f"monitor/{kind}": 1}
+    for key, value in event.items():
+        if isinstance(value, (bool, int, float)) and key not in ("step", "train/step"):
+            row[f"monitor/{kind}/{key}"] = _loggable(value)
+    return row
+
+
+def step_row(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The W&B row of one optimizer step's metrics (a metrics.jsonl line)."""
+    return {"train/step": step,
+            **{k: _loggable(as_number(v)) for k, v in metrics.items() if k != "step"}}
+
+
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a logged row: its step, and the event it reports if it is one."""
+    kinds = sorted(k for k in row if k.startswith("monitor/") and k.count("/") == 1)
+    return (row.get("train/step"), *kinds)
+
+
 def new_run_id() -> str:
     # W&B ids: up to 64 characters of [a-z0-9]; 12 hex digits never collide in practice
     return secrets.token_hex(6)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _teardown_quietly() -> None:
+    """End wandb's connection to its service; a service already gone raises here too."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    # the service is gone: nothing left to end; teardown even calls sys.exit() with a killed
+    # service's exit code (128), which must not end training
+    except (Exception, SystemExit):
+        pass
 
 
 class WandbLogger(Callback):
@@ -97,6 +152,10 @@ class WandbLogger(Callback):
         self.cfg = cfg
         self.run_id: Optional[str] = None
         self.run: Any = None  # the wandb Run on rank 0 while training, else None
+        self._init: Optional[tuple[str, dict[str, Any]]] = None  # (mode, wandb.init kwargs)
+        self._restarted = False  # a new service after SIGTERM: at most once per process
+        self._relogged: set[tuple[Any, ...]] = set()  # rows the restart logged again
+        self._metrics_from = 0  # metrics.jsonl's size when this process began to log
 
     def on_train_start(self, trainer):
         mode = self.cfg.resolved_mode()
@@ -104,6 +163,9 @@ class WandbLogger(Callback):
             return
         import wandb  # only rank 0 with W&B on pays for the import
 
+        # wandb's own log records go to its debug.log in the run's wandb directory, not to our
+        # console: a dead service would otherwise print tracebacks beside our one warning
+        logging.getLogger("wandb").propagate = False
         from harness.config import to_dict  # here: harness.config imports WandbConfig from us
 
         # WANDB_RUN_ID lets a job without a checkpoint yet (a requeue) keep its run
@@ -127,9 +189,38 @@ class WandbLogger(Callback):
                                    f"wandb.mode=offline and `wandb sync` later") from None
             mode = "offline"
             self.run = self._offline(wandb, err, kwargs)
+        self._init = (mode, kwargs)
+        self._metrics_from = _size(self._metrics_path(trainer))  # where this process's lines start
+        self._call("define_metric", self._define_metrics)
+        log.info("W&B run %s (%s) in %s", self.run_id, mode, where)
+
+    def _define_metrics(self) -> None:
         self.run.define_metric("train/step")
         self.run.define_metric("*", step_metric="train/step")
-        log.info("W&B run %s (%s) in %s", self.run_id, mode, where)
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        """One W&B call. A failure is one warning, and W&B off for the rest of the run: a
+        logger must never cost training its steps or its final checkpoint."""
+        try:
+            return fn(*args, **kwargs)
+        # wandb raises anything from its socket, and sys.exit() from a teardown: all of it W&B's
+        except (Exception, SystemExit) as err:
+            log.warning("W&B failed in %s (%s: %s): W&B is off for the rest of this run; "
+                        "metrics.jsonl keeps every step", what, type(err).__name__,
+                        _first_line(err, 200))
+            self.run = None
+            _teardown_quietly()
+            return None
+
+    def _live_run(self, trainer) -> Any:
+        """The run to log to; first a new service when this rank has seen SIGTERM (see the
+        module docstring), which also logs again what the old one lost."""
+        signals = getattr(trainer, "stop_signals", None)
+        if self.run is not None and not self._restarted and signals is not None \
+                and signals.terminated:
+            self._restarted = True
+            self._call("restart after SIGTERM", self._restart, trainer)
+        return self.run
 
     def _offline(self, wandb, err: Exception, kwargs: dict[str, Any]) -> Any:
         """The online start failed for want of the server: the same run, logged offline."""
@@ -146,32 +237,64 @@ class WandbLogger(Callback):
                     self.cfg.init_timeout_s, _first_line(err, 160), sync_dir, sync_dir)
         return run
 
+    def _restart(self, trainer) -> None:
+        import wandb
+
+        old_file = Path(self.run.settings.sync_file)
+        _teardown_quietly()  # the old connection is dead, or ends here
+        self.run = None
+        mode, kwargs = self._init
+        self.run = wandb.init(mode=mode, **kwargs)
+        self._define_metrics()
+        kept = {_row_key(row) for row in history_rows(old_file)}
+        lost = [row for row in self._rows_so_far(trainer) if _row_key(row) not in kept]
+        for row in lost:
+            self.run.log(row)
+        self._relogged = {_row_key(row) for row in lost}
+        log.warning("SIGTERM reached W&B's service too: a new one continues run %s in %s "
+                    "(%d rows its predecessor had not written logged again from "
+                    "metrics.jsonl); `wandb sync` both %s and %s", self.run_id,
+                    self.run.settings.sync_dir, len(lost), old_file.parent,
+                    self.run.settings.sync_dir)
+
+    @staticmethod
+    def _metrics_path(trainer) -> Path:
+        return Path(trainer.cfg.train.run_dir) / "metrics.jsonl"
+
+    def _rows_so_far(self, trainer) -> list[dict[str, Any]]:
+        """What this process logged: its lines of metrics.jsonl (each written before the
+        loggers run) as W&B rows. Earlier jobs' lines went to their own services."""
+        lines = read_lines(self._metrics_path(trainer), start=self._metrics_from)
+        return [event_row(line["step"], line) if "event" in line else step_row(line["step"], line)
+                for line in lines if isinstance(line.get("step"), int)]
+
+    def _log(self, trainer, row: dict[str, Any]) -> Any:
+        """Log one row (unless the restart already logged it again); returns the live run."""
+        run = self._live_run(trainer)
+        if run is not None and _row_key(row) not in self._relogged:
+            self._call("log", run.log, row)
+        return self.run
+
     def on_step_end(self, trainer, step, metrics):
-        if self.run is not None:
-            row = {k: _loggable(v) for k, v in metrics.items() if k != "step"}
-            self.run.log({"train/step": step, **row})
+        self._log(trainer, step_row(step, metrics))
 
     def on_event(self, trainer, step, event):
-        if self.run is None:
-            return
-        kind = str(event.get("event", "event"))
-        row = {f"monitor/{kind}": 1}
-        # numbers become chartable metrics; names (signal, action) stay in the alert text
-        for key, value in event.items():
-            if isinstance(value, (bool, int, float)) and key != "step":
-                row[f"monitor/{kind}/{key}"] = _loggable(value)
-        self.run.log({"train/step": step, **row})
-        if event.get("level") == "warning" and not event.get("action"):
+        run = self._log(trainer, event_row(step, event))
+        if run is None or event.get("level") == "warning" and not event.get("action"):
             return  # a precursor: a chartable metric, no alert (alerts are for alarms)
         # W&B holds back repeats of one title for wait_duration (default 1 min): no alert storm
-        self.run.alert(title=f"harness: {kind}", text=f"step {step}: {json.dumps(event)}",
-                       level=_alert_level(event))
+        kind = str(event.get("event", "event"))
+        self._call("alert", run.alert, title=f"harness: {kind}",
+                   text=f"step {step}: {json.dumps(event)}", level=_alert_level(event))
 
     def on_train_end(self, trainer):
-        if self.run is not None:
+        run = self._live_run(trainer)
+        if run is not None:
             if trainer.stop_reason is not None:
-                self.run.summary["train/stop_reason"] = trainer.stop_reason
-            self.run.finish()
+                self._call("summary", run.summary.__setitem__, "train/stop_reason",
+                           trainer.stop_reason)
+            if self.run is not None:
+                self._call("finish", run.finish)
             self.run = None
 
     def state_dict(self) -> dict[str, Any]:
