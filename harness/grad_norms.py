@@ -126,7 +126,8 @@ class GradNorms:
         (one all-reduce): optim/update_norm = ||delta theta|| / ||theta_before||,
         optim/param_norm = ||theta_after||, optim/param_jump = the largest relative change of
         a layer group's ||theta|| between the end of the previous step and the start of this
-        one (weights changed OUTSIDE the optimizer: exactly 0 up to rounding in a healthy run),
+        one (weights changed OUTSIDE the optimizer: exactly 0 up to rounding in a healthy run;
+        0 where this process has no previous step),
         and update_ratio/<group> per layer group at ZeRO 0-2 (flat fp32 copies are read
         tensor by tensor: `_flat_fragments`; ZeRO 3's partitions mix the groups).
         Under tensor parallelism a replicated tensor is counted on the group's first rank only.
@@ -174,6 +175,9 @@ class GradNorms:
         last_sample, last = getattr(self, "_last_after", None) or (None, None)
         if remember:
             self._last_after = (sample, after)
+        # 0 by definition where this process has no previous step to compare with (its first
+        # step, the first after a resume, after a rollback): a column every step has
+        out["optim/param_jump"] = 0.0
         if last is not None and last_sample == sample:
             out["optim/param_jump"] = max((abs(b - a) / a for a, b in zip(last, before) if a > 0),
                                           default=0.0)

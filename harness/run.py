@@ -8,6 +8,7 @@ engine is built, harness/run_dir.py checks the paths and claims the run director
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,23 @@ def train(cfg: Config) -> int:
                  "resumes it. Exit code %d", trainer.step, INTERRUPT_EXIT_CODE)
         return INTERRUPT_EXIT_CODE
     if trainer.step < cfg.train.max_steps and trainer.stop_reason:
-        log.info("stopped at step %d (%s): checkpoint saved, exiting with %d to be requeued",
-                 trainer.step, trainer.stop_reason, REQUEUE_EXIT_CODE)
+        log.info("stopped at step %d (%s): checkpoint saved; exit code %d: %s", trainer.step,
+                 trainer.stop_reason, REQUEUE_EXIT_CODE, what_happens_next(signals))
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def what_happens_next(signals: StopSignals) -> str:
+    """After a stop by signal: who resumes the run, as the batch script (slurm/) decides."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return "the same command resumes it"
+    if signals.terminated:  # scancel, a time limit without --signal, scontrol requeue, ...
+        return ("SIGTERM is Slurm ending the job, so the batch script does not requeue it; "
+                "Slurm does where it ends a job to requeue it (scontrol requeue, a requeueing "
+                "preemption, a node failure), else `harness submit` again resumes it")
+    if signals.received:  # USR1: --signal=B:USR1@grace before the time limit, or a preemption
+        return "the batch script requeues the job, which resumes from this checkpoint"
+    return "a signal on another rank; the batch script decides about the requeue"
 
 
 def train_process(cfg: Config) -> int:

@@ -199,6 +199,8 @@ def test_term_ends_the_job_without_requeue(tmp_path):
     assert result.returncode == REQUEUE_EXIT_CODE, result.stderr
     assert (tmp_path / "fake" / "srun.signals").read_text() == "TERM\n"
     assert scontrol_calls(tmp_path) == []
+    # what will happen, said by the script: Slurm, not the script, may requeue it
+    assert "not requeued by this script (Slurm requeues the job itself" in result.stderr
 
 
 def fake_sbatch(tmp_path: Path, monkeypatch, body: str) -> None:
