@@ -48,6 +48,7 @@ from harness.callbacks.base import Callback
 from harness.collectives import Collectives
 from harness.errors import HarnessError
 from harness.reshard import _fsync_dir, load_resharded, needs_reshard
+from harness.run_lease import RUN_LEASE, held_token
 
 log = logging.getLogger("harness")
 
@@ -104,6 +105,7 @@ class Checkpointer(Callback):
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, extra_meta: dict[str, Any]):
         self.cfg = cfg
         self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
         self.extra_meta = extra_meta  # e.g. the data fingerprint, checked on resume
         self.last_saved_step: Optional[int] = None
 
@@ -267,7 +269,13 @@ class Checkpointer(Callback):
                     resume.name, steps)
 
     def clean_partial(self, rank: int) -> None:
-        """Leftovers of a save that was killed; never visible as checkpoints."""
+        """Leftovers of a save that was killed; never visible as checkpoints. Removed only by
+        the holder of the run directory's lease (harness/run_lease.py): with it held, no other
+        writer is saving here, so every partial save is a gone writer's."""
+        if rank == 0 and self.root.is_dir() and held_token(self.run_dir / RUN_LEASE) is None:
+            log.warning("%s: partial saves left in place: this process does not hold the lease "
+                        "of %s", self.root, self.run_dir)
+            return
         if rank == 0 and self.root.is_dir():
             for partial in [*self.root.glob(".tmp-step*"), *self.root.glob(".del-step*")]:
                 shutil.rmtree(partial, ignore_errors=True)

@@ -32,7 +32,8 @@ from harness.evaluate_text import piece_bytes
 from harness.errors import HarnessError
 from harness.preemption import INTERRUPT_EXIT_CODE, StopSignals
 from harness.report import write_report
-from harness.run_dir import prepare_run, write_run_files
+from harness.run_dir import (RunDirLease, confirm_run_dir, prepare_run, release_run_dir,
+                             write_run_files)
 from harness.slurm import REQUEUE_EXIT_CODE
 from harness.tp_layout import check_tp_hosts
 from harness.trainer import Trainer
@@ -102,9 +103,18 @@ def _check_fingerprint(meta: dict, shards: TokenShards, path: Path) -> None:
 
 
 def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
+    try:
+        return _make_trainer(cfg)
+    except BaseException:  # a start that failed leaves the run directory to the next writer
+        release_run_dir(cfg)
+        raise
+
+
+def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     run_dir = Path(cfg.train.run_dir)
-    prepare_run(cfg)
+    prepare_run(cfg)  # rank 0 holds the run directory's lease from here on (run_lease.py)
     built = build(cfg)
+    confirm_run_dir(cfg, built)  # every rank: the lease is this job's, before any write
     # the launcher's real rank numbering, which the config cannot see: refused before data
     check_tp_hosts(built.comm, built.plan, built.dist.rank)
     shards = open_shards(cfg, built)
@@ -113,7 +123,7 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     resume = checkpointer.find_resume(built.comm)
     metrics_file = MetricsFile(run_dir)
     callbacks = [checkpointer, Throughput(), metrics_file, Console(cfg.train.log_every),
-                 WandbLogger(cfg.wandb)]
+                 WandbLogger(cfg.wandb), RunDirLease(cfg)]
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
     if cfg.data.eval_every:

@@ -7,6 +7,10 @@ a step). Anything else, say another run's metrics or a folder of the user's file
 unless the user asks to replace it (train.overwrite=true: the previous run's files are then
 moved to RUN_DIR/replaced-TIME/, never deleted). A config.yaml that `harness train` did not
 write (CONFIG_HEADER tells them apart) is never replaced.
+
+One writer at a time: rank 0 takes the run directory's lease (harness/run_lease.py) before the
+claim, so nothing is moved, cleaned or written while another `harness train` works there; the
+job's other ranks check that the lease is their job's before they write anything.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
+from harness import run_lease
+from harness.callbacks.base import Callback
 from harness.checkpoint import complete_checkpoints
 from harness.config import Config, ModelConfig, to_dict, to_yaml
 from harness.data.prepare import check_out_dir, check_prepared_from
@@ -42,7 +48,7 @@ CONFIG_HEADER = ("# harness train: the resolved config of this run, rewritten at
 RUN_OUTPUTS = (RUN_CONFIG, "ds_config.json", "metrics.jsonl", "metrics.tmp", "report.png",
                "checkpoints", "wandb")
 BEFORE_START = ("job_config.yaml", "train.sbatch", "traceback-*.txt", "replaced-*",
-                ".harness-probe-*", ".nfs*")
+                ".harness-probe-*", ".nfs*", run_lease.RUN_LEASE + "*")
 REPLACED = "replaced-"
 
 
@@ -102,6 +108,66 @@ def check_paths(cfg: Config) -> None:
         check_prepared_from(cfg.data, out_dir, read_sources=False)
     else:  # shards to prepare on first use: somewhere to write them
         check_dir("data.out_dir", cfg.data.out_dir, "data/mine")
+
+
+# ---- the run directory: one writer at a time (harness/run_lease.py) -------------------------
+ANOTHER_RUN = "set train.run_dir to another directory to start a separate run"
+
+
+def _lease_args(cfg: Config) -> tuple[Path, str, Path, str]:
+    run_dir = Path(cfg.train.run_dir)
+    return run_dir / run_lease.RUN_LEASE, "train.run_dir", run_dir, ANOTHER_RUN
+
+
+def hold_run_dir(cfg: Config, rank: int) -> None:
+    """Rank 0 takes the lease (held until the run ends, or the process does). The other ranks
+    of a Slurm job refuse now, as rank 0 will, when another job's writer holds it (rather than
+    wait for rank 0 in the process group); confirm_run_dir checks them once the group exists."""
+    if rank == 0:
+        run_lease.take(*_lease_args(cfg))
+    elif run_lease.job_id():
+        run_lease.check(*_lease_args(cfg))
+
+
+def check_run_dir_free(cfg: Config) -> None:
+    """`harness submit`: refuse a run directory a live writer holds; take nothing."""
+    run_lease.check(*_lease_args(cfg))
+
+
+def release_run_dir(cfg: Config) -> None:
+    run_lease.release(_lease_args(cfg)[0])
+
+
+def confirm_run_dir(cfg: Config, built: Built) -> None:
+    """Collective, every rank at every world size, before any rank writes: the lease record
+    each rank sees holds rank 0's token (a shared filesystem, and no other writer)."""
+    import torch  # here: `harness submit` imports this module without torch
+
+    record, rank, world = _lease_args(cfg)[0], built.dist.rank, built.dist.world_size
+    problem = run_lease.same_holder(built.comm, rank, record)
+    flags = torch.zeros(world, dtype=torch.int64, device=built.comm.device)
+    flags[rank] = int(problem is not None)
+    found = built.comm.all_reduce(flags, "max").cpu().tolist()
+    fix = "the run directory must be one directory every node shares, with one job writing it"
+    if problem is not None:
+        raise HarnessError(f"train.run_dir={cfg.train.run_dir}: {problem}: {fix}")
+    ranks = [r for r, bad in enumerate(found) if bad]
+    if ranks:
+        raise HarnessError(f"train.run_dir={cfg.train.run_dir}: rank(s) {ranks} do not find "
+                           f"rank 0's lease in {record}: {fix}")
+
+
+class RunDirLease(Callback):
+    """Releases rank 0's lease once the run's last checkpoint and metrics are written (in
+    process too: a test or notebook goes on to other runs); atexit covers every other end."""
+
+    order = 1000  # after the checkpointer and the loggers
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def on_train_end(self, trainer: Any) -> None:
+        release_run_dir(self.cfg)
 
 
 # ---- the run directory: whose is it? --------------------------------------------------------
@@ -285,7 +351,9 @@ def prepare_run(cfg: Config) -> None:
     # the launcher's rank (torchrun: RANK, srun: SLURM_PROCID), read as harness.distributed
     # does, without its scontrol call: only rank 0 moves files
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    claim_run_dir(cfg, int(rank) if rank.strip().isdigit() else 0)
+    rank_number = int(rank) if rank.strip().isdigit() else 0
+    hold_run_dir(cfg, rank_number)  # before anything in it is moved, cleaned or written
+    claim_run_dir(cfg, rank_number)
     resumed = resumed_run_dir(cfg)
     if resumed is not None:
         named = cfg.checkpoint.resume not in ("auto", "never")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.config import Config, to_yaml
-from harness.run_dir import check_paths, claim_run_dir
+from harness.run_dir import check_paths, check_run_dir_free, claim_run_dir
 from harness.slurm import render_sbatch, submit
 
 # Every config value that names a file or directory (data.sources: a list of them). The job
@@ -44,6 +44,8 @@ def submit_job(cfg: Config, dry_run: bool = False) -> int:
     cfg = absolute_paths(cfg)
     # refused now, on the login node, rather than in the job's log an hour later
     check_paths(cfg)
+    # a job running there: its job_config.yaml and train.sbatch must not be replaced either
+    check_run_dir_free(cfg)
     claim_run_dir(cfg, rank=None)
     run_dir = Path(cfg.train.run_dir)
     job_config = run_dir / "job_config.yaml"

@@ -30,6 +30,7 @@ from harness.data.corpus import (Source, iter_documents, scan_sources, source_fi
 from harness.data.shards import (FORMAT_VERSION, MANIFEST, TOKENIZER_FILE, ShardWriter,
                                  TokenShards, read_manifest, token_dtype)
 from harness.data.tokenizer import Tokenizer, train_tokenizer
+from harness import run_lease
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -79,8 +80,23 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
         return out_dir, False
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        lease = run_lease.take(*_lease_args(out_dir))  # one preparer at a time
     except OSError as e:
         raise _unwritable(out_dir, out_dir.parent, e) from None
+    try:
+        # prepared by another preparer between our check and our lease: nothing to do
+        if _up_to_date(out_dir, inputs, lambda m: _mismatch(cfg, out_dir, m, settings)):
+            _record_quick_key(out_dir, quick)
+            return out_dir, False
+        _build_out_dir(cfg, out_dir, sources, given, settings, inputs, progress, quick)
+        return out_dir, True
+    finally:
+        lease.release()
+
+
+def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], given, settings: dict,
+                   inputs: str, progress: bool, quick: str) -> None:
+    """Build the shards in a temp directory beside out_dir, then rename it into place."""
     tmp = out_dir.parent / f".{out_dir.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}-{_owner()}"
     try:
         tmp.mkdir()  # not mkdtemp: its mode 0700 would survive the rename
@@ -97,10 +113,18 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
                 raise _unwritable(out_dir, out_dir.parent, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir, True
 
 
 # ---- where the shards go -----------------------------------------------------------------
+def _lease_args(out_dir: Path) -> tuple[Path, str, Path, str]:
+    """The lease lies beside out_dir, not in it: out_dir is made by renaming a complete temp
+    directory onto it, which only an absent or empty out_dir allows."""
+    record = out_dir.parent / f".{out_dir.name}{run_lease.RUN_LEASE}"
+    return (record, "data.out_dir", out_dir,
+            "prepare into another data.out_dir (or run again once it is done: it will find "
+            "the shards ready)")
+
+
 TMP_INFIX = ".tmp-"  # .NAME.tmp-HEX-PID@HOST beside out_dir, renamed to out_dir when complete
 # a temp directory of another host is only known dead when nothing in it changed for this long
 # (tokenizing writes continuously; training the tokenizer on its sample takes minutes)

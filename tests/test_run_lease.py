@@ -1,0 +1,237 @@
+"""One writer per run directory (harness/run_lease.py, issue 32).
+
+Fast, in-process: take / refuse / stale / another host's fresh heartbeat / same Slurm job /
+dead holder's takeover, the heartbeat, the refusal line, and `harness submit` / `prepare-data`
+exiting 2 on a held directory. The holders are real processes (HOLDER below), so the locks are
+real flock()s. Slow: two real `harness train` on one run directory, a `harness train` killed
+with SIGKILL whose lease the next start takes over, and the same job submitted twice to the
+2-node Slurm test cluster.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_utils import child_env
+from harness import cli, run_lease
+from harness.errors import HarnessError
+from harness.run_lease import LOCK_SUFFIX, RUN_LEASE
+
+# takes the lease of the record in argv[1], says so, and holds it until killed
+HOLDER = """
+import sys, time
+from pathlib import Path
+from harness import run_lease
+record = Path(sys.argv[1])
+run_lease.take(record, "train.run_dir", record.parent, "set train.run_dir elsewhere")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _quick(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(run_lease, "LOCK_RETRY_S", 0.2)
+    yield
+    run_lease.release_all()  # this process's leases of this test (tmp dirs go away)
+
+
+@pytest.fixture
+def holders():
+    """start(record, **env) -> a process holding the lease; all killed at the end."""
+    procs = []
+
+    def start(record: Path, **env) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(record)], text=True,
+                                stdout=subprocess.PIPE, env=child_env(**env))
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def record_of(run_dir: Path) -> Path:
+    return run_dir / RUN_LEASE
+
+
+def write_record(record: Path, **fields) -> None:
+    """A record as a holder elsewhere would leave it (no process behind it here)."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    holder = {"pid": 4242, "host": "elsewhere", "job": None, "started": "then",
+              "heartbeat": time.time(), "token": "theirs", **fields}
+    record.write_text(json.dumps(holder))
+
+
+def take(run_dir: Path) -> run_lease.Lease:
+    return run_lease.take(record_of(run_dir), "train.run_dir", run_dir, "ANOTHER")
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "harness" and r.levelno >= logging.WARNING]
+
+
+# ---- the lease itself ------------------------------------------------------------------------
+def test_a_free_directory_is_taken_and_released_without_a_trace(tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    lease = take(run_dir)
+    record = json.loads(record_of(run_dir).read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    assert record["job"] is None and record["token"] == lease.token
+    assert take(run_dir) is lease  # this process again (a second make_trainer): the same
+    lease.release()
+    lease.release()  # idempotent: finally and atexit paths both call it
+    assert not (tmp_path / "new" / "run").exists()  # made by take, removed empty
+    run_dir.mkdir(parents=True)
+    take(run_dir).release()
+    assert list(run_dir.iterdir()) == []  # both files gone, the directory kept
+
+
+def test_a_live_holder_is_refused_with_one_line_naming_it(tmp_path, holders, caplog):
+    holder = holders(record_of(tmp_path), SLURM_JOB_ID="1234")
+    before = record_of(tmp_path).read_text()
+    with pytest.raises(HarnessError) as info:
+        take(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"train.run_dir={tmp_path} is in use by another "
+                                              f"writer: pid {holder.pid} on host "
+                                              f"{socket.gethostname()} (Slurm job 1234), started ")
+    assert f"(`scancel 1234`, or `kill {holder.pid}` on {socket.gethostname()})" in msg
+    assert msg.endswith(", or ANOTHER")
+    assert record_of(tmp_path).read_text() == before  # the holder's record untouched
+    assert not warnings_of(caplog)
+
+
+def test_a_holder_killed_with_sigkill_is_taken_over_with_one_warning(tmp_path, holders,
+                                                                     caplog):
+    holder = holders(record_of(tmp_path))
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert record_of(tmp_path).exists()  # left behind: nobody released it
+    lease = take(tmp_path)
+    (line,) = warnings_of(caplog)
+    assert f"took over the lease left by pid {holder.pid} on host {socket.gethostname()}" in line
+    assert "that writer is gone (its lock is free)" in line
+    assert json.loads(record_of(tmp_path).read_text())["token"] == lease.token
+
+
+def test_another_hosts_fresh_heartbeat_is_respected(tmp_path, caplog):
+    # no lock held here: a filesystem that does not carry flock across nodes
+    write_record(record_of(tmp_path), job="77")
+    with pytest.raises(HarnessError) as info:
+        take(tmp_path)
+    msg = str(info.value)
+    assert "pid 4242 on host elsewhere (Slurm job 77)" in msg and "`scancel 77`" in msg
+    assert "if that process is gone, its lease expires in " in msg
+    # the same record with its heartbeat stale: taken over, with one warning
+    write_record(record_of(tmp_path), heartbeat=time.time() - run_lease.STALE_AFTER_S - 1)
+    take(tmp_path)
+    (line,) = warnings_of(caplog)
+    assert "left by pid 4242 on host elsewhere" in line and "no heartbeat for 9" in line
+
+
+def test_a_dead_pid_on_this_host_is_taken_over(tmp_path, caplog):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that was, and is no more
+    write_record(record_of(tmp_path), pid=proc.pid, host=socket.gethostname())
+    take(tmp_path)
+    (line,) = warnings_of(caplog)
+    assert f"left by pid {proc.pid} on host {socket.gethostname()}" in line
+
+
+def test_the_same_slurm_job_takes_over_its_previous_lease(tmp_path, holders, monkeypatch,
+                                                          caplog):
+    """A requeued job is the same run: its previous incarnation's lease is its own, taken
+    over without a warning once that incarnation is gone (waited for while it still beats)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    write_record(record_of(tmp_path), job="77", host=socket.gethostname())
+    take(tmp_path).release()
+    monkeypatch.setattr(run_lease, "STALE_AFTER_S", 1.0)
+    write_record(record_of(tmp_path), job="77")  # another node's, beating a moment ago
+    start = time.monotonic()
+    take(tmp_path)
+    assert 0.5 < time.monotonic() - start < 5  # waited for its heartbeat to go stale
+    assert not warnings_of(caplog)
+    # another job's lease is refused at once, live on this host
+    holder = holders(record_of(tmp_path / "b"), SLURM_JOB_ID="78")
+    with pytest.raises(HarnessError, match=f"pid {holder.pid} .*Slurm job 78"):
+        take(tmp_path / "b")
+
+
+def test_the_heartbeat_refreshes_the_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lease, "HEARTBEAT_S", 0.1)
+    lease = take(tmp_path)
+    first = json.loads(record_of(tmp_path).read_text())["heartbeat"]
+    deadline = time.monotonic() + 5
+    while json.loads(record_of(tmp_path).read_text())["heartbeat"] == first:
+        assert time.monotonic() < deadline, "no heartbeat in 5 s"
+        time.sleep(0.05)
+    assert json.loads(record_of(tmp_path).read_text())["token"] == lease.token
+
+
+def test_a_lease_taken_over_is_noticed_and_never_removed(tmp_path, caplog):
+    lease = take(tmp_path)
+    write_record(record_of(tmp_path))  # another writer judged us gone
+    lease.beat()
+    assert lease.lost and "taken over by pid 4242 on host elsewhere" in caplog.text
+    lease.release()
+    assert json.loads(record_of(tmp_path).read_text())["token"] == "theirs"  # theirs stays
+
+
+def test_check_takes_nothing_and_creates_nothing(tmp_path, holders):
+    run_lease.check(record_of(tmp_path), "train.run_dir", tmp_path, "ANOTHER")
+    assert list(tmp_path.iterdir()) == []
+    holders(record_of(tmp_path))
+    with pytest.raises(HarnessError, match="is in use by another writer"):
+        run_lease.check(record_of(tmp_path), "train.run_dir", tmp_path, "ANOTHER")
+
+
+def test_a_run_directory_with_a_lease_is_not_foreign(tmp_path):
+    from harness.config import load_config
+    from harness.run_dir import claim_run_dir
+
+    for name in (RUN_LEASE, RUN_LEASE + LOCK_SUFFIX, RUN_LEASE + ".tmp-123"):
+        (tmp_path / name).write_text("")
+    claim_run_dir(load_config("tiny", [f"train.run_dir={tmp_path}"]), rank=0)  # no refusal
+
+
+# ---- the commands: one line, exit 2 ----------------------------------------------------------
+def test_submit_on_a_held_run_directory_exits_2(tmp_path, holders, capsys):
+    run_dir = tmp_path / "run"
+    holder = holders(record_of(run_dir), SLURM_JOB_ID="555")
+    code = cli.main(["submit", "--config", "tiny", f"train.run_dir={run_dir}",
+                     f"data.out_dir={tmp_path / 'data'}", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: train.run_dir={run_dir} is in use by another writer: "
+                           f"pid {holder.pid}")
+    assert "`scancel 555`" in line and "set train.run_dir to another directory" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_LEASE, RUN_LEASE + LOCK_SUFFIX]
+
+
+def test_prepare_data_into_a_held_directory_exits_2(tmp_path, holders, capsys):
+    out = tmp_path / "shards"
+    holder = holders(tmp_path / f".shards{RUN_LEASE}")
+    code = cli.main(["prepare-data", f"data.out_dir={out}", "data.max_bytes=20000"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: data.out_dir={out} is in use by another writer: pid "
+                           f"{holder.pid}")
+    assert "prepare into another data.out_dir" in line
+    assert not out.exists() and not list(tmp_path.glob(".shards.tmp-*"))
