@@ -273,11 +273,19 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     # the older name of tensor_parallel_size (Megatron's): either may be set, not both apart
     model_parallel_size: int = 1
+    # the longest a collective waits for the other ranks before this rank gives up on them
+    # (harness/peers.py names the rank that went away). The longest legitimate wait is a
+    # checkpoint save and its verification, or a resume's reshard, on a slow filesystem:
+    # 10 minutes is DeepSpeed's and NCCL's own default; raise it for checkpoints of many GB
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         for key in ("tensor_parallel_size", "model_parallel_size"):
             check_number(f"parallel.{key}", getattr(self, key), 1, 4096, integer=True,
                          fix="e.g. 2 (ranks per tensor-parallel group); 1 turns it off")
+        check_number("parallel.collective_timeout_s", self.collective_timeout_s, 5, 86400,
+                     fix="seconds a collective waits for the other ranks, e.g. 600; more than "
+                         "the longest checkpoint save on your filesystem")
         if 1 != self.model_parallel_size != self.tensor_parallel_size != 1:
             raise HarnessError(f"parallel.model_parallel_size={self.model_parallel_size} and "
                                f"parallel.tensor_parallel_size={self.tensor_parallel_size} "

@@ -6,6 +6,7 @@ deepspeed.checkpointing.configure (the engine does not apply that section itself
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from harness import distributed, init_from, tensor_parallel
+from harness import distributed, init_from, peers, tensor_parallel
 from harness.collectives import Collectives
 from harness.config import Config
 from harness.ds_config import build_ds_config
@@ -59,6 +60,7 @@ class Built:
     lr_scale: list[float]  # a box the LR schedule reads: the spike monitor's lr_cut sets it
     comm: Collectives  # every collective the harness makes, on the engine's device
     n_params: int  # counted before ZeRO 3 partitions them (numel 0 afterwards)
+    hosts: list[str]  # hosts[r]: rank r's host name, gathered once at start-up
 
 
 def import_deepspeed(device: str):
@@ -105,7 +107,9 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     if device == "cuda":  # fp32 matmuls (fp32 runs, the fp32 loss) on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    deepspeed.init_distributed(
+        dist_backend="gloo" if device == "cpu" else "nccl",
+        timeout=datetime.timedelta(seconds=cfg.parallel.collective_timeout_s))
     peak, lr_scale = plan.lr, [1.0]
 
     def scheduler(optimizer):
@@ -124,5 +128,9 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     # The ranks of one tensor-parallel group share a stream: dropout on their replicated
     # activations must draw the same mask (dp_rank = rank at TP 1)
     seed_everything(cfg.train.seed + 1000 * plan.dp_rank(dist.rank))
-    return Built(engine, model, plan, ds, dist, device, lr_scale, Collectives(engine.device),
-                 n_params)
+    comm = Collectives(engine.device)
+    peers.bound_every_group(cfg.parallel.collective_timeout_s)  # DeepSpeed's groups too
+    # every rank's host, for the start-up layout check and for naming a rank that goes away
+    hosts = peers.gather_hosts(comm, dist.rank, dist.world_size)
+    peers.record(dist.rank, hosts, cfg.parallel.collective_timeout_s)
+    return Built(engine, model, plan, ds, dist, device, lr_scale, comm, n_params, hosts)

@@ -11,10 +11,11 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from harness import peers
 from harness.callbacks.evaluator import Evaluator
 from harness.callbacks.loggers import Console, MetricsFile
 from harness.callbacks.spike_monitor import SpikeMonitor
@@ -116,7 +117,7 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     built = build(cfg)
     confirm_run_dir(cfg, built)  # every rank: the lease is this job's, before any write
     # the launcher's real rank numbering, which the config cannot see: refused before data
-    check_tp_hosts(built.comm, built.plan, built.dist.rank)
+    check_tp_hosts(built.hosts, built.plan)
     shards = open_shards(cfg, built)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, {"data_fingerprint": shards.fingerprint})
     checkpointer.clean_partial(built.dist.rank)
@@ -152,20 +153,35 @@ def train(cfg: Config) -> int:
     # written, so that a second Ctrl-C still aborts at once while the run winds down
     signals = StopSignals().install()
     try:
-        trainer, _ = make_trainer(cfg)
-        if trainer.step >= cfg.train.max_steps:
-            log.info("%s is complete at step %d: nothing to do (a new train.run_dir starts a "
-                     "new run)", cfg.train.run_dir, trainer.step)
-            return 0
-        trainer.stop_signals = signals
-        trainer.fit()
-        if trainer.is_main:
-            try:
-                log.info("report: %s", write_report(Path(cfg.train.run_dir)))
-            except HarnessError as err:  # the run is done and saved: its exit code stands
-                log.warning("no report.png: %s", err)
+        trainer = _fit(cfg, signals)
+    except Exception as err:
+        lost = peers.explain(err)  # a rank went away: which, where, in one line
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         signals.uninstall()
+    return 0 if trainer is None else _exit_code(cfg, trainer, signals)
+
+
+def _fit(cfg: Config, signals: StopSignals) -> Optional[Trainer]:
+    """Build, train, report; None when the run directory's run is complete already."""
+    trainer, _ = make_trainer(cfg)
+    if trainer.step >= cfg.train.max_steps:
+        log.info("%s is complete at step %d: nothing to do (a new train.run_dir starts a "
+                 "new run)", cfg.train.run_dir, trainer.step)
+        return None
+    trainer.stop_signals = signals
+    trainer.fit()
+    if trainer.is_main:
+        try:
+            log.info("report: %s", write_report(Path(cfg.train.run_dir)))
+        except HarnessError as err:  # the run is done and saved: its exit code stands
+            log.warning("no report.png: %s", err)
+    return trainer
+
+
+def _exit_code(cfg: Config, trainer: Trainer, signals: StopSignals) -> int:
     if trainer.stop_reason and trainer.stop_reason.startswith("monitor"):
         log.error("%s: stopped at step %d; see %s/metrics.jsonl for the events",
                   trainer.stop_reason, trainer.step, cfg.train.run_dir)

@@ -10,17 +10,11 @@ tp + tp_rank), so with the real host of every rank the check is exact.
 """
 from __future__ import annotations
 
-import socket
 from typing import Sequence
 
-import torch
-
-from harness.collectives import Collectives
 from harness.errors import HarnessError
 from harness.plan import Plan
 
-# Linux's HOST_NAME_MAX: gethostname() returns at most this many bytes
-HOST_BYTES = 64
 SHOWN_RANKS = 16  # ranks of the offending group named in the message: it stays one short line
 
 
@@ -42,28 +36,9 @@ def spanning_group_error(hosts: Sequence[str], tp: int) -> str | None:
             f"tensor_parallel_size dividing the ranks per node")
 
 
-def gather_hosts(comm: Collectives, rank: int, world: int) -> list[str]:
-    """Every rank's host name, on every rank (a collective: all ranks must call it).
-
-    One all-reduce of a world x HOST_BYTES table in which each rank fills only its own row:
-    the sum is the whole table. Built on the engine's device, as NCCL requires."""
-    name = socket.gethostname().encode()[:HOST_BYTES]
-    table = torch.zeros(world, HOST_BYTES, dtype=torch.uint8)
-    if name:
-        table[rank, :len(name)] = torch.tensor(list(name), dtype=torch.uint8)
-    table = comm.all_reduce(table.to(comm.device)).cpu()
-    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in table.tolist()]
-
-
-def check_tp_hosts(comm: Collectives, plan: Plan, rank: int) -> None:
+def check_tp_hosts(hosts: Sequence[str], plan: Plan) -> None:
     """Refuse (HarnessError, on every rank alike) a tensor-parallel group that spans hosts.
-
-    Nothing to check, and no collective made, at tensor_parallel_size 1: the decision depends
-    on the config alone, the same on every rank, so no rank is left waiting in the all-reduce.
-    """
-    if plan.tp_size == 1:
-        return
-    hosts = gather_hosts(comm, rank, plan.tp_size * plan.batch.dp_size)
+    hosts: every rank's host, gathered at start-up (harness.peers.gather_hosts)."""
     error = spanning_group_error(hosts, plan.tp_size)
     if error is not None:
         raise HarnessError(error)

@@ -30,6 +30,7 @@ from harness.collectives import Collectives
 from harness.config import load_config
 from harness.errors import HarnessError
 from harness.plan import make_plan
+from harness.peers import gather_hosts
 from harness.tp_layout import check_tp_hosts
 
 cfg = load_config(sys.argv[sys.argv.index("--config") + 1], [])
@@ -42,7 +43,7 @@ dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.maste
                         rank=env.rank, world_size=env.world_size)
 code = 0
 try:
-    check_tp_hosts(Collectives("cpu"), plan, env.rank)
+    check_tp_hosts(gather_hosts(Collectives("cpu"), env.rank, env.world_size), plan)
     print(f"rank={env.rank} layout ok", flush=True)
 except HarnessError as err:  # as harness.cli reports it
     sys.stderr.write(f"error: {err}\\n")

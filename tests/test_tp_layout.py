@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from engine_utils import child_env
-from harness.collectives import Collectives
 from harness.config import load_config
+from harness.errors import HarnessError
 from harness.plan import make_plan
 from harness.tp_layout import check_tp_hosts, spanning_group_error
 
@@ -45,11 +45,13 @@ def test_a_long_group_is_cut_short_in_the_message():
     assert "ranks 0-63 on " + "a, " * 16 + "..." in error and ", b" not in error
 
 
-def test_tensor_parallel_size_1_makes_no_collective():
-    # no process group exists in this process: an all-reduce would raise
-    comm = Collectives("cpu")
-    check_tp_hosts(comm, make_plan(load_config("tiny", []), 2), rank=1)
-    assert comm.calls == 0
+def test_the_check_reads_the_start_up_host_table():
+    # the table is gathered once at start-up at every world size (harness.peers.gather_hosts,
+    # also for naming a rank that goes away); the check itself makes no collective
+    plan = make_plan(load_config("tiny", ["parallel.tensor_parallel_size=2"]), 4)
+    check_tp_hosts(BLOCK[:4], plan)
+    with pytest.raises(HarnessError, match="span hosts"):
+        check_tp_hosts(CYCLIC[:4], plan)
 
 
 # ---- the real trainer, 2 ranks on gloo ---------------------------------------------------
