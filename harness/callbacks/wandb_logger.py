@@ -23,10 +23,11 @@ a full disk, the network) is one warning, W&B is off for the rest of the run and
 metrics.jsonl goes on. One loss is foreseeable: Slurm's SIGTERM (scancel, a time limit without
 a warning signal, `scontrol requeue`) reaches every process of the job step, W&B's service
 (`wandb-core`, a Go program that cannot ignore it) included, which dies with the rows it had
-not yet written (it writes in batches). So when this rank has seen SIGTERM, the logger starts
-a new service for the same run id (a new offline-run directory beside the old) and logs again,
-from metrics.jsonl, every row the dead service's file lacks; the steps up to the final save
-reach W&B too (`wandb sync` both directories).
+not yet written (it writes in batches). So when this rank has seen SIGTERM, the logger waits
+until the final checkpoint is saved, starts a new service for the same run id (a new
+offline-run directory beside the old) and logs again, from metrics.jsonl, every row the dead
+service's file lacks: the steps up to the final save reach W&B too (`wandb sync` both
+directories).
 """
 from __future__ import annotations
 
@@ -154,7 +155,6 @@ class WandbLogger(Callback):
         self.run: Any = None  # the wandb Run on rank 0 while training, else None
         self._init: Optional[tuple[str, dict[str, Any]]] = None  # (mode, wandb.init kwargs)
         self._restarted = False  # a new service after SIGTERM: at most once per process
-        self._relogged: set[tuple[Any, ...]] = set()  # rows the restart logged again
         self._metrics_from = 0  # metrics.jsonl's size when this process began to log
 
     def on_train_start(self, trainer):
@@ -212,14 +212,19 @@ class WandbLogger(Callback):
             _teardown_quietly()
             return None
 
-    def _live_run(self, trainer) -> Any:
-        """The run to log to; first a new service when this rank has seen SIGTERM (see the
-        module docstring), which also logs again what the old one lost."""
+    def _live_run(self, trainer, ending: bool = False) -> Any:
+        """The run to log to. Once this rank has seen SIGTERM, the service is dying with it
+        (see the module docstring): nothing is logged until the loop has ended and the
+        checkpoint is saved (the Checkpointer's on_train_end runs first: SIGKILL follows
+        SIGTERM after Slurm's KillWait, and the checkpoint matters more); then a new service
+        logs again, from metrics.jsonl, what the old one lost."""
         signals = getattr(trainer, "stop_signals", None)
-        if self.run is not None and not self._restarted and signals is not None \
-                and signals.terminated:
-            self._restarted = True
-            self._call("restart after SIGTERM", self._restart, trainer)
+        if self.run is None or self._restarted or signals is None or not signals.terminated:
+            return self.run
+        if not ending:
+            return None  # its rows wait in metrics.jsonl
+        self._restarted = True
+        self._call("restart after SIGTERM", self._restart, trainer)
         return self.run
 
     def _offline(self, wandb, err: Exception, kwargs: dict[str, Any]) -> Any:
@@ -250,7 +255,6 @@ class WandbLogger(Callback):
         lost = [row for row in self._rows_so_far(trainer) if _row_key(row) not in kept]
         for row in lost:
             self.run.log(row)
-        self._relogged = {_row_key(row) for row in lost}
         log.warning("SIGTERM reached W&B's service too: a new one continues run %s in %s "
                     "(%d rows its predecessor had not written logged again from "
                     "metrics.jsonl); `wandb sync` both %s and %s", self.run_id,
@@ -269,9 +273,9 @@ class WandbLogger(Callback):
                 for line in lines if isinstance(line.get("step"), int)]
 
     def _log(self, trainer, row: dict[str, Any]) -> Any:
-        """Log one row (unless the restart already logged it again); returns the live run."""
+        """Log one row; returns the live run."""
         run = self._live_run(trainer)
-        if run is not None and _row_key(row) not in self._relogged:
+        if run is not None:
             self._call("log", run.log, row)
         return self.run
 
@@ -288,7 +292,7 @@ class WandbLogger(Callback):
                    text=f"step {step}: {json.dumps(event)}", level=_alert_level(event))
 
     def on_train_end(self, trainer):
-        run = self._live_run(trainer)
+        run = self._live_run(trainer, ending=True)
         if run is not None:
             if trainer.stop_reason is not None:
                 self._call("summary", run.summary.__setitem__, "train/stop_reason",
