@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import child_env, max_diff
+from engine_utils import child_env, max_diff, torchrun
 from harness.checkpoint import load
 from harness.checkpoint_sums import (CHECKSUM, META, _hash_chunk, _meta_digest, _share,
                                      complete_checkpoints)
@@ -261,17 +260,9 @@ def test_verification_work_is_split_evenly(world):
 
 # ---- two ranks: both reach the same decision ---------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out, run, shards, stop_at, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(Path(__file__).with_name("dist_worker.py")),
-           str(out), str(stop_at), *TINY, f"train.run_dir={run}", f"data.out_dir={shards}",
-           "zero.stage=1", *extra]
+    cmd = torchrun(2, str(Path(__file__).with_name("dist_worker.py")), str(out), str(stop_at),
+                   *TINY, f"train.run_dir={run}", f"data.out_dir={shards}", "zero.stage=1", *extra)
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

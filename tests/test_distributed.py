@@ -1,5 +1,4 @@
 """Data parallelism across real processes on gloo (torchrun), and resuming on fewer ranks."""
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import ROUNDING_TOL, child_env, max_diff
+from engine_utils import ROUNDING_TOL, child_env, max_diff, retry_on_port_clash, torchrun
 
 pytestmark = pytest.mark.slow
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
@@ -16,25 +15,22 @@ BASE = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_si
         "optim.warmup_steps=2", "checkpoint.every=0"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc, out, run_dir, shards, stop_at=0, *extra, launcher="torchrun"):
     args = [str(out), str(stop_at), *BASE, f"train.run_dir={run_dir}", f"data.out_dir={shards}",
             *extra]
-    env = child_env()
+
+    def run(cmd):
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+        return proc, proc.stdout + proc.stderr
+
     if nproc == 1:
-        cmd = [sys.executable, WORKER, *args]
-    elif launcher == "deepspeed":
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
-               f"--master_port={_free_port()}", "--no_local_rank", WORKER, *args]
+        proc, _ = run([sys.executable, WORKER, *args])
+    elif launcher == "deepspeed":  # it needs a port up front: a new one if rank 0 finds it taken
+        proc = retry_on_port_clash(lambda port: run(
+            [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
+             f"--master_port={port}", "--no_local_rank", WORKER, *args]))
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", WORKER, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc, _ = run(torchrun(nproc, WORKER, *args))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 

@@ -144,15 +144,13 @@ def test_two_rank_bf16_checkpoint_loads_its_master_weights(tmp_path, shards_dir)
     import sys
     from pathlib import Path
 
-    from engine_utils import child_env
-    from test_distributed import _free_port
+    from engine_utils import child_env, torchrun
 
     worker = Path(__file__).with_name("dist_worker.py")
     args = [str(tmp_path / "out"), "0", *BASE, "train.global_batch_size=8",
             "train.precision=bf16", "zero.stage=1", f"train.run_dir={tmp_path / 'run'}",
             f"data.out_dir={shards_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", str(worker), *args], env=child_env(),
+    proc = subprocess.run(torchrun(2, str(worker), *args), env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = torch.load(tmp_path / "out" / "rank1.pt")

@@ -4,14 +4,13 @@ goes through the engine's collectives in one all-reduce, also in a world of one 
 import json
 import math
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine_utils import child_env, small_cfg, tokens
+from engine_utils import child_env, small_cfg, tokens, torchrun
 from harness.callbacks.evaluator import Evaluator
 from harness.collectives import Collectives, WrongDevice
 from harness.config import load_config
@@ -81,8 +80,7 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, 
                  "checkpoint.every=0", f"zero.stage={stage}", f"data.out_dir={shards_dir}",
                  "data.eval_every=1", f"data.eval_batches={batches}",
                  f"train.run_dir={tmp_path / 'run'}", "wandb.mode=disabled"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", WORKER, str(tmp_path / "out"), *overrides]
+    cmd = torchrun(2, WORKER, str(tmp_path / "out"), *overrides)
     # before the fix rank 0 waited for ever in its extra forward's all-gather at ZeRO 3
     code, output = _run_group(cmd, timeout=150)
     assert code == 0, output[-6000:]
@@ -129,11 +127,3 @@ def _run_group(cmd: list[str], timeout: float) -> tuple[int, str]:
     if hung:
         pytest.fail(f"hung for {timeout} s (a rank waiting in a collective?):\n{output[-3000:]}")
     return proc.returncode, output
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -19,15 +19,14 @@ moves (see engine_utils.ROUNDING_TOL), so steps 2-3 are compared at 10x the tole
 under bf16 at 1e-2: a master-weight difference that flips a bf16 rounding of the weights moves
 their gradients by up to 2^-8 relative (measured 1.9e-3 with optimizer offload at ZeRO 2).
 """
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine_utils import child_env, plain_grads, precision_args, run_harness, small_cfg
+from engine_utils import (child_env, plain_grads, precision_args, run_harness, small_cfg,
+                          torchrun)
 from harness.callbacks.throughput import Throughput
 from harness.model import layer_group
 
@@ -42,15 +41,8 @@ CASES = [(s, p, False, ()) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + [
     (0, "fp32", False, MODERN)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_ranks(out: Path, overrides: list[str]) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", WORKER, str(out), *overrides]
+    cmd = torchrun(2, WORKER, str(out), *overrides)
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -2,13 +2,11 @@
 process prepares missing shards itself; several ranks refuse together, with one line that
 names `harness prepare-data` (the sbatch script runs it before its job step)."""
 import re
-import socket
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-from engine_utils import child_env
+from engine_utils import child_env, torchrun
 
 import harness.run as run_mod
 from harness.config import load_config
@@ -79,16 +77,9 @@ def test_shards_of_other_sources_are_refused_by_every_rank_together(tmp_path, sh
     assert built.comm.broadcasts == ["rank 0's verdict"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_without_shards_exit_2_with_one_line_each(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "harness.cli", "train",
+    cmd = [*torchrun(2, "-m", "harness.cli"), "train",
            f"train.run_dir={tmp_path / 'run'}", f"data.out_dir={tmp_path / 'none'}",
            "model.n_layer=1", "model.d_model=32", "model.n_head=2"]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)

@@ -14,7 +14,6 @@ accumulation re-derived) and goes on to step 6. Checked:
     converted yet (one line naming `python -m harness.reshard STEP_DIR`) and resume once it is.
 """
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_utils import ROUNDING_TOL, child_env, max_diff
+from engine_utils import ROUNDING_TOL, child_env, max_diff, torchrun
 
 WORKER = str(Path(__file__).with_name("reshard_worker.py"))
 BASE = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=32",
         "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=6",
         "optim.warmup_steps=2", "checkpoint.every=0"]
 STEP3 = "checkpoints/step00000003"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(nproc, out, run_dir, shards, stop_at, stage, *extra, refused=None):
@@ -44,8 +37,7 @@ def launch(nproc, out, run_dir, shards, stop_at, stage, *extra, refused=None):
     if nproc == 1:
         cmd = [sys.executable, WORKER, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", WORKER, *args]
+        cmd = torchrun(nproc, WORKER, *args)
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300,
                           check=False)
     if refused is not None:
