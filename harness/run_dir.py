@@ -124,7 +124,12 @@ def hold_run_dir(cfg: Config, rank: int) -> None:
     of a Slurm job refuse now, as rank 0 will, when another job's writer holds it (rather than
     wait for rank 0 in the process group); confirm_run_dir checks them once the group exists."""
     if rank == 0:
-        run_lease.take(*_lease_args(cfg))
+        try:
+            run_lease.take(*_lease_args(cfg))
+        except OSError as e:  # check_paths probed it writable: a race, or a full disk
+            raise HarnessError(f"train.run_dir={cfg.train.run_dir}: cannot write its lease "
+                               f"{run_lease.RUN_LEASE} ({e.strerror or e}): choose a writable "
+                               f"train.run_dir") from None
     elif run_lease.job_id():
         run_lease.check(*_lease_args(cfg))
 

@@ -106,6 +106,8 @@ def _lock(path: Path, create: bool) -> tuple[Optional[int], bool]:
     try:
         fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o644)
     except FileNotFoundError:
+        if create:
+            raise
         return None, False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

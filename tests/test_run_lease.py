@@ -235,3 +235,107 @@ def test_prepare_data_into_a_held_directory_exits_2(tmp_path, holders, capsys):
                            f"{holder.pid}")
     assert "prepare into another data.out_dir" in line
     assert not out.exists() and not list(tmp_path.glob(".shards.tmp-*"))
+
+
+# ---- real `harness train` processes ----------------------------------------------------------
+MAX_STEPS = 60
+TRAIN = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=32",
+         "train.global_batch_size=8", "train.micro_batch_size=4", f"train.max_steps={MAX_STEPS}",
+         "optim.warmup_steps=2", "checkpoint.every=5", "data.eval_every=0", "train.log_every=20",
+         "wandb.mode=disabled"]
+START_S = 180  # torch + deepspeed imports of two processes on two shared cores
+
+
+def train_cmd(run_dir: Path, shards: Path) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "train", "--config", "tiny", *TRAIN,
+            f"train.run_dir={run_dir}", f"data.out_dir={shards}"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if "train/loss" in rec:
+            out.append(rec)
+    return out
+
+
+def wait_steps(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_S
+    while len(metrics(run_dir)) < n:
+        assert proc.poll() is None, f"{run_dir}: exited {proc.returncode} before step {n}"
+        assert time.monotonic() < deadline, f"{run_dir}: not at step {n} after {START_S} s"
+        time.sleep(0.005)
+
+
+def final_params(run_dir: Path) -> dict:
+    import torch
+
+    path = run_dir / f"checkpoints/step{MAX_STEPS:08d}/ds/mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def harness_lines(text: str, level: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(f"{level} harness:")]
+
+
+@pytest.mark.slow
+def test_a_second_train_refuses_and_a_killed_ones_lease_is_taken_over(tmp_path, shards_dir):
+    """`first` trains in A; a second `harness train` on A while first runs (held stopped, so
+    that "while" holds on any machine) refuses with one line and exit 2, and first then ends
+    bit-identical to `alone`, a run in B that is killed with SIGKILL after a checkpoint and
+    restarted: the restart takes the dead run's lease over with one warning."""
+    import torch
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    env = child_env()
+    env.pop("SLURM_JOB_ID", None)
+    run = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env}
+    first = subprocess.Popen(train_cmd(a, shards_dir), **run)
+    alone = subprocess.Popen(train_cmd(b, shards_dir), **run)
+    try:
+        wait_steps(a, 3, first)
+        first.send_signal(signal.SIGSTOP)  # mid-run, its lease held
+        wait_steps(b, 7, alone)  # past its step-5 checkpoint
+        alone.send_signal(signal.SIGKILL)
+        alone.communicate(timeout=60)
+        assert (b / RUN_LEASE).exists() and (b / f"{RUN_LEASE}{LOCK_SUFFIX}").exists()
+        restart = subprocess.Popen(train_cmd(b, shards_dir), **run)
+        second = subprocess.run(train_cmd(a, shards_dir), timeout=START_S, **run)
+        first.send_signal(signal.SIGCONT)
+        restart_out, restart_err = restart.communicate(timeout=START_S)
+        first_out, first_err = first.communicate(timeout=START_S)
+    finally:
+        for proc in (first, alone):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+    # the second: one line naming the first, exit 2, nothing of the first's touched
+    assert second.returncode == 2, second.stderr[-3000:]
+    (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith(f"error: train.run_dir={a} is in use by another writer: pid "
+                           f"{first.pid} on host {socket.gethostname()}, started "), line
+    assert f"`kill {first.pid}` on {socket.gethostname()}" in line
+    assert "set train.run_dir to another directory to start a separate run" in line
+    assert "Traceback" not in second.stderr and not list(a.glob("traceback-*"))
+    # the first: as if alone
+    assert first.returncode == 0, first_err[-3000:]
+    assert not harness_lines(first_err, "WARNING"), first_err[-3000:]
+    assert [r["step"] for r in metrics(a)] == list(range(1, MAX_STEPS + 1))
+    # the restart of the killed run: one warning, naming the dead holder
+    assert restart.returncode == 0, restart_err[-3000:]
+    (warning,) = harness_lines(restart_err, "WARNING")
+    assert f"took over the lease left by pid {alone.pid} on host {socket.gethostname()}" \
+           in warning and "its lock is free" in warning
+    assert [r["step"] for r in metrics(b)] == list(range(1, MAX_STEPS + 1))
+    assert [r["train/loss"] for r in metrics(a)] == [r["train/loss"] for r in metrics(b)]
+    mine, theirs = final_params(a), final_params(b)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    for run_dir in (a, b):  # released at the end: the next writer finds no lease
+        assert not list(run_dir.glob(f"{RUN_LEASE}*"))
