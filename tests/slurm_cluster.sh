@@ -7,17 +7,29 @@
 # usage: slurm_cluster.sh start [N] | stop | status
 #   start N  N nodes n1..nN (default 2); idempotent: a healthy cluster of N nodes is reused.
 #            Prints the line `export SLURM_CONF=...` that clients (sbatch, squeue) need.
-# env: HARNESS_SLURM_DIR   all state, config, logs and the munge socket (default /tmp/harness-slurm)
+# env: HARNESS_SLURM_ID    which cluster, 0-63 (default 0): its bridge hsbr<ID>, subnet 10.78.<ID>,
+#                          namespaces hs<ID>_nI and slurmctld port 16817+ID are its own (id 0
+#                          keeps the earlier hs_nI and 6817), so clusters of different ids run
+#                          side by side and each stops only itself
+#                          (tests/slurm_fixtures.py gives each pytest run an id of its own, 1-63)
+#      HARNESS_SLURM_DIR   all state, config, logs and the munge socket (default /tmp/harness-slurm
+#                          for id 0, /tmp/harness-slurm.<ID> otherwise)
 #      HARNESS_SLURM_CPUS  CPUs each node advertises (default 4; nothing is bound, so more than the
 #                          machine has is fine)
 #      HARNESS_SLURM_GPUS  fake GPUs per node through GRES (default 0)
-# One cluster per machine: the bridge, the subnet and slurmctld's port are fixed.
 set -euo pipefail
-D=${HARNESS_SLURM_DIR:-/tmp/harness-slurm}
+ID=${HARNESS_SLURM_ID:-0}
+[[ $ID =~ ^([0-9]|[1-5][0-9]|6[0-3])$ ]] || { echo "HARNESS_SLURM_ID must be 0..63, got '$ID'" >&2; exit 2; }
+# P: this cluster's namespaces (${P}nI) and host-side veth ends (${P}vI)
+if [ "$ID" = 0 ]; then
+  D=${HARNESS_SLURM_DIR:-/tmp/harness-slurm}; P=hs_; CTLD_PORT=6817
+else
+  D=${HARNESS_SLURM_DIR:-/tmp/harness-slurm.$ID}; P=hs${ID}_; CTLD_PORT=$((16817 + ID))
+fi
 CPUS=${HARNESS_SLURM_CPUS:-4}
 GPUS=${HARNESS_SLURM_GPUS:-0}
-NET=10.78.0     # the bridge is .1 (slurmctld), node nI is .(10+I)
-BR=hsbr0
+NET=10.78.$ID   # the bridge is .1 (slurmctld), node nI is .(10+I)
+BR=hsbr$ID
 export SLURM_CONF=$D/etc/slurm.conf
 
 running() {  # a zombie does not count: in a container no init may reap our daemons
@@ -47,6 +59,7 @@ write_conf() {  # $1 = node count
   cat > "$SLURM_CONF" <<EOF
 ClusterName=harness
 SlurmctldHost=$(hostname -s)($NET.1)
+SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -73,7 +86,8 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=0
 MessageTimeout=10
 SlurmdTimeout=30
-KillWait=5
+# SIGTERM to SIGKILL: Slurm's default, as on real clusters (the trainer saves, then W&B)
+KillWait=30
 MinJobAge=300
 $([ "$GPUS" -gt 0 ] && echo GresTypes=gpu)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -95,10 +109,10 @@ start_munge() {  # a private munged on a socket under $D: the machine's own mung
 }
 
 start_node() {  # $1 = node index
-  local ns=hs_n$1
+  local ns=${P}n$1
   ip netns add $ns
-  ip link add hs_v$1 type veth peer name eth0 netns $ns
-  ip link set hs_v$1 master $BR up
+  ip link add ${P}v$1 type veth peer name eth0 netns $ns
+  ip link set ${P}v$1 master $BR up
   ip -n $ns addr add $NET.$((10 + $1))/24 dev eth0
   ip -n $ns link set eth0 up
   ip -n $ns link set lo up
@@ -148,14 +162,16 @@ stop_pids() {  # TERM the daemons behind these pid files, KILL what is left afte
   kill -9 $left 2>/dev/null || true
 }
 
-stop() {  # also cleans up after a crashed or half-started cluster
+stop() {  # also cleans up after a crashed or half-started cluster of this id (only this id)
   local ns
   if alive "$D/state/slurmctld.pid"; then  # cancel jobs first so their steps and tasks go away
     scancel --full $(squeue -h -o %A 2>/dev/null) 2>/dev/null || true
     for _ in $(seq 100); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.1; done
   fi
   stop_pids "$D"/state/slurmd_*.pid "$D/state/slurmctld.pid" "$D/state/munged.pid"
-  for ns in $(ip netns list 2>/dev/null | awk '/^hs_n[0-9]+/ {print $1}'); do ip netns del "$ns"; done
+  for ns in $(ip netns list 2>/dev/null | awk -v p="^${P}n[0-9]+$" '$1 ~ p {print $1}'); do
+    ip netns del "$ns"
+  done
   ip link del $BR 2>/dev/null || true
   rm -rf "$D/state" "$D/etc" "$D/munge" "$D/dev"
 }

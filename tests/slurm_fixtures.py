@@ -6,9 +6,19 @@ Use it from a test module:
 slurm_gpu_cluster is the same cluster with 4 fake GPUs per node (gpus_per_node=4 scripts).
 Skips with the reason when Slurm's daemons are not installed (.ci/install_slurm.sh) or when
 not root. Every wait has its own timeout: a request the nodes cannot meet pends for ever.
+
+One cluster per pytest run, started at its first use and stopped when the run ends: the run
+holds a cluster id (1-63, an flock on /tmp/harness-slurm.<id>.lock that the kernel drops when
+the process dies, kill -9 included) and with it a directory, bridge, subnet, namespaces and
+slurmctld port no other run uses (tests/slurm_cluster.sh), so two runs on one machine never
+stop each other's cluster; a run that took over the id of a crashed one stops what that left.
+Modules reuse the run's cluster (restarted only to change its shape, 2 nodes with or without
+GPUs) and cancel their jobs when they end.
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
 import shutil
 import subprocess
@@ -56,39 +66,76 @@ class SlurmCluster:
                                      f"{info}\n{self.run('sinfo', '-N')}")
             time.sleep(0.2)
 
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancel every job still queued or running, and wait until they are gone."""
+        deadline = time.monotonic() + timeout
+        while jobs := self.run("squeue", "-h", "-o", "%A").split():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"jobs {jobs} still there after scancel for {timeout} s")
+            self.run("scancel", "--full", *jobs)
+            time.sleep(0.2)
+
+
+_claimed: dict = {}  # this run's cluster: id, dir, the lock file held open
+
+
+def _claim() -> dict:
+    """This process's cluster id and directory: the first id whose lock no live process holds.
+    Anything a crashed holder of that id left running is stopped before the first start."""
+    if not _claimed:
+        for cluster_id in range(1, 64):
+            lock = open(f"/tmp/harness-slurm.{cluster_id}.lock", "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            _claimed.update(id=cluster_id, dir=f"/tmp/harness-slurm.{cluster_id}", lock=lock)
+            _script("stop", _cluster_env())
+            atexit.register(_stop_claimed)  # the end of the pytest run
+            break
+        else:
+            pytest.skip("63 pytest runs on this machine hold a Slurm test cluster each")
+    return _claimed
+
 
 def _cluster_env(**shape: int) -> dict:
     env = dict(os.environ)
-    env.setdefault("HARNESS_SLURM_DIR", "/tmp/harness-slurm")
+    env.update(HARNESS_SLURM_ID=str(_claimed["id"]), HARNESS_SLURM_DIR=_claimed["dir"])
     env.update({f"HARNESS_SLURM_{key.upper()}": str(v) for key, v in shape.items()})
     env["SLURM_CONF"] = f"{env['HARNESS_SLURM_DIR']}/etc/slurm.conf"
     return env
 
 
+def _script(command: str, env: dict, *args: str, timeout: float = 90) -> None:
+    proc = subprocess.run(["bash", str(SCRIPT), command, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"slurm_cluster.sh {command} failed:\n{proc.stderr}"
+
+
+def _stop_claimed() -> None:
+    _script("stop", _cluster_env(), timeout=60)
+
+
 def start_cluster(nodes: int = 2, **shape: int) -> SlurmCluster:
-    """Start (or reuse) a cluster of `nodes` nodes; shape: cpus=, gpus= per node."""
+    """This run's cluster with `nodes` nodes; shape: cpus=, gpus= per node. Reused when it
+    already has that shape, restarted with it otherwise."""
     missing = [cmd for cmd in NEEDED if shutil.which(cmd) is None]
     if missing:
         pytest.skip(f"Slurm not installed ({', '.join(missing)} missing): run .ci/install_slurm.sh")
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (network namespaces, daemons as root)")
+    _claim()
     env = _cluster_env(**shape)
-    proc = subprocess.run(["bash", str(SCRIPT), "start", str(nodes)], env=env,
-                          capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, f"slurm_cluster.sh start failed:\n{proc.stderr}"
+    _script("start", env, str(nodes))
     return SlurmCluster(nodes, env)
-
-
-def stop_cluster(cluster: SlurmCluster) -> None:
-    subprocess.run(["bash", str(SCRIPT), "stop"], env=cluster.env, capture_output=True,
-                   timeout=60, check=True)
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
     cluster = start_cluster(nodes=2)
     yield cluster
-    stop_cluster(cluster)
+    cluster.cancel_all()  # the next module starts on idle nodes; the run's end stops them
 
 
 @pytest.fixture(scope="module")
@@ -97,4 +144,4 @@ def slurm_gpu_cluster():
     ask for --gres=gpu:N and N tasks per node. Nothing uses the devices on a CPU machine."""
     cluster = start_cluster(nodes=2, gpus=4)
     yield cluster
-    stop_cluster(cluster)
+    cluster.cancel_all()
