@@ -42,13 +42,17 @@ def last_step(metrics):
 
 
 def wait_for_steps(metrics, n, proc, timeout=120):
-    start, deadline = None, time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        step = last_step(metrics)
-        if start is None and step >= 0:
-            start = step
-        if step >= start + n:
+    """Until the run has logged n more steps (or ended: the caller checks how); fails after
+    `timeout` s, so a slow start-up is never killed as if it were training."""
+    start, deadline = last_step(metrics), time.monotonic() + timeout
+    while proc.poll() is None:
+        if last_step(metrics) >= start + n:
             return
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{n} steps not logged within {timeout} s (from step {start}, now "
+                        f"{last_step(metrics)})")
         time.sleep(0.005)
 
 
