@@ -112,6 +112,7 @@ def check_paths(cfg: Config) -> None:
 
 # ---- the run directory: one writer at a time (harness/run_lease.py) -------------------------
 ANOTHER_RUN = "set train.run_dir to another directory to start a separate run"
+REFUSAL_GRACE_S = 5.0  # rank 0 of a refused Slurm step waits this long for the others
 
 
 def _lease_args(cfg: Config) -> tuple[Path, str, Path, str]:
@@ -130,8 +131,23 @@ def hold_run_dir(cfg: Config, rank: int) -> None:
             raise HarnessError(f"train.run_dir={cfg.train.run_dir}: cannot write its lease "
                                f"{run_lease.RUN_LEASE} ({e.strerror or e}): choose a writable "
                                f"train.run_dir") from None
+        except HarnessError:
+            _let_the_other_ranks_refuse()
+            raise
     elif run_lease.job_id():
         run_lease.check(*_lease_args(cfg))
+
+
+def _let_the_other_ranks_refuse() -> None:
+    """srun --kill-on-bad-exit answers rank 0's exit with TERM to the other tasks; one still
+    importing dies of it (143, which srun reports over rank 0's 2). They refuse too (above),
+    and once in train() TERM only marks a stop: give them the time to get there."""
+    try:
+        tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        tasks = 1
+    if tasks > 1 and run_lease.job_id():
+        time.sleep(REFUSAL_GRACE_S)
 
 
 def check_run_dir_free(cfg: Config) -> None:

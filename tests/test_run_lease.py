@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from engine_utils import child_env
+from slurm_fixtures import slurm_cluster  # noqa: F401  (fixture: the 2-node cluster)
 from harness import cli, run_lease
 from harness.errors import HarnessError
 from harness.run_lease import LOCK_SUFFIX, RUN_LEASE
@@ -339,3 +340,84 @@ def test_a_second_train_refuses_and_a_killed_ones_lease_is_taken_over(tmp_path, 
         assert torch.equal(mine[name], theirs[name]), name
     for run_dir in (a, b):  # released at the end: the next writer finds no lease
         assert not list(run_dir.glob(f"{RUN_LEASE}*"))
+
+
+# ---- the 2-node Slurm test cluster -----------------------------------------------------------
+SLURM = ["slurm.nodes=2", "slurm.gpus_per_node=0", "slurm.cpus_per_task=1",
+         "slurm.time=0-00:10:00", *TRAIN]
+
+
+def harness_submit(cluster, run_dir: Path, shards: Path) -> subprocess.CompletedProcess:
+    env = child_env(SLURM_CONF=cluster.env["SLURM_CONF"])
+    env.pop("SLURM_JOB_ID", None)  # the login node's
+    return subprocess.run([sys.executable, "-m", "harness.cli", "submit", "--config", "tiny",
+                           *SLURM, f"data.out_dir={shards}", f"train.run_dir={run_dir}"],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def wait_until(what: str, timeout: float, check):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.1)
+    return result
+
+
+@pytest.mark.slow
+def test_the_same_job_submitted_twice_one_trains_one_refuses(
+        slurm_cluster, tmp_path, shards_dir):  # noqa: F811
+    """The first job trains on both nodes; while it runs, `harness submit` of the same job
+    refuses on the login node (writing nothing), and the same batch script sbatch-ed again
+    fails at start-up with exit 2, not requeued; the first finishes with every step once and
+    its checkpoints intact."""
+    from harness.checkpoint_sums import _Group, _verify, complete_checkpoints
+
+    cluster = slurm_cluster
+    run_dir = tmp_path / "run"
+    proc = harness_submit(cluster, run_dir, shards_dir)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.strip()
+
+    def held_and_training():
+        record = run_lease._read(run_dir / RUN_LEASE)
+        return record if record and record.job == first and metrics(run_dir) else None
+
+    holder = wait_until(f"job {first} training", START_S, held_and_training)
+    assert holder.host != socket.gethostname()  # rank 0, on a node, not the login host
+    # its rank 0 held mid-run (same PID namespace as the nodes), so that the second job
+    # starts while the first runs however fast this machine is
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        script = (run_dir / "train.sbatch").read_bytes()
+        config = (run_dir / "job_config.yaml").read_bytes()
+        again = harness_submit(cluster, run_dir, shards_dir)
+        assert again.returncode == 2, again.stderr
+        (line,) = again.stderr.splitlines()
+        assert line.startswith(f"error: train.run_dir={run_dir} is in use by another writer: "
+                               f"pid {holder.pid} on host {holder.host} (Slurm job {first})")
+        assert f"`scancel {first}`" in line, line
+        assert (run_dir / "train.sbatch").read_bytes() == script  # nothing replaced
+        assert (run_dir / "job_config.yaml").read_bytes() == config
+        second = cluster.sbatch(run_dir / "train.sbatch")
+        refused = cluster.wait(second, timeout=START_S)
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    text = (run_dir / f"slurm-{second}.out").read_text()
+    assert refused["JobState"] == "FAILED" and refused["ExitCode"] == "2:0", (refused, text)
+    assert refused["Restarts"] == "0", text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and all(f"Slurm job {first}" in ln and f"`scancel {first}`" in ln
+                          for ln in errors), text
+    assert "Traceback" not in text and "job step failed with exit code 2" in text
+
+    done = cluster.wait(first, timeout=START_S)
+    log_text = (run_dir / f"slurm-{first}.out").read_text()
+    assert done["JobState"] == "COMPLETED" and done["Restarts"] == "0", log_text
+    assert "training finished" in log_text
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, MAX_STEPS + 1))
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    assert checkpoints[-1].name == f"step{MAX_STEPS:08d}"
+    for ckpt in checkpoints:
+        assert _verify(ckpt, _Group()) == (None, True), ckpt
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert not list(run_dir.glob(f"{RUN_LEASE}*"))  # released at the end
