@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from engine_utils import child_env
+from engine_utils import child_env, retry_on_port_clash
 from harness.config import load_config
 from harness.errors import HarnessError
 from harness.plan import make_plan
@@ -61,15 +61,20 @@ TRAIN = ["--config", "tiny", "model.n_layer=1", "model.n_head=2", "model.d_model
          "optim.warmup_steps=1", "checkpoint.every=0", "data.eval_every=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_two_ranks(tmp_path, shards, rank1_host=None) -> list[subprocess.CompletedProcess]:
-    """`harness train` as 2 ranks of one tensor-parallel group; rank 1 under `rank1_host`."""
-    port = _free_port()
+    """`harness train` as 2 ranks of one tensor-parallel group; rank 1 under `rank1_host`.
+    Started by hand, so rank 0 needs a port up front: a new one (and a fresh run directory)
+    when it finds the port taken (engine_utils.retry_on_port_clash)."""
+
+    def launch(port):
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        ranks = _start_two_ranks(tmp_path, shards, rank1_host, port)
+        return ranks, "".join(r.stdout + r.stderr for r in ranks)
+
+    return retry_on_port_clash(launch)
+
+
+def _start_two_ranks(tmp_path, shards, rank1_host, port) -> list[subprocess.CompletedProcess]:
     cmd = [sys.executable, "-m", "harness.cli", "train", *TRAIN, f"data.out_dir={shards}",
            f"train.run_dir={tmp_path / 'run'}"]
     procs = []
