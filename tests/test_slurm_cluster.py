@@ -104,4 +104,5 @@ def test_scancel_is_final(slurm_cluster, tmp_path):  # noqa: F811
     info = slurm_cluster.wait(job, timeout=30)
     text = out.read_text()
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", text
-    assert text.count("got TERM") == 2 and "requeueing" not in text
+    assert text.count("got TERM") == 2 and "harness: requeueing" not in text
+    assert "not requeued by this script" in text  # and the script says so
