@@ -104,6 +104,7 @@ def event_row(step: int, event: dict[str, Any]) -> dict[str, Any]:
     kind = str(event.get("event", "event"))
     row = {"train/step": step, f"monitor/{kind}": 1}
     for key, value in event.items():
+        value = as_number(value)  # a metrics.jsonl line holds NaN and inf as strings
         if isinstance(value, (bool, int, float)) and key not in ("step", "train/step"):
             row[f"monitor/{kind}/{key}"] = _loggable(value)
     return row
