@@ -21,8 +21,9 @@ install: $(VENV)/.installed
 train: install
 	$(VENV)/bin/harness train $(ARGS)
 
+# --durations=25: every run ends with its 25 slowest tests (ARGS may override it)
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(ARGS)
 
 ds-configs: install
 	$(PY) -m harness.ds_config ds_configs

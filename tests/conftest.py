@@ -10,6 +10,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # HARNESS_TEST_COSTS=<file.json>: per-test time, processes and engines (tests/cost_stats.py);
+    # popped, so that a pytest a test starts in a subprocess does not write over the file
+    costs = os.environ.pop("HARNESS_TEST_COSTS", "")
+    if costs:
+        from cost_stats import CostStats
+
+        config.pluginmanager.register(CostStats(costs), "cost_stats")
+
+
 @pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory):
     """Token shards of a 300 kB slice of the built-in corpus, prepared once per session."""
