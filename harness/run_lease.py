@@ -253,7 +253,8 @@ def take(record: Path, key: str, directory: Path, alternative: str) -> Lease:
         if fd is not None:
             os.close(fd)
         waited = time.monotonic() - start
-        if waited < (STALE_AFTER_S if verdict == "wait" else LOCK_RETRY_S):
+        # this job's previous incarnation: until its heartbeat would have gone stale
+        if waited < (STALE_AFTER_S + 1.0 if verdict == "wait" else LOCK_RETRY_S):
             time.sleep(POLL_S)
             continue
         if made is not None:
@@ -277,7 +278,7 @@ def _hold(record: Path, fd: int, previous: Optional[Holder], key: str, directory
     lease = Lease(record, fd, holder, made)
     _held[record] = lease
     _start_heartbeat()
-    if previous is not None and previous.pid != os.getpid():
+    if previous is not None and (previous.pid, previous.host) != (holder.pid, holder.host):
         same_job = previous.job is not None and previous.job == holder.job
         why = ("its lock is free" if previous.host == holder.host else
                f"no heartbeat for {now - previous.heartbeat:.0f} s")

@@ -265,14 +265,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return out
 
 
-def wait_steps(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_S
-    while len(metrics(run_dir)) < n:
-        assert proc.poll() is None, f"{run_dir}: exited {proc.returncode} before step {n}"
-        assert time.monotonic() < deadline, f"{run_dir}: not at step {n} after {START_S} s"
-        time.sleep(0.005)
-
-
 def final_params(run_dir: Path) -> dict:
     import torch
 
@@ -288,30 +280,41 @@ def harness_lines(text: str, level: str) -> list[str]:
 def test_a_second_train_refuses_and_a_killed_ones_lease_is_taken_over(tmp_path, shards_dir):
     """`first` trains in A; a second `harness train` on A while first runs (held stopped, so
     that "while" holds on any machine) refuses with one line and exit 2, and first then ends
-    bit-identical to `alone`, a run in B that is killed with SIGKILL after a checkpoint and
-    restarted: the restart takes the dead run's lease over with one warning."""
+    bit-identical to `alone`, an uninterrupted run in C. `killed`, a run in B, is killed with
+    SIGKILL after a checkpoint and restarted: the restart takes the dead run's lease over with
+    one warning, and ends bit-identical too."""
     import torch
 
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     env = child_env()
     env.pop("SLURM_JOB_ID", None)
     run = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env}
     first = subprocess.Popen(train_cmd(a, shards_dir), **run)
-    alone = subprocess.Popen(train_cmd(b, shards_dir), **run)
+    killed = subprocess.Popen(train_cmd(b, shards_dir), **run)
+    alone = subprocess.Popen(train_cmd(c, shards_dir), **run)
     try:
-        wait_steps(a, 3, first)
-        first.send_signal(signal.SIGSTOP)  # mid-run, its lease held
-        wait_steps(b, 7, alone)  # past its step-5 checkpoint
-        alone.send_signal(signal.SIGKILL)
-        alone.communicate(timeout=60)
+        # both watched at once, each stopped as soon as it gets there, however they run
+        pending = {first: (a, 3, signal.SIGSTOP),  # mid-run, its lease held
+                   killed: (b, 7, signal.SIGKILL)}  # past its step-5 checkpoint
+        deadline = time.monotonic() + START_S
+        while pending:
+            for proc, (run_dir, n, sig) in list(pending.items()):
+                assert proc.poll() is None, f"{run_dir}: exited {proc.returncode} too soon"
+                if len(metrics(run_dir)) >= n:
+                    proc.send_signal(sig)
+                    del pending[proc]
+            assert time.monotonic() < deadline, f"not every run started in {START_S} s"
+            time.sleep(0.005)
+        killed.communicate(timeout=60)
         assert (b / RUN_LEASE).exists() and (b / f"{RUN_LEASE}{LOCK_SUFFIX}").exists()
         restart = subprocess.Popen(train_cmd(b, shards_dir), **run)
         second = subprocess.run(train_cmd(a, shards_dir), timeout=START_S, **run)
         first.send_signal(signal.SIGCONT)
-        restart_out, restart_err = restart.communicate(timeout=START_S)
-        first_out, first_err = first.communicate(timeout=START_S)
+        _, restart_err = restart.communicate(timeout=START_S)
+        _, first_err = first.communicate(timeout=START_S)
+        _, alone_err = alone.communicate(timeout=START_S)
     finally:
-        for proc in (first, alone):
+        for proc in (first, killed, alone):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
@@ -323,22 +326,25 @@ def test_a_second_train_refuses_and_a_killed_ones_lease_is_taken_over(tmp_path, 
     assert f"`kill {first.pid}` on {socket.gethostname()}" in line
     assert "set train.run_dir to another directory to start a separate run" in line
     assert "Traceback" not in second.stderr and not list(a.glob("traceback-*"))
-    # the first: as if alone
+    # the first: as if alone (compared below)
     assert first.returncode == 0, first_err[-3000:]
     assert not harness_lines(first_err, "WARNING"), first_err[-3000:]
-    assert [r["step"] for r in metrics(a)] == list(range(1, MAX_STEPS + 1))
     # the restart of the killed run: one warning, naming the dead holder
     assert restart.returncode == 0, restart_err[-3000:]
     (warning,) = harness_lines(restart_err, "WARNING")
-    assert f"took over the lease left by pid {alone.pid} on host {socket.gethostname()}" \
+    assert f"took over the lease left by pid {killed.pid} on host {socket.gethostname()}" \
            in warning and "its lock is free" in warning
-    assert [r["step"] for r in metrics(b)] == list(range(1, MAX_STEPS + 1))
-    assert [r["train/loss"] for r in metrics(a)] == [r["train/loss"] for r in metrics(b)]
-    mine, theirs = final_params(a), final_params(b)
-    assert mine.keys() == theirs.keys()
-    for name in mine:
-        assert torch.equal(mine[name], theirs[name]), name
-    for run_dir in (a, b):  # released at the end: the next writer finds no lease
+    assert alone.returncode == 0, alone_err[-3000:]
+    reference, params = metrics(c), final_params(c)
+    for run_dir in (a, b):
+        assert [r["step"] for r in metrics(run_dir)] == list(range(1, MAX_STEPS + 1))
+        assert [r["train/loss"] for r in metrics(run_dir)] == \
+               [r["train/loss"] for r in reference], run_dir
+        mine = final_params(run_dir)
+        assert mine.keys() == params.keys()
+        for name in mine:
+            assert torch.equal(mine[name], params[name]), (run_dir, name)
+    for run_dir in (a, b, c):  # released at the end: the next writer finds no lease
         assert not list(run_dir.glob(f"{RUN_LEASE}*"))
 
 
