@@ -92,37 +92,37 @@ def offline(monkeypatch):
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
 
 
-def test_a_failing_log_is_one_warning_and_training_goes_on(built, tmp_path, offline, caplog):
-    def disk_full(trainer):
-        logger = next(cb for cb in trainer.callbacks if isinstance(cb, WandbLogger))
+def disk_full(trainer):
+    """From now on every W&B log raises, as on a full disk."""
+    logger = next(cb for cb in trainer.callbacks if isinstance(cb, WandbLogger))
 
-        def log(row):
-            raise OSError(28, "No space left on device")
-        logger.run.log = log
+    def log(row):
+        raise OSError(28, "No space left on device")
+    logger.run.log = log
 
+
+def kill_service(trainer):
+    """SIGKILL, not SIGTERM: nothing tells this rank; the next W&B call fails (a log's
+    connection reset, or finish())."""
+    for pid in service_pids():
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("failure, says", [(disk_full, "in log (OSError: [Errno 28] No space "
+                                                       "left on device)"),
+                                           (kill_service, "W&B failed in ")])
+def test_a_failing_w_and_b_is_one_warning_and_training_goes_on(built, tmp_path, offline, caplog,
+                                                               failure, says):
     with caplog.at_level("WARNING", logger="harness"):
-        trainer, logger = train(built, tmp_path, At(3, disk_full))
+        trainer, logger = train(built, tmp_path, At(3, failure))
     assert trainer.step == STEPS and logger.run is None
     warning, = harness_warnings(caplog)
-    assert "No space left on device" in warning and "W&B is off" in warning
+    assert says in warning and "W&B is off for the rest of this run" in warning
+    assert "metrics.jsonl keeps every step" in warning
     assert [r["train/step"] for r in logged(tmp_path)] == list(range(1, STEPS + 1))
-    rows = read_run(run_files(tmp_path / "wandb")[0], timeout=5).rows("train/loss")
-    assert [r["train/step"] for r in rows] == [1, 2]  # the service's file as it was left
-
-
-def test_a_killed_service_is_one_warning_and_training_goes_on(built, tmp_path, offline, caplog):
-    # SIGKILL, not SIGTERM: nothing tells this rank, so the logger learns it at finish()
-    def kill(trainer):
-        for pid in service_pids():
-            os.kill(pid, signal.SIGKILL)
-
-    with caplog.at_level("WARNING", logger="harness"):
-        trainer, logger = train(built, tmp_path, At(3, kill))
-    assert trainer.step == STEPS and logger.run is None
-    warning, = harness_warnings(caplog)
-    # the first call after the kill fails: a log (connection reset) or finish()
-    assert "W&B failed in " in warning and "metrics.jsonl keeps every step" in warning
-    assert [r["train/step"] for r in logged(tmp_path)] == list(range(1, STEPS + 1))
+    if failure is disk_full:  # the service itself lives on: its file holds the steps before
+        rows = read_run(run_files(tmp_path / "wandb")[0], timeout=5).rows("train/loss")
+        assert [r["train/step"] for r in rows] == [1, 2]
 
 
 def test_sigterm_to_the_job_loses_no_row(built, tmp_path, offline, caplog):
