@@ -4,6 +4,10 @@ PY := $(VENV)/bin/python
 # the CPU build on this disk; GPU users install their CUDA torch into $(VENV) first (README)
 TORCH_PIN ?= torch==2.13.0
 ARGS ?=
+# DeepSpeed JIT-builds its CPU shared-memory op (deepspeed_shm_comm) at the first
+# init_distributed, into torch's extension cache; one cache per venv, so that two checkouts'
+# venvs do not rebuild it in turn (each build is keyed by its venv's paths)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install train test ds-configs bench clean-runs
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine_utils import child_env
+
+pytestmark = pytest.mark.slow  # each test runs a bench script in its own process
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,6 +20,7 @@ from trained_runs import VARIANTS, train_run
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # lm-evaluation-harness itself: 20 s of imports and scoring
 
 TASK = """task: harness_local_text
 dataset_path: json

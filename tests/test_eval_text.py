@@ -136,6 +136,7 @@ def test_zero3_checkpoint_loads_the_trained_weights(tmp_path, shards_dir, capsys
     assert _eval(capsys, tmp_path / "run", "--data", text)["tokens"] > 0
 
 
+@pytest.mark.slow  # two ranks under torchrun
 def test_two_rank_bf16_checkpoint_loads_its_master_weights(tmp_path, shards_dir):
     """Saved by 2 ranks, bf16 at ZeRO 1 (DeepSpeed's BF16_Optimizer: each rank holds half of
     every group's fp32 master weights, a format zero_to_fp32 cannot read): loaded in a plain

@@ -3,8 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 from engine_utils import child_env
+
+pytestmark = pytest.mark.slow  # `harness train` processes, as a user runs them
 
 
 def harness(*args, timeout=300):
