@@ -31,9 +31,10 @@ from harness.errors import HarnessError
 HOST_BYTES = 64
 LOST_RANK_EXIT_CODE = 4
 ROLL_CALL_S = 10.0  # how long survivors wait for each other: every survivor fails by then
-# what a collective raises when its peer is gone (gloo and NCCL, torch 2.x)
+# what gloo's collectives raise when a peer is gone (torch 2.x); NCCL's errors, and the store's
+# network errors, come as torch.distributed.DistBackendError / DistNetworkError
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
-             "timed out", "Socket Timeout", "NCCL communicator was aborted", "Broken pipe")
+             "Socket Timeout", "Broken pipe")
 
 
 class RankLost(HarnessError):
@@ -86,7 +87,7 @@ def record(rank: int, hosts: list[str], timeout_s: float) -> None:
 
 
 def is_peer_gone(err: BaseException) -> bool:
-    if isinstance(err, getattr(torch.distributed, "DistNetworkError", ())):
+    if isinstance(err, (torch.distributed.DistBackendError, torch.distributed.DistNetworkError)):
         return True
     return isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_GONE)
 
