@@ -29,7 +29,7 @@ process started (DeepSpeed's gcc/ninja probes at the first engine build included
 children, such as ranks and Slurm jobs, not). ranks: started through torchrun or the deepspeed
 launcher. engines: DeepSpeed engines built in-process. train: the processes that train
 (`harness train`, tests/*_worker.py). `make test` and .ci/run also print the 25 slowest tests;
-.ci/run writes build/test-costs.json and prints this table from it.
+.ci/run writes build/test-costs.json, from which `--from-json` renders this table.
 
 Regenerate (the whole suite, or only what the pytest arguments select):
 
