@@ -26,7 +26,8 @@ INTRO = f"""# Tests
 Where the suite's time goes, per file. seconds: setup + call + teardown (a session- or
 module-scoped fixture counts in the first test that uses it). processes: those the pytest
 process started (DeepSpeed's gcc/ninja probes at the first engine build included; their own
-children, such as ranks and Slurm jobs, not). ranks: started through torchrun or the deepspeed
+children, such as ranks and Slurm jobs, not; nor the bad-input battery's forks of a warm
+interpreter, tests/forked_cli.py). ranks: started through torchrun or the deepspeed
 launcher. engines: DeepSpeed engines built in-process. train: the processes that train
 (`harness train`, tests/*_worker.py). `make test` and .ci/run also print the 25 slowest tests;
 .ci/run writes build/test-costs.json, from which `--from-json` renders this table.

@@ -2,7 +2,9 @@
 
 A case ends with its promised exit code and one line naming the key or file and the fix, no
 traceback, and changes no file it should not. Fast cases run in-process through
-harness.cli.main; `process` cases run `python -m harness.cli` (signals, real exit codes).
+harness.cli.main; `process` cases in a process of their own (real exit codes, a fresh
+DeepSpeed): forked from a warm interpreter (tests/forked_cli.py), or, when a case signals it
+while it runs, `python -m harness.cli`.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ def _run(case: Case, tmp: Path, capsys, monkeypatch) -> tuple[int, str, str]:
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     if case.process:
         env = child_env(**{k: v.replace("{tmp}", str(tmp)) for k, v in case.env.items()})
+        if case.during is None:  # a fork of a warm interpreter: the same process, 4 s sooner
+            import forked_cli  # imports DeepSpeed: only when a process case runs
+
+            return forked_cli.run(argv, tmp, env)
         with subprocess.Popen([sys.executable, "-m", "harness.cli", *argv], cwd=tmp, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
             try:

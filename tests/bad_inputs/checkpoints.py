@@ -3,7 +3,7 @@
 A template run (1 layer, 3 steps, a checkpoint after every step) is trained once per process in
 its own process, for ZeRO 0 and ZeRO 1; each case copies it into its directory with the token
 shards, damages the copy, and runs `harness train` with the same arguments, in its own process
-(a fresh DeepSpeed each time). checkpoint.resume=auto falls back past damaged checkpoints to the
+(a fresh DeepSpeed each time; forked from a warm interpreter, tests/forked_cli.py). checkpoint.resume=auto falls back past damaged checkpoints to the
 newest intact one (exit 0) and stops with one line when none is intact; a checkpoint named by
 checkpoint.resume that is damaged is an error, never silently replaced. The older checkpoints,
 and the damaged ones when the run stops, are left byte for byte as they were.
@@ -15,8 +15,6 @@ import atexit
 import functools
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,6 +48,7 @@ def _overrides(tmp: Path, stage: int) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _template(stage: int) -> Path:
     """{cache}/stageN/{run,shards}: a finished 3-step run with checkpoints at 1, 2 and 3."""
+    import forked_cli  # a process of its own, forked from a warm interpreter
     from engine_utils import child_env
     from harness.config import load_config
     from harness.data.prepare import prepare_data
@@ -60,11 +59,11 @@ def _template(stage: int) -> Path:
         prepare_data(load_config("tiny", _overrides(_cache() / "stage0", 0)).data, progress=False)
     if stage:
         shutil.copytree(shards, root / "shards")
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "train", "--config", "tiny",
-                           *_overrides(root, stage)], env=child_env(), capture_output=True,
-                          text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"template run failed:\n{proc.stderr[-3000:]}")
+    root.mkdir(parents=True, exist_ok=True)
+    code, _, err = forked_cli.run(["train", "--config", "tiny", *_overrides(root, stage)], root,
+                                  child_env())
+    if code != 0:
+        raise RuntimeError(f"template run failed:\n{err[-3000:]}")
     return root
 
 
