@@ -130,6 +130,11 @@ class BlockStack(nn.Module):
         return run
 
     def _blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            # no backward will follow (evaluation, sampling): there is nothing to save, so
+            # nothing to checkpoint; and DeepSpeed's contiguous-memory buffers, which only a
+            # backward resets, would overflow on the next forward (IndexError)
+            return self._run_range(0, len(self.blocks))(x)
         if self._sub_block is not None:
             for block in self.blocks:
                 if self._sub_block == "attention":

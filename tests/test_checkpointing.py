@@ -6,7 +6,9 @@ device-independent, recompute included), on an 8-layer model with dropout on.
 import pytest
 import torch
 
-from engine_utils import make_data, small_cfg
+from engine_utils import make_data, small_cfg, tokens
+from harness.callbacks.evaluator import Evaluator
+from harness.data.shards import Sequences
 from harness.engine import build
 from harness.memory import measure_step, predict_peak
 
@@ -98,3 +100,29 @@ def test_partition_without_tensor_parallel_warns(caplog):
     with caplog.at_level("WARNING", logger="harness"):
         build(small_cfg(*SHAPE, f"{AC}.policy=every_layer", f"{AC}.partition_activations=true"))
     assert "saves nothing without tensor parallelism" in caplog.text
+
+
+def test_evaluation_between_steps_with_contiguous_checkpoint_memory():
+    """A no-grad forward (evaluation) through DeepSpeed's checkpoint with contiguous memory
+    filled buffers that only a backward resets: the next forward raised IndexError (issue 23,
+    item 1; `harness train` with data.eval_every crashed at its first evaluation). No-grad
+    forwards now run the blocks without checkpointing: two evaluations in a row between
+    training steps, each equal to the same run without checkpointing (its gradients are
+    equal to the bit, so its weights are too)."""
+    contiguous = [f"{AC}.policy=every_layer", f"{AC}.partition_activations=true",
+                  f"{AC}.contiguous_memory_optimization=true"]
+    losses = {}
+    for name, extra in (("plain", []), ("contiguous", contiguous)):
+        cfg = small_cfg(*SHAPE, *extra)
+        built = build(cfg)
+        data = make_data(cfg, 4)
+        ev = Evaluator(Sequences(tokens(64, 2000, seed=3), cfg.model.block_size), every=1,
+                       batches=2, micro=4, rank=0, world=1)
+        got = []
+        for step in range(2):
+            got += [ev.evaluate(built.engine, built.comm), ev.evaluate(built.engine, built.comm)]
+            x, y = data.micro_batch(4 * step, 0)
+            built.engine.backward(built.engine(x, y))
+            built.engine.step()
+        losses[name] = got
+    assert losses["contiguous"] == losses["plain"], losses
