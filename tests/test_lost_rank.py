@@ -5,13 +5,14 @@ which host, and exits with LOST_RANK_EXIT_CODE, with two real `harness train` ra
   peer"); the roll call names rank 1.
 - SIGSTOP of rank 1 (a node lost without a word: no socket is closed): rank 0 waits in its
   collective until parallel.collective_timeout_s (here 10 s), then names rank 1 the same way.
-Both pairs are launched together (4 processes) and checked separately. The 2-node Slurm
+The two pairs are launched one after the other and checked separately. The 2-node Slurm
 cluster is not used: what differs there (hosts) is the host table's, tested with the cluster
 in tests/test_slurm_tp.py.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_utils import child_env
+from engine_utils import child_env, retry_on_port_clash
 from harness.peers import LOST_RANK_EXIT_CODE, ROLL_CALL_S
 
 pytestmark = pytest.mark.slow
@@ -32,20 +33,35 @@ ARGS = ["--config", "tiny", "model.n_layer=1", "model.n_head=2", "model.d_model=
         "data.eval_every=0", f"parallel.collective_timeout_s={TIMEOUT_S}"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_pair(run_dir: Path, shards: Path) -> list[subprocess.Popen]:
-    port = _port()
+def start_pair(run_dir: Path, shards: Path, port: int) -> list[subprocess.Popen]:
     cmd = [sys.executable, "-m", "harness.cli", "train", *ARGS, f"data.out_dir={shards}",
            f"train.run_dir={run_dir}"]
     return [subprocess.Popen(cmd, env=child_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for r in (0, 1)]
+
+
+def training_pair(run_dir: Path, shards: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Two ranks past their third step. Started by hand (torchrun's agent would end the
+    survivor itself), so with a port picked up front: again with a new one when rank 0 found
+    it taken (engine_utils.retry_on_port_clash)."""
+    def launch(port):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        rank0, rank1 = start_pair(run_dir, shards, port)
+        deadline = time.monotonic() + 240
+        while steps(run_dir) < 3:  # training, not starting up
+            if rank0.poll() is not None:
+                rank1.kill()
+                err = rank0.stderr.read() + rank1.communicate()[1]
+                return None, err
+            assert time.monotonic() < deadline, "3 steps not logged within 240 s"
+            time.sleep(0.1)
+        return (rank0, rank1), ""
+
+    pair = retry_on_port_clash(launch)
+    assert pair is not None, "rank 0 ended before its third step"
+    return pair
 
 
 def steps(run_dir: Path) -> int:
@@ -56,14 +72,11 @@ def steps(run_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def lost(tmp_path_factory, shards_dir):
     tmp = tmp_path_factory.mktemp("lost_rank")
-    pairs = {how: (tmp / how, start_pair(tmp / how, shards_dir)) for how in ("kill", "stop")}
-    deadline = time.monotonic() + 240
-    for how, (run_dir, (rank0, rank1)) in pairs.items():
-        while steps(run_dir) < 3:  # training, not starting up
-            assert rank0.poll() is None and time.monotonic() < deadline, rank0.stderr.read()
-            time.sleep(0.1)
+    pairs = {}
+    for how in ("kill", "stop"):
+        rank0, rank1 = training_pair(tmp / how, shards_dir)
         os.kill(rank1.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        pairs[how] = (run_dir, rank0, rank1, time.monotonic())
+        pairs[how] = (tmp / how, rank0, rank1, time.monotonic())
     out = {}
     for how, (run_dir, rank0, rank1, when) in pairs.items():
         try:
