@@ -394,7 +394,7 @@ def test_train_check_names_both_sources_and_settings(tmp_path):
                                            r"data.vocab_size=300: .*set data.vocab_size=300"):
         prep.check_prepared_from(_words_cfg(tmp_path, vocab_size=400), out, read_sources=False)
     # no data.sources: the shards of a corpus prepared before are trained on as they are
-    # (README: `prepare-data data.sources=... data.out_dir=D`, then `train data.out_dir=D`)
+    # (docs/data.md: `prepare-data data.sources=... data.out_dir=D`, then `train data.out_dir=D`)
     prep.check_prepared_from(DataConfig(out_dir=str(out), vocab_size=512), out)
 
 

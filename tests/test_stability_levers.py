@@ -4,7 +4,7 @@ QK-norm (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer 
 instabilities"): at a learning rate far above the tiny model's usual 3e-3, a llama without
 qk_norm grows its attention logits by orders of magnitude (the softmax collapses onto one key)
 and its loss falls behind; the same run with qk_norm keeps the logits bounded and trains on.
-This test is the claim's only executable form (120 steps). The 300-step numbers the README
+This test is the claim's only executable form (120 steps). The 300-step numbers docs/training.md
 quotes ("Stability and speed levers": bound 12,500 vs 34, final loss 4.28 vs 3.56) come from
 a run that no script in bench/ repeats.
 """
