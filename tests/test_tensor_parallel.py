@@ -10,6 +10,12 @@ ratios) of every step, each counting a sharded tensor's shards once each and a r
 (LayerNorms, embeddings, row-parallel biases) once, not TP times (harness.grad_norms), and
 every parameter after training, the shards gathered across the group.
 
+One launch per world size: every TP 2 x DP 1 run of this module (the cases, the dropout pair,
+the activation measurements) in one 2-process launch, every TP 2 x DP 2 run in one 4-process
+launch (tests/tp_cases_worker.py: each case its own engine, reseeded; one process start per
+launch), module-scoped; a case that fails fails its own test with its traceback. The TP 1
+references train in this process, once per case.
+
 Tolerances, from a plain-PyTorch run: TP only changes the order of fp32 additions (a
 row-parallel layer sums two half-width matmuls through an all-reduce). The same kind of
 change in plain PyTorch, micro 2 x 4 against micro 8 x 1 (engine_utils.run_reference), moves
@@ -28,16 +34,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from case_launch import Launch
 from engine_utils import (ROUNDING_TOL, child_env, run_harness, run_reference, small_cfg,
                           torchrun)
 
 pytestmark = pytest.mark.slow
-WORKER = str(Path(__file__).with_name("norm_worker.py"))
+CASES_WORKER = str(Path(__file__).with_name("tp_cases_worker.py"))
 BATCH = ["train.micro_batch_size=2", "train.grad_accum_steps=4", "train.max_steps=5",
          "clip.max_norm=0.5", "monitor.update_sample=1"]
 REL = 1e-6  # measured <= 5.0e-7 (the module docstring)
 MODEL_REL = 2e-5  # the forward's statistics after step 1: measured 1.1e-5
 AC = "activation_checkpointing"
+TP2 = "parallel.tensor_parallel_size=2"
 LLAMA = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=64"]
 CASES = {
     "zero0": ["zero.stage=0"],
@@ -56,13 +64,66 @@ CASES = {
                                           f"{AC}.policy=every_layer",
                                           f"{AC}.partition_activations=true"],
 }
+DP2_CASES = ["zero0", "zero2", "zero1-partitioned-ac"]
+PARTITIONED = ["train.micro_batch_size=2", "train.grad_accum_steps=1",
+               f"{AC}.policy=every_layer", f"{AC}.partition_activations=true"]
+ACTIVATION_CASES = {"partitioned": [],
+                    "partitioned-cpu-contiguous": [f"{AC}.cpu_checkpointing=true",
+                                                   f"{AC}.contiguous_memory_optimization=true"]}
+DROPOUT = ["zero.stage=1", "model.dropout=0.1", "train.micro_batch_size=2",
+           "train.grad_accum_steps=2", "train.max_steps=3", TP2]
+DROPOUT_CASES = {"plain": DROPOUT,
+                 "ckpt": [*DROPOUT, f"{AC}.policy=every_layer",
+                          f"{AC}.partition_activations=true", f"{AC}.cpu_checkpointing=true",
+                          f"{AC}.contiguous_memory_optimization=true"]}
 
 
-def tp_ranks(out: Path, overrides: list[str], n: int = 2) -> list[dict]:
-    cmd = torchrun(n, WORKER, str(out), *overrides)
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+def _launch(tmp: Path, n: int, cases: list[tuple[str, str, list[str]]]) -> Launch:
+    """One torchrun launch of n ranks running every (name, kind, overrides) in order."""
+    spec = tmp / "spec.json"
+    return Launch(torchrun(n, CASES_WORKER, str(spec)), spec,
+                  [{"name": name, "kind": kind, "out": str(tmp / name), "overrides": overrides}
+                   for name, kind, overrides in cases], n)
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory) -> Launch:
+    """Every TP 2 x DP 1 case of this module from one 2-process launch (one start, one
+    rendezvous): the 6 training cases, the 2 dropout runs, the 2 activation measurements.
+    A case that fails fails its own test, with its traceback (tests/case_launch.py)."""
+    return _launch(tmp_path_factory.mktemp("tp2"), 2, [
+        *((f"train-{c}", "train", [*CASES[c], *BATCH, TP2]) for c in CASES),
+        *((f"dropout-{c}", "train", args) for c, args in DROPOUT_CASES.items()),
+        *((f"activation-{c}", "activation", [*PARTITIONED, *extra, TP2])
+          for c, extra in ACTIVATION_CASES.items())])
+
+
+@pytest.fixture(scope="module")
+def tp2dp2(tmp_path_factory) -> Launch:
+    """The TP 2 x DP 2 training cases from one 4-process launch."""
+    return _launch(tmp_path_factory.mktemp("tp2dp2"), 4, [
+        (f"train-{c}", "train", [*CASES[c], *BATCH, TP2, "train.grad_accum_steps=2"])
+        for c in DP2_CASES])
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """tp1(case) -> (params, metrics) of the TP 1 run in this process, trained once per case
+    (the TP 2 x DP 1 and TP 2 x DP 2 tests of a case compare with the same run)."""
+    done = {}
+
+    def get(case: str):
+        if case not in done:
+            done[case] = run_harness(small_cfg(*CASES[case], *BATCH))[:2]
+        return done[case]
+
+    return get
+
+
+def tp_ranks(launch: Launch, name: str) -> list[dict]:
+    launch.check(name)
+    out = Path(launch.cases[name]["out"])
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(launch.nproc)]
 
 
 def _rel(a: float, b: float) -> float:
@@ -105,20 +166,17 @@ def _assert_matches_tp1(ranks: list[dict], single_params: dict, single: list[dic
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tp2_matches_tp1_loss_norm_and_parameters(tmp_path, case):
-    args = [*CASES[case], *BATCH]
-    ranks = tp_ranks(tmp_path, [*args, "parallel.tensor_parallel_size=2"])
-    _assert_matches_tp1(ranks, *run_harness(small_cfg(*args))[:2])
+def test_tp2_matches_tp1_loss_norm_and_parameters(tp2, tp1, case):
+    _assert_matches_tp1(tp_ranks(tp2, f"train-{case}"), *tp1(case))
 
 
-@pytest.mark.parametrize("case", ["zero0", "zero2", "zero1-partitioned-ac"])
-def test_tp2_dp2_matches_tp1_with_the_same_global_batch(tmp_path, case):
+@pytest.mark.parametrize("case", DP2_CASES)
+def test_tp2_dp2_matches_tp1_with_the_same_global_batch(tp2dp2, tp1, case):
     """4 processes: 2 tensor-parallel groups of 2, each group a data-parallel rank with half of
     the global batch (accumulation 2 instead of 4: global batch 8 either way)."""
-    args = [*CASES[case], *BATCH]
-    ranks = tp_ranks(tmp_path, [*args, "parallel.tensor_parallel_size=2",
-                                "train.grad_accum_steps=2"], n=4)
-    _assert_matches_tp1(ranks, *run_harness(small_cfg(*args))[:2])
+    ranks = tp_ranks(tp2dp2, f"train-{case}")
+    assert len(ranks) == 4
+    _assert_matches_tp1(ranks, *tp1(case))
 
 
 def test_the_tolerance_covers_plain_pytorch_reordering():
@@ -136,8 +194,6 @@ def test_the_tolerance_covers_plain_pytorch_reordering():
 
 
 ACT_WORKER = str(Path(__file__).with_name("tp_activation_worker.py"))
-PARTITIONED = ["train.micro_batch_size=2", "train.grad_accum_steps=1",
-               f"{AC}.policy=every_layer", f"{AC}.partition_activations=true"]
 
 
 def _activations(out: Path, overrides: list[str], n: int) -> list[dict]:
@@ -152,18 +208,26 @@ def _activations(out: Path, overrides: list[str], n: int) -> list[dict]:
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(n)]
 
 
-@pytest.mark.parametrize("extra", [[], [f"{AC}.cpu_checkpointing=true",
-                                        f"{AC}.contiguous_memory_optimization=true"]],
-                         ids=["partitioned", "partitioned-cpu-contiguous"])
-def test_partition_activations_halves_the_checkpointed_bytes_at_tp2(tmp_path, extra):
+def _activation(launch: Launch, name: str) -> list[dict]:
+    import json
+
+    launch.check(name)
+    out = launch.cases[name]["out"]
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(launch.nproc)]
+
+
+@pytest.mark.parametrize("case", list(ACTIVATION_CASES))
+def test_partition_activations_halves_the_checkpointed_bytes_at_tp2(tp2, case):
     """The bytes DeepSpeed's checkpoint holds for backward on each rank (the saved-bytes
     meter's view of ctx.deepspeed_saved_tensors, the partitions included): per layer one
     input of micro x seq x d_model fp32, plus a 3-element int64 size tensor per input.
     TP 1: 2 layers x 2 x 16 x 32 x 4 B = 8192 B (+ 48 B of sizes); TP 2: half of the
-    activation on each rank, 4096 B (+ 48 B). Measured: 8240 and 4144 B."""
-    one = _activations(tmp_path / "tp1", [*PARTITIONED, *extra], 1)[0]
-    two = _activations(tmp_path / "tp2", [*PARTITIONED, *extra,
-                                          "parallel.tensor_parallel_size=2"], 2)
+    activation on each rank, 4096 B (+ 48 B). Measured: 8240 and 4144 B. TP 1 is measured in
+    this process (tp_activation_worker.measure, a fresh engine), TP 2 in the module's launch."""
+    from tp_activation_worker import measure
+
+    one = measure([*PARTITIONED, *ACTIVATION_CASES[case]])
+    two = _activation(tp2, f"activation-{case}")
     sizes = 2 * 3 * 8  # the size tensor of each of the 2 checkpointed inputs
     activation = 2 * 2 * 16 * 32 * 4
     assert one["checkpointed"] == activation + sizes
@@ -189,17 +253,12 @@ def test_cpu_checkpointing_holds_the_checkpointed_inputs_in_host_memory(tmp_path
     assert on_host["loss"] == pytest.approx(on_gpu["loss"], rel=REL)
 
 
-def test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout(tmp_path):
+def test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout(tp2):
     """Dropout 0.1 at TP 2: partition_activations + contiguous memory + cpu_checkpointing give
     the same losses and pre-clip norms as no checkpointing (DeepSpeed's checkpoint replays the
     RNG state for the recompute; the ranks of a group share a dropout stream: engine.build)."""
-    base = ["zero.stage=1", "model.dropout=0.1", "train.micro_batch_size=2",
-            "train.grad_accum_steps=2", "train.max_steps=3", "parallel.tensor_parallel_size=2"]
-    plain = tp_ranks(tmp_path / "plain", base)
-    ckpt = tp_ranks(tmp_path / "ckpt", [*base, f"{AC}.policy=every_layer",
-                                        f"{AC}.partition_activations=true",
-                                        f"{AC}.cpu_checkpointing=true",
-                                        f"{AC}.contiguous_memory_optimization=true"])
+    plain = tp_ranks(tp2, "dropout-plain")
+    ckpt = tp_ranks(tp2, "dropout-ckpt")
     for name, p in plain[0]["params"].items():  # the group drew the same dropout masks
         assert torch.equal(plain[1]["params"][name], p), name
     for a, b in zip(plain[0]["metrics"], ckpt[0]["metrics"]):
