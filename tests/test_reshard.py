@@ -12,6 +12,8 @@ accumulation re-derived) and goes on to step 6. Checked:
     and a second resume reuses it;
   - a single process converts on the spot; several ranks refuse a checkpoint that is not
     converted yet (one line naming `python -m harness.reshard STEP_DIR`) and resume once it is.
+The stages' 2-rank runs (and the refused 2-rank start) share one launch, their 1-rank resumes
+another (launch_cases, reshard_worker.py --cases): one process start per launch.
 """
 import json
 import subprocess
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from case_launch import Launch
 from engine_utils import ROUNDING_TOL, child_env, max_diff, torchrun
 
 WORKER = str(Path(__file__).with_name("reshard_worker.py"))
@@ -28,12 +31,17 @@ BASE = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_si
         "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=6",
         "optim.warmup_steps=2", "checkpoint.every=0"]
 STEP3 = "checkpoints/step00000003"
+STAGES = [1, 2, 3]
+
+
+def _overrides(run_dir, shards, stage, *extra) -> list[str]:
+    return [*BASE, f"train.run_dir={run_dir}", f"data.out_dir={shards}", f"zero.stage={stage}",
+            *extra]
 
 
 def launch(nproc, out, run_dir, shards, stop_at, stage, *extra, refused=None):
     """Runs the worker; with `refused`, expects every rank to exit 2 with that one line."""
-    args = [str(out), str(stop_at), *BASE, f"train.run_dir={run_dir}", f"data.out_dir={shards}",
-            f"zero.stage={stage}", *extra]
+    args = [str(out), str(stop_at), *_overrides(run_dir, shards, stage, *extra)]
     if nproc == 1:
         cmd = [sys.executable, WORKER, *args]
     else:
@@ -47,9 +55,40 @@ def launch(nproc, out, run_dir, shards, stop_at, stage, *extra, refused=None):
         assert proc.returncode != 0 and 1 <= count <= nproc, proc.stderr
         return None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _results(out, nproc)
+
+
+def _results(out: Path, nproc: int):
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
     start = torch.load(out / "start.pt") if (out / "start.pt").is_file() else None
     return ranks, start, torch.load(out / "end.pt")
+
+
+def case(name, out, run_dir, shards, stop_at, stage, *extra) -> dict:
+    """One run of launch_cases: launch()'s arguments under a name."""
+    return {"name": name, "out": str(out), "stop_at": stop_at,
+            "overrides": _overrides(run_dir, shards, stage, *extra)}
+
+
+def launch_cases(nproc: int, spec: Path, cases: list[dict]) -> Launch:
+    """Every case in order in one launch (reshard_worker.py --cases): one process start and
+    rendezvous for all of them. At most the last case may be a refusal (assert_refused)."""
+    args = [WORKER, "--cases", str(spec)]
+    cmd = [sys.executable, *args] if nproc == 1 else torchrun(nproc, *args)
+    return Launch(cmd, spec, cases, nproc, timeout=900)
+
+
+def results(launch: Launch, name: str):
+    """launch()'s return value for case `name`; fails with its error when it did not finish."""
+    launch.check(name)
+    return _results(Path(launch.cases[name]["out"]), launch.nproc)
+
+
+def assert_refused(launch: Launch, refused: str) -> None:
+    """The launch's last case was refused as launch(refused=...) expects: every rank exits 2
+    with that one line (counted as launch() does)."""
+    count = launch.stderr.count(f"error: {refused}")
+    assert launch.returncode not in (0, None) and 1 <= count <= launch.nproc, launch.stderr
 
 
 def assert_same_state(resumed: dict, saved: dict) -> None:
@@ -76,16 +115,47 @@ def uninterrupted(tmp_path_factory, shards_dir):
             "saved3": torch.load(tmp / "out" / "saved3.pt")}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_rank_zero_checkpoint_resumes_on_one_rank(tmp_path, shards_dir, uninterrupted, stage):
-    run = tmp_path / "run"
-    _, _, saved = launch(2, tmp_path / "a", run, shards_dir, 3, stage)  # stops at 3 and saves
-    step_dir = run / STEP3
-    assert json.loads((step_dir / "meta.json").read_text())["world_size"] == 2
-    (step_dir / ".tmp-universal-999" / "ds").mkdir(parents=True)  # as if a conversion was killed
+@pytest.fixture(scope="module")
+def two_rank_launch(tmp_path_factory, shards_dir, uninterrupted):
+    """One 2-process launch: for each stage a run that stops at 3 and saves; last, the 1-rank
+    checkpoint's refusal at 2 ranks (test_one_rank_zero_checkpoint_resumes_on_two_ranks)."""
+    tmp = tmp_path_factory.mktemp("two")
+    cases = [case(f"stop-{s}", tmp / f"a{s}", tmp / f"run{s}", shards_dir, 3, s) for s in STAGES]
+    cases.append(case("refused", tmp / "refused", tmp / "run0", shards_dir, 0, 2,
+                      f"checkpoint.resume={uninterrupted['step3']}"))
+    return {"tmp": tmp, "launch": launch_cases(2, tmp / "spec.json", cases)}
 
-    (resumed,), start, end = launch(1, tmp_path / "b", run, shards_dir, 0, stage)
+
+@pytest.fixture(scope="module")
+def resumed_on_one_rank(tmp_path_factory, shards_dir, two_rank_launch):
+    """One 1-rank process resuming each stage's 2-rank checkpoint in turn (the run directory
+    of two_rank_launch's stop-S). Before it: each step 3's meta.json, and the leftovers of a
+    killed conversion planted in each."""
+    tmp, stopped = two_rank_launch["tmp"], two_rank_launch["launch"]
+    meta, cases = {}, []
+    for s in STAGES:
+        if not stopped.finished(f"stop-{s}"):  # its test fails with stop-S's error
+            continue
+        step_dir = tmp / f"run{s}" / STEP3
+        meta[s] = json.loads((step_dir / "meta.json").read_text())
+        # as if a conversion was killed
+        (step_dir / ".tmp-universal-999" / "ds").mkdir(parents=True)
+        cases.append(case(f"resume-{s}", tmp / f"b{s}", tmp / f"run{s}", shards_dir, 0, s))
+    spec = tmp_path_factory.mktemp("one_resumes") / "spec.json"
+    return {"meta": meta, "launch": launch_cases(1, spec, cases)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_rank_zero_checkpoint_resumes_on_one_rank(uninterrupted, two_rank_launch,
+                                                      resumed_on_one_rank, stage):
+    """Stage S's 2-rank run (stops at 3 and saves) and its 1-rank resume come from the module's
+    shared launches (two_rank_launch, resumed_on_one_rank): 2 launches for the 3 stages."""
+    _, _, saved = results(two_rank_launch["launch"], f"stop-{stage}")
+    step_dir = two_rank_launch["tmp"] / f"run{stage}" / STEP3
+    assert resumed_on_one_rank["meta"][stage]["world_size"] == 2  # read before the resume
+
+    (resumed,), start, end = results(resumed_on_one_rank["launch"], f"resume-{stage}")
     assert_same_state(start, saved)
     assert end["step_count"] == 6 and set(end["step"]) == {6.0}
     assert max_diff(resumed, uninterrupted["params"]) <= ROUNDING_TOL
@@ -100,12 +170,14 @@ def test_two_rank_zero_checkpoint_resumes_on_one_rank(tmp_path, shards_dir, unin
 
 
 @pytest.mark.slow
-def test_one_rank_zero_checkpoint_resumes_on_two_ranks(tmp_path, shards_dir, uninterrupted):
+def test_one_rank_zero_checkpoint_resumes_on_two_ranks(tmp_path, shards_dir, uninterrupted,
+                                                       two_rank_launch):
     step3 = uninterrupted["step3"]
     resume = f"checkpoint.resume={step3}"
     # two ranks do not wait for rank 0 to convert (minutes for large models, past the process
-    # group's timeout): they refuse, naming the command that converts ahead of time
-    launch(2, tmp_path / "a", tmp_path / "run0", shards_dir, 0, 2, resume, refused=(
+    # group's timeout): they refuse, naming the command that converts ahead of time (the
+    # refused start is two_rank_launch's last case, run0)
+    assert_refused(two_rank_launch["launch"], (
         f"{step3} was saved by another number of data-parallel ranks and has no universal "
         f"checkpoint yet, which 2 ranks cannot wait for: run `python -m harness.reshard "
         f"{step3}` once, then start again"))
