@@ -1,27 +1,41 @@
-"""One rank of tests/test_norms_across_ranks.py, started by torchrun.
+"""One rank of tests/test_norms_across_ranks.py (and test_tensor_parallel.py), started by torchrun.
 
 usage: norm_worker.py OUT_DIR key=value ...
+       norm_worker.py --cases CASES.json OUT_DIR   (JSON {case id: [key=value, ...]})
 Trains on the synthetic tokens of engine_utils with the real engine and writes rank R's
-per-step metrics and gathered parameters to OUT_DIR/rankR.pt.
+per-step metrics and gathered parameters to OUT_DIR/rankR.pt; with --cases, each case in turn
+in these processes (an engine each, one process group), to OUT_DIR/<case id>/rankR.pt
+(tests/batched.py: a failed case writes its traceback there instead and ends the ranks).
 """
+import gc
 import sys
 from pathlib import Path
 
 import torch
 
+from batched import case_dir, env_rank, read_cases
 from engine_utils import run_harness, small_cfg
 from harness.callbacks.throughput import Throughput
 from harness.run import leave_together
 
 
-def main() -> None:
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+def train(out: Path, overrides: list[str]) -> None:
     cfg = small_cfg(*overrides)
-    dtype = torch.float32
-    params, metrics, built = run_harness(cfg, dtype, callbacks=[Throughput()])
+    params, metrics, built = run_harness(cfg, torch.float32, callbacks=[Throughput()])
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"metrics": metrics, "params": params, "calls": built.comm.calls},
                out / f"rank{built.dist.rank}.pt")
+
+
+def main() -> None:
+    if sys.argv[1] == "--cases":
+        out = Path(sys.argv[3])
+        for case, overrides in read_cases(sys.argv[2]).items():
+            with case_dir(out, case, env_rank()) as d:
+                train(d, overrides)
+            gc.collect()  # the case's engine, before the next one's
+    else:
+        train(Path(sys.argv[1]), sys.argv[2:])
     leave_together()
 
 

@@ -8,6 +8,9 @@ update-norm pass the monitor reads (update norm, parameter norm, per-group updat
 ZeRO 0-2, the parameter jump), and the forward's statistics (mean log(Z)^2, max log Z, the
 attention-logit bounds: means summed over ranks, maxima maxed).
 
+The 2-rank runs share one torchrun launch (tests/batched.py: the ranks train every case in turn,
+an engine each, and a case that fails fails its own test); the 1-rank runs train in this process.
+
 Tolerances:
 - fp32, and bf16 with fp32 accumulation (the default): the micro-batch gradients are
   bit-identical in both runs (same weights, same micro-batch), and only the order of fp32
@@ -19,12 +22,12 @@ moves (see engine_utils.ROUNDING_TOL), so steps 2-3 are compared at 10x the tole
 under bf16 at 1e-2: a master-weight difference that flips a bf16 rounding of the weights moves
 their gradients by up to 2^-8 relative (measured 1.9e-3 with optimizer offload at ZeRO 2).
 """
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+import batched
 from engine_utils import (child_env, plain_grads, precision_args, run_harness, small_cfg,
                           torchrun)
 from harness.callbacks.throughput import Throughput
@@ -41,11 +44,26 @@ CASES = [(s, p, False, ()) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + [
     (0, "fp32", False, MODERN)]
 
 
-def two_ranks(out: Path, overrides: list[str]) -> list[dict]:
-    cmd = torchrun(2, WORKER, str(out), *overrides)
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def case_args(stage, precision, offload, extra) -> list[str]:
+    args = [*precision_args(stage, precision), "clip.max_norm=0.5", *extra]
+    if offload:
+        args.append("zero.offload_optimizer=true")
+    return args
+
+
+def case_id(stage, precision, offload, extra) -> str:
+    return f"{stage}-{precision}{'-offload' if offload else ''}{'-llama' if extra else ''}"
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(request, tmp_path_factory):
+    """One torchrun launch for every selected case (tests/batched.py): the 2 ranks train each
+    case in turn, an engine each, and write OUT/<case>/rankR.pt."""
+    params = batched.launched_params(request, "test_two_ranks_log_what_one_rank_and_plain_pytorch_log")
+    cases = {case_id(**p): [*case_args(**p), *TWO] for p in params}
+    out = tmp_path_factory.mktemp("two_ranks")
+    return batched.launch(lambda spec: torchrun(2, WORKER, "--cases", str(spec), str(out)),
+                          out, cases, child_env())
 
 
 def plain_first_step(cfg, micro: int, accum: int, dtype) -> dict[str, float]:
@@ -75,14 +93,13 @@ def norm_keys(m: dict) -> list[str]:
 
 @pytest.mark.parametrize("stage, precision, offload, extra", CASES,
                          ids=lambda v: "llama" if v == MODERN else None)
-def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(tmp_path, stage, precision, offload,
-                                                           extra):
-    args = [*precision_args(stage, precision), "clip.max_norm=0.5", *extra]
-    if offload:
-        args.append("zero.offload_optimizer=true")
+def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(two_rank_runs, stage, precision,
+                                                           offload, extra):
+    args = case_args(stage, precision, offload, extra)
     bf16_sum = stage == 0 and precision == "bf16"
     rel = 4e-3 if bf16_sum else 1e-4
-    r0, r1 = two_ranks(tmp_path, [*args, *TWO])
+    d = two_rank_runs.dir(case_id(stage, precision, offload, extra))
+    r0, r1 = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)]
     _, one, built = run_harness(small_cfg(*args, *ONE), callbacks=[Throughput()])
     # every rank logs the same numbers, and makes as many collectives as a single rank
     assert [norm_keys(m) for m in r0["metrics"]] == [norm_keys(m) for m in one]
