@@ -11,13 +11,12 @@ import json
 import logging
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import batched
 from engine_utils import child_env, max_diff, torchrun
 from harness.checkpoint import load
 from harness.checkpoint_sums import (CHECKSUM, META, _hash_chunk, _meta_digest, _share,
@@ -152,12 +151,13 @@ def test_no_intact_checkpoint_is_one_error_line(source, tmp_path, shards_dir):
     shutil.rmtree(run / STEP2 / "ds")
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     # its own process: the real exit code, and in-process DeepSpeed state left as it was
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "train", "--config", "tiny",
-                           *TINY, f"train.run_dir={run}", f"data.out_dir={shards_dir}"],
-                          env=child_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    err = proc.stderr
+    # (a fork of a warm interpreter, tests/forked_cli.py; its output files beside the run)
+    import forked_cli
+
+    code, _, err = forked_cli.run(["train", "--config", "tiny", *TINY, f"train.run_dir={run}",
+                                   f"data.out_dir={shards_dir}"], tmp_path, child_env(),
+                                  timeout=300)
+    assert code == 2, err[-3000:]
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert f"no intact checkpoint in {run / 'checkpoints'}" in line
     assert "step00000004 (ds/mp_rank_00_model_states.pt: " in line
@@ -260,24 +260,30 @@ def test_verification_work_is_split_evenly(world):
 
 # ---- two ranks: both reach the same decision ---------------------------------------------------
 
-def _launch(out, run, shards, stop_at, *extra):
-    cmd = torchrun(2, str(Path(__file__).with_name("dist_worker.py")), str(out), str(stop_at),
-                   *TINY, f"train.run_dir={run}", f"data.out_dir={shards}", "zero.stage=1", *extra)
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr, [torch.load(out / f"rank{r}.pt") for r in range(2)]
-
 
 @pytest.mark.slow
 def test_two_ranks_fall_back_together(tmp_path, shards_dir):
     """Rank 1's optimizer partition is damaged: rank 0 alone would load intact files, but the
-    verdict is shared, so both ranks resume from step 2 and end as an uninterrupted run."""
-    _, whole = _launch(tmp_path / "w", tmp_path / "whole", shards_dir, 0)
-    run = tmp_path / "run"
-    _launch(tmp_path / "a", run, shards_dir, 4)
-    flip_a_bit(run / STEP4 / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    log, resumed = _launch(tmp_path / "b", run, shards_dir, 0)
+    verdict is shared, so both ranks resume from step 2 and end as an uninterrupted run.
+
+    One torchrun launch (tests/batched.py): the ranks run the uninterrupted run, the run
+    stopped after step 4, and (once rank 0 has flipped a bit in rank 1's partition) its resume,
+    each in turn with an engine of its own."""
+    out, run = tmp_path / "out", tmp_path / "run"
+
+    def case(run_dir, **spec):
+        return {**spec, "overrides": [*TINY, f"train.run_dir={run_dir}",
+                                      f"data.out_dir={shards_dir}", "zero.stage=1"]}
+
+    damaged = run / STEP4 / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    cases = {"whole": case(tmp_path / "whole"), "stopped": case(run, stop_at=4),
+             "resumed": case(run, flip_a_bit=[str(damaged)])}
+    worker = str(Path(__file__).with_name("dist_worker.py"))
+    outcome = batched.launch(lambda spec: torchrun(2, worker, "--cases", str(spec), str(out)),
+                             out, cases, child_env())
+    whole, _, resumed = ([torch.load(outcome.dir(c) / f"rank{r}.pt") for r in range(2)]
+                         for c in cases)
+    log = outcome.output  # the whole launch's: only the resume may warn
     warnings = [ln for ln in log.splitlines() if "is corrupt or incomplete" in ln]
     assert len(warnings) == 1, log[-3000:]  # rank 0 says it, once
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: checksum mismatch" in warnings[0]
