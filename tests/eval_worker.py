@@ -1,8 +1,11 @@
 """One rank of tests/test_evaluator.py's multi-process runs, started by torchrun.
 
 usage: eval_worker.py OUT_DIR key=value ...
+       eval_worker.py --cases CASES.json OUT_DIR   (JSON {case id: [key=value, ...]})
 Trains through harness.run.make_trainer (which builds the Evaluator as `harness train` does),
-then writes the full parameters (gathered at ZeRO 3) to OUT_DIR/params.pt on rank 0.
+then writes the full parameters (gathered at ZeRO 3) to OUT_DIR/params.pt on rank 0; with
+--cases, each case in turn in these processes (an engine each, one process group), to
+OUT_DIR/<case id>/params.pt (tests/batched.py).
 
 At ZeRO 3 a small model keeps its parameters gathered from one forward to the next (under
 DeepSpeed's stage3_param_persistence_threshold, max_reuse_distance and max_live_parameters),
@@ -10,6 +13,7 @@ so a rank's extra forward would make no collective and the test could not fail. 
 to 0 here: every forward all-gathers every parameter, as a large model's does (32 all-gathers
 per forward on the test's model; with them the old evaluator hung at the uneven batch).
 """
+import gc
 import sys
 from pathlib import Path
 
@@ -32,15 +36,27 @@ def _gather_in_every_forward(build_ds_config):
     return build
 
 
-def main() -> None:
-    harness.engine.build_ds_config = _gather_in_every_forward(harness.engine.build_ds_config)
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+def train(out: Path, overrides: list[str]) -> None:
     trainer, _ = make_trainer(load_config("tiny", overrides))
     trainer.fit()
     params = {n: p.detach().clone() for n, p in full_params(trainer.engine)}  # every rank
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(params, out / "params.pt")
+
+
+def main() -> None:
+    harness.engine.build_ds_config = _gather_in_every_forward(harness.engine.build_ds_config)
+    if sys.argv[1] == "--cases":
+        from batched import case_dir, env_rank, read_cases
+
+        out = Path(sys.argv[3])
+        for case, overrides in read_cases(sys.argv[2]).items():
+            with case_dir(out, case, env_rank()) as d:
+                train(d, overrides)
+            gc.collect()  # the case's engine, before the next one's
+    else:
+        train(Path(sys.argv[1]), sys.argv[2:])
     leave_together()
 
 

@@ -3,13 +3,12 @@ every rank runs the same number of forwards (ZeRO 3 all-gathers in each one), an
 goes through the engine's collectives in one all-reduce, also in a world of one rank."""
 import json
 import math
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import batched
 from engine_utils import child_env, small_cfg, tokens, torchrun
 from harness.callbacks.evaluator import Evaluator
 from harness.collectives import Collectives, WrongDevice
@@ -66,9 +65,8 @@ def _uneven_block_size(val_tokens: int, micro: int) -> int:
     raise AssertionError("no block size gives uneven batches")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 3])
-def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, shards_dir, stage):
+def _uneven_run(shards_dir, stage: int, run_dir: Path) -> tuple[list[str], int, int]:
+    """(overrides, block size, validation sequences) of the 2-rank run at a ZeRO stage."""
     micro = 2
     val = TokenShards.open(shards_dir).val
     block = _uneven_block_size(len(val), micro)
@@ -79,19 +77,43 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, 
                  f"train.micro_batch_size={micro}", "train.max_steps=1", "optim.warmup_steps=0",
                  "checkpoint.every=0", f"zero.stage={stage}", f"data.out_dir={shards_dir}",
                  "data.eval_every=1", f"data.eval_batches={batches}",
-                 f"train.run_dir={tmp_path / 'run'}", "wandb.mode=disabled"]
-    cmd = torchrun(2, WORKER, str(tmp_path / "out"), *overrides)
-    # before the fix rank 0 waited for ever in its extra forward's all-gather at ZeRO 3
-    code, output = _run_group(cmd, timeout=150)
-    assert code == 0, output[-6000:]
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+                 f"train.run_dir={run_dir}", "wandb.mode=disabled"]
+    return overrides, block, n
+
+
+@pytest.fixture(scope="module")
+def uneven_runs(request, tmp_path_factory, shards_dir) -> batched.Outcome:
+    """Every selected stage's 2-rank run in one torchrun launch (tests/batched.py): rank 0
+    writes OUT/<stage>/params.pt, the run directory is RUNS/<stage>. A case that hangs (before
+    the fix rank 0 waited for ever in its extra forward's all-gather at ZeRO 3) is stopped
+    after 150 s, SIGTERM to torchrun, which passes it on to the ranks, and fails its test."""
+    tmp = tmp_path_factory.mktemp("uneven")
+    out, runs = tmp / "out", tmp / "runs"
+    stages = [p["stage"] for p in batched.launched_params(
+        request, "test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch")]
+    cases = {str(s): _uneven_run(shards_dir, s, runs / str(s))[0] for s in stages}
+    outcome = batched.launch(lambda spec: torchrun(2, WORKER, "--cases", str(spec), str(out)),
+                             out, cases, child_env(), case_timeout=150)
+    outcome.runs = runs
+    return outcome
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(uneven_runs, shards_dir,
+                                                                      stage):
+    run_dir = uneven_runs.runs / str(stage)
+    overrides, block, n = _uneven_run(shards_dir, stage, run_dir)
+    params = torch.load(uneven_runs.dir(str(stage)) / "params.pt")  # fails if it hung
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     got = next(r["eval/loss"] for r in lines if "eval/loss" in r)
 
     cfg = load_config("tiny", overrides)
     model = GPT(cfg.model)
-    loaded = model.load_state_dict(torch.load(tmp_path / "out" / "params.pt"), strict=False)
+    loaded = model.load_state_dict(params, strict=False)
     assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys  # tied
     model.eval()
+    val = TokenShards.open(shards_dir).val
     rows = torch.from_numpy(Sequences(val, block).batch(range(n)))
     with torch.no_grad():
         want = model(rows[:, :-1], rows[:, 1:]).item()  # every sequence has the same length
@@ -100,30 +122,6 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(tmp_path, 
     from harness import checkpoint_io
 
     targets = rows[:, 1:].flatten().tolist()
-    text = checkpoint_io.load_tokenizer(cfg, tmp_path / "run").decode(targets)
+    text = checkpoint_io.load_tokenizer(cfg, run_dir).decode(targets)
     bpb = next(r["eval/bpb"] for r in lines if "eval/bpb" in r)
     assert bpb == pytest.approx(want / math.log(2) * len(targets) / len(text.encode()), rel=1e-3)
-
-
-def _run_group(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """Run torchrun; on a timeout (a hang) stop it with SIGTERM, which it passes on to the
-    ranks (each in a session of its own), so none is left behind, and fail."""
-    hung = False
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                text=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            hung = True
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.seek(0)
-        output = log.read()
-    if hung:
-        pytest.fail(f"hung for {timeout} s (a rank waiting in a collective?):\n{output[-3000:]}")
-    return proc.returncode, output
