@@ -53,6 +53,9 @@ class Launch:
 
     def check(self, name: str) -> None:
         """Fails unless case `name` ran to its end on every rank."""
+        if name not in self.cases:
+            raise AssertionError(f"case {name} was not in the launch (its fixture left it out: "
+                                 f"a case it depends on failed)\n{self.tail()}")
         out = self.cases[name]["out"]
         errors = error_files(out)
         if errors:
