@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(ARGS)
 
 ds-configs: install
-	$(PY) -m harness.ds_config ds_configs
+	$(PY) -m harness.train.ds_config ds_configs
 
 bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,23 +1,21 @@
 """Gradient accumulation: activation memory and time per sample for 1, 2, 4 and 8
-accumulation steps at a fixed micro batch, through harness.trainer.Trainer.
+accumulation steps at a fixed micro batch, through harness.train.trainer.Trainer.
 
     python bench/bench_accumulation.py [--quick] [--rounds N]
 
 Memory is the peak of bytes saved for backward over a whole optimizer step
-(harness.memory.SavedActivations): each micro-step's backward frees its activations before
+(harness.model.memory.SavedActivations): each micro-step's backward frees its activations before
 the next forward, so it must not grow with the accumulation steps (ratio 1.000). Time per
 sample should stay flat or fall slightly (the optimizer step is shared by more samples).
 """
 from __future__ import annotations
 
-
-from common import (MB, alternate, bench_parser, median, print_table, save_json,
-                    synthetic_data)
+from common import MB, alternate, bench_parser, median, print_table, save_json, synthetic_data
 
 from harness.config import load_config
-from harness.engine import build
-from harness.memory import SavedActivations
-from harness.trainer import Trainer
+from harness.model.memory import SavedActivations
+from harness.train.engine import build
+from harness.train.trainer import Trainer
 
 ACCUMS = (1, 2, 4, 8)
 FULL = {"shape": [], "micro": 4, "rounds": 10}  # the tiny preset's model

@@ -21,9 +21,9 @@ def _size(path: Path) -> int:
 
 
 def measure(preset: str, shards: str, tmp: str, rounds: int) -> list:
-    from harness.checkpoint import load
+    from harness.checkpoint.checkpointer import load
     from harness.config import load_config
-    from harness.run import make_trainer
+    from harness.train.run import make_trainer
 
     cfg = load_config(preset, [f"data.out_dir={shards}", f"train.run_dir={tmp}/{preset}",
                                "train.global_batch_size=1", "train.micro_batch_size=1",
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
-    from harness.data.config import DataConfig
+    from harness.config.data import DataConfig
     from harness.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,20 +4,19 @@ as ratios to no checkpointing, and how the memory grows with depth.
     python bench/bench_checkpointing.py [--quick] [--rounds N]
 
 Memory is the exact peak of bytes saved for backward, recompute included
-(harness.memory.measure_step), beside the planner's prediction. Models come from
-harness.engine.build, so DeepSpeed's checkpoint function does the recomputing. Times are
+(harness.model.memory.measure_step), beside the planner's prediction. Models come from
+harness.train.engine.build, so DeepSpeed's checkpoint function does the recomputing. Times are
 medians of alternating rounds over the policies at each depth.
 """
 from __future__ import annotations
 
-
-from common import (MB, alternate, bench_parser, median, one_micro_step, print_table,
-                    save_json, synthetic_data)
+from common import (MB, alternate, bench_parser, median, one_micro_step, print_table, save_json,
+                    synthetic_data)
 
 from harness.config import load_config
-from harness.engine import build
-from harness.memory import measure_step
-from harness.planner import activation_bytes
+from harness.model.memory import measure_step
+from harness.plan.planner import activation_bytes
+from harness.train.engine import build
 
 AC = "activation_checkpointing"
 # extra overrides per policy; count keeps 4 segments at every depth (min(4, depth))

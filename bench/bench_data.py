@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
+from harness.config.data import DataConfig
 from harness.data import prepare as prep
-from harness.data.config import DataConfig
 from harness.data.shards import TokenShards
 
 
@@ -44,9 +44,9 @@ def training_tokens_per_s(shards_dir: str, run_dir: str, steps: int) -> float:
     """The tiny preset's training throughput on these shards (median over `steps` steps)."""
     import statistics
 
-    from harness.callbacks.base import Callback
+    from harness.common.callback import Callback
     from harness.config import load_config
-    from harness.run import make_trainer
+    from harness.train.run import make_trainer
 
     class Rates(Callback):
         def __init__(self):

@@ -13,7 +13,7 @@ fits a CPU) trains 2 steps and saves its checkpoint through the harness's Checkp
     over a text of a few windows, and the training forward (model(x, y) with autograd on, as
     the trainer calls it) on the same number of tokens; ratio = eval time / forward time per
     token, target <= 1.2.
---quick: the tiny preset (CI runs it through tests/test_bench_quick.py).
+--quick: the tiny preset (CI runs it through tests/bench/test_bench_quick.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import alternate, bench_parser, median, print_table, save_json, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _trained_run(preset: str, shards: str, tmp: str) -> Path:
     from harness.config import load_config
-    from harness.run import make_trainer
+    from harness.train.run import make_trainer
 
     run_dir = Path(tmp) / preset
     cfg = load_config(preset, [f"data.out_dir={shards}", f"train.run_dir={run_dir}",
@@ -44,9 +43,9 @@ def _trained_run(preset: str, shards: str, tmp: str) -> Path:
 
 
 def _eval_vs_forward(run_dir: Path, rounds: int, windows: int, micro: int) -> dict:
-    from harness import checkpoint_io
+    from harness.after.evaluate_text import score_texts
+    from harness.checkpoint import io as checkpoint_io
     from harness.data.corpus import stdlib_dir
-    from harness.evaluate_text import score_texts
 
     loaded = checkpoint_io.load(run_dir)
     tok = checkpoint_io.load_tokenizer(loaded.cfg, run_dir)
@@ -79,9 +78,9 @@ def _eval_vs_forward(run_dir: Path, rounds: int, windows: int, micro: int) -> di
 def main() -> None:
     p = bench_parser(__doc__, "the tiny preset, fewer rounds")
     args = p.parse_args()
-    from harness.data.config import DataConfig
+    from harness.after.export_hf import export
+    from harness.config.data import DataConfig
     from harness.data.prepare import prepare_data
-    from harness.export_hf import export
 
     preset = "tiny" if args.quick else "gpt2-small"
     rounds = args.rounds or (2 if args.quick else 3)

@@ -6,11 +6,11 @@ micro batches from.)
 
     python bench/bench_gpu.py [--quick] [--presets gpt2-small,...] [--out gpu.json]
 
-Each row builds the preset with harness.engine.build (world size 1, the preset's ZeRO stage),
-trains WARMUP + MEASURED steps of synthetic tokens with harness.trainer.Trainer at global
+Each row builds the preset with harness.train.engine.build (world size 1, the preset's ZeRO stage),
+trains WARMUP + MEASURED steps of synthetic tokens with harness.train.trainer.Trainer at global
 batch = micro batch, and reports the median step. Peak memory is reset after the warm-up, so
 it is the steady state the planner predicts. MFU = flops_per_token x tokens/s / the GPU's
-dense bf16 peak (harness.flops). "monitor" is the spike monitor's update-norm pass (included in
+dense bf16 peak (harness.model.flops). "monitor" is the spike monitor's update-norm pass (included in
 every step) timed alone, as a share of the step. Rows that run out of memory print OOM; on a
 CPU-only machine the script prints why it skipped and exits 0.
 """
@@ -21,17 +21,15 @@ import gc
 import sys
 import time
 
+import torch
 from common import median, one_micro_step, print_table, save_json, synthetic_data
 
-import torch
-
-from harness.callbacks.base import Callback
+from harness.common.callback import Callback
 from harness.config import load_config
-from harness.engine import build
-from harness.flops import mfu, peak_flops
-from harness.model import flops_per_token
-from harness.planner import predict_memory
-from harness.trainer import Trainer
+from harness.model.flops import flops_per_token, mfu, peak_flops
+from harness.plan.planner import predict_memory
+from harness.train.engine import build
+from harness.train.trainer import Trainer
 
 GB = 1e9
 # micro batch per preset: the planner puts all of these under ~70 GB (see `harness plan`)

@@ -4,22 +4,21 @@ backward with the full-logits loss vs the chunked loss at a 32k vocabulary.
 
     python bench/bench_modern.py [--quick] [--rounds N] [--out FILE.json]
 
-Step time is a full optimizer step through harness.trainer.Trainer on the real engine; eager
+Step time is a full optimizer step through harness.train.trainer.Trainer on the real engine; eager
 and compiled trainers run in alternation after warm-up rounds (the compile happens there).
-Saved bytes come from harness.memory.SavedActivations over one step (exact, recompute
+Saved bytes come from harness.model.memory.SavedActivations over one step (exact, recompute
 included). The chunked loss keeps the head input's and weight's gradients instead of
 tokens x vocab fp32 logits, so the saving grows with micro batch x sequence length.
 """
 from __future__ import annotations
 
 import torch
-from common import (MB, alternate, bench_parser, median, print_table, save_json,
-                    synthetic_data)
+from common import MB, alternate, bench_parser, median, print_table, save_json, synthetic_data
 
 from harness.config import load_config
-from harness.engine import build
-from harness.memory import SavedActivations
-from harness.trainer import Trainer
+from harness.model.memory import SavedActivations
+from harness.train.engine import build
+from harness.train.trainer import Trainer
 
 FULL = {"shape": [], "micro": 8, "rounds": 6, "vocab_tokens": (8, 256),
         "archs": ("gpt2", "llama")}

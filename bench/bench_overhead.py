@@ -1,4 +1,4 @@
-"""Harness overhead: a step through harness.trainer.Trainer on the real DeepSpeed engine vs a
+"""Harness overhead: a step through harness.train.trainer.Trainer on the real DeepSpeed engine vs a
 bare PyTorch loop doing the same arithmetic, timed alternately in one process.
 
     python bench/bench_overhead.py [--quick] [--rounds N] [key=value ...]
@@ -11,18 +11,16 @@ signals: per-group gradient norms, the Adam update norm, and the detector) vs of
 """
 from __future__ import annotations
 
-
+import numpy as np  # noqa: E402 (common sets the thread count before torch loads)
+import torch
 from common import (CpuTimer, alternate, bench_parser, median, print_table, save_json,
                     synthetic_data, timed)
 
-import numpy as np  # noqa: E402 (common sets the thread count before torch loads)
-import torch
-
 from harness.config import load_config
-from harness.engine import build, seed_everything
 from harness.model import build_model, param_groups
-from harness.plan import lr_at, make_plan
-from harness.trainer import Trainer
+from harness.parallel.batch import lr_at, make_plan
+from harness.train.engine import build, seed_everything
+from harness.train.trainer import Trainer
 
 QUICK = ["model.n_layer=2", "model.d_model=64", "model.block_size=64", "model.n_head=2",
          "train.global_batch_size=8", "train.micro_batch_size=4", "train.grad_accum_steps=2"]

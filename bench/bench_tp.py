@@ -6,9 +6,9 @@ with cpu_checkpointing, as ratios to TP 1, and the planner's per-rank prediction
 
 TP 1 is one process, TP 2 two (torch.distributed.run, gloo), each the real engine with
 DeepSpeed's AutoTP. Bytes: the exact peak of bytes saved for backward on one rank, recompute
-included (harness.memory.measure_step; both ranks of the group hold the same), against
-harness.planner's activations for that rank. Time: a full optimizer step
-(harness.trainer.Trainer), the variants of one process in alternation (bench/common.py), the
+included (harness.model.memory.measure_step; both ranks of the group hold the same), against
+harness.plan.planner's activations for that rank. Time: a full optimizer step
+(harness.train.trainer.Trainer), the variants of one process in alternation (bench/common.py), the
 median of rank 0. On a CPU-only machine the host is the device: cpu_checkpointing copies the
 partitions into host buffers but frees no device memory, and TP 2's two processes share this
 machine's cores with everything else (one thread each), so its step time shows the
@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (alternate, bench_parser, median, one_micro_step, print_table, ratio,
-                    save_json, synthetic_data)
+from common import (alternate, bench_parser, median, one_micro_step, print_table, ratio, save_json,
+                    synthetic_data)
 
 from harness.config import load_config
 
@@ -53,9 +53,9 @@ def config(setup: dict, tp: int, variant: str):
 # ---- one rank (started by torch.distributed.run) ----------------------------------------
 def measure_variant(setup: dict, tp: int, variant: str):
     """(bytes saved for backward, a train step that first restores this variant's settings)."""
-    from harness.engine import build, configure_checkpointing, import_deepspeed
-    from harness.memory import measure_step
-    from harness.trainer import Trainer
+    from harness.model.memory import measure_step
+    from harness.train.engine import build, configure_checkpointing, import_deepspeed
+    from harness.train.trainer import Trainer
 
     cfg = config(setup, tp, variant)
     built = build(cfg)
@@ -74,7 +74,7 @@ def measure_variant(setup: dict, tp: int, variant: str):
 
 
 def worker(out: str, setup: dict, tp: int) -> None:
-    from harness.run import leave_together
+    from harness.train.run import leave_together
 
     saved, steps = {}, {}
     for variant in VARIANTS:
@@ -99,7 +99,7 @@ def launch(setup: dict, tp: int, quick: bool, rounds: int, out: Path) -> list[di
 
 
 def predicted(setup: dict, tp: int, variant: str) -> int:
-    from harness.planner import predict_memory
+    from harness.plan.planner import predict_memory
 
     return predict_memory(config(setup, tp, variant), tp, device="cpu")["activations"]
 

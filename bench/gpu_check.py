@@ -15,15 +15,15 @@ world size 1 fails here. In order:
    accumulation 2; and the tiny llama with qk_norm, z-loss and the chunked loss at ZeRO 1
    and 3 in bf16 (its reference: the full-logits loss with the same z-loss). Each run's FIRST pre-clip norm (optim/grad_norm_preclip at step 1 in
    RUN_DIR/metrics.jsonl) is compared with plain PyTorch in fp32 on the same weights and
-   batch: harness.model.GPT built after harness.engine.seed_everything(train.seed) as
-   harness.engine.build does, the first global batch drawn from the same shards by the
+   batch: harness.model.gpt.GPT built after harness.train.engine.seed_everything(train.seed) as
+   harness.train.engine.build does, the first global batch drawn from the same shards by the
    trainer's GlobalSampler, loss / accumulation backward, clip_grad_norm_. These runs are
    small and go NORM_JOBS at a time.
 3. speed: gpt2-small and gpt-1.3b with and without checkpointing, one at a time, micro batch
    from bench_gpu.MICRO halved until the planner says it fits this GPU, global batch = micro
    batch, 10 steps: tokens/s and MFU (medians of throughput/tokens_per_s and throughput/mfu
    after 3 warm-up steps), the largest memory/gpu_max_allocated_gb against the planner's
-   prediction (harness.planner.predict_memory(...)["peak"], which estimates exactly that
+   prediction (harness.plan.planner.predict_memory(...)["peak"], which estimates exactly that
    counter), and the first pre-clip norm against the reference too. gpt2-small without
    checkpointing also runs with train.compile=true and with the chunked loss: compare their
    tok/s and memory with the plain row.
@@ -42,7 +42,7 @@ are sums over every token with heavy cancellation, and bf16 puts that group 5.6%
 on the tiny preset, in plain PyTorch exactly as in the harness.
 Memory: the measured peak must stay under the planner's prediction plus the 10% margin the
 planner itself adds (planner.MARGIN), else `harness plan` would call configurations safe
-that are not. MFU must lie in (MIN_MFU, 1]: outside means a wrong peak (harness.flops) or
+that are not. MFU must lie in (MIN_MFU, 1]: outside means a wrong peak (harness.model.flops) or
 FLOP count, or a pathologically slow path.
 
 Checkpoints: the harness always saves one at the end (gpt-1.3b: ~18 GB), so each run saves
@@ -63,20 +63,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from bench_gpu import MICRO, flash_runs
 from common import median, one_micro_step, print_table
 
-import torch
-
-from harness.callbacks.loggers import read_lines
+from harness.common.jsonl import read_lines
 from harness.config import load_config
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards
 from harness.data.sources import TrainData
-from harness.engine import seed_everything
 from harness.model import build_model
-from harness.plan import make_plan
-from harness.planner import MARGIN, predict_memory
+from harness.parallel.batch import make_plan
+from harness.plan.planner import MARGIN, predict_memory
+from harness.train.engine import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 NORM_RTOL = 0.02
@@ -214,7 +213,7 @@ def reference_norm(cfg, device: str) -> float:
     torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
     torch.set_default_dtype(torch.float32)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(device)  # built on the CPU like harness.engine.build: same weights
+    model = build_model(cfg.model).to(device)  # built on the CPU like harness.train.engine.build: same weights
     model.set_loss(cfg.train.z_loss, 0)  # the full-logits loss: the chunked one's reference
     batch = make_plan(cfg, 1).batch
     seqs = TokenShards.open(cfg.data.out_dir).sequences("train", cfg.model.block_size)

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from harness.errors import HarnessError, check_number
+from harness.common.errors import HarnessError, check_number
 
 DEBUG_ENV = "HARNESS_DEBUG"
 MAX_WORLD_SIZE = 2**20
@@ -126,7 +126,7 @@ def _load(args):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.run import train_process
+    from harness.train.run import train_process
 
     return train_process(_load(args))
 
@@ -139,9 +139,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
-    from harness.ds_config import build_ds_config, dumps
-    from harness.engine import resolve_device
-    from harness.plan import make_plan
+    from harness.parallel.batch import make_plan
+    from harness.train.ds_config import build_ds_config, dumps
+    from harness.train.engine import resolve_device
 
     check_number("--world-size", args.world_size, 1, MAX_WORLD_SIZE, integer=True,
                  fix="the number of data-parallel ranks, e.g. --world-size 8")
@@ -158,7 +158,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from harness.submit import submit_job
+    from harness.slurm.submit import submit_job
 
     return submit_job(_load(args), dry_run=args.dry_run)
 
@@ -173,20 +173,20 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import main
+    from harness.train.report import main
 
     _run_dir[:] = [Path(args.run_dir)]
     return main(args.run_dir)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from harness.planner import run
+    from harness.plan.command import run
 
     return run(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from harness.evaluate_text import evaluate
+    from harness.after.evaluate_text import evaluate
 
     _run_dir[:] = [Path(args.source)]
     print(json.dumps(evaluate(args.source, args.data, args.max_tokens, args.stride,
@@ -195,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from harness.sample import sample
+    from harness.after.sample import sample
 
     _run_dir[:] = [Path(args.source)]
     out = sample(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
@@ -205,7 +205,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from harness.export_hf import export
+    from harness.after.export_hf import export
 
     fmt, out_dir = args.to
     print(json.dumps(export(args.source, out_dir, fmt)))
@@ -245,7 +245,7 @@ def _one_line(text: str, limit: Optional[int] = None) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
-INTERRUPT_EXIT_CODE = 130  # as harness.preemption: the shell code for Ctrl-C (tested equal)
+INTERRUPT_EXIT_CODE = 130  # as harness.train.preemption: the shell code for Ctrl-C (tested equal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +282,7 @@ _left_group: list[bool] = []  # an error path left a process group (see entry)
 
 def _close_process_group() -> None:
     try:
-        from harness.distributed import close_process_group
+        from harness.parallel.distributed import close_process_group
 
         if close_process_group():
             _left_group.append(True)

@@ -5,7 +5,10 @@ from pathlib import Path
 # one thread per process: CI has 2 cores and the distributed tests run 2 ranks
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
+# the shared helpers and workers here, and the bench code some tests check (bench/common.py,
+# bench/spikes/: the spike suite, its split and the published baselines)
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench"), str(ROOT / "bench" / "spikes")]
 
 import pytest  # noqa: E402
 
@@ -23,7 +26,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory):
     """Token shards of a 300 kB slice of the built-in corpus, prepared once per session."""
-    from harness.data.config import DataConfig
+    from harness.config.data import DataConfig
     from harness.data.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("shards") / "stdlib"
@@ -36,4 +39,4 @@ def _keep_the_process_group(monkeypatch):
     """The CLI leaves the process group when it reports an error, as a process about to exit
     should. Called in-process by a test, it would tear down the group that later tests'
     engines share (DeepSpeed caches its groups); subprocess tests still leave it for real."""
-    monkeypatch.setattr("harness.distributed.close_process_group", lambda: None)
+    monkeypatch.setattr("harness.parallel.distributed.close_process_group", lambda: None)

@@ -14,7 +14,7 @@ What is counted, and what is not:
 - train: the processes that train: `harness train` (python -m harness.cli train or the
   `harness` entry point), directly or under a launcher, and the worker scripts tests/*_worker.py
   (each trains through the real engine).
-- engines: deepspeed.initialize calls in this process (harness.engine.build makes every one).
+- engines: deepspeed.initialize calls in this process (harness.train.engine.build makes every one).
 A session-scoped fixture's cost lands on the first test that uses it, as pytest reports it;
 what runs outside any test (collection, session teardown hooks) goes to the key OUTSIDE.
 """
@@ -110,9 +110,9 @@ class CostStats:
         subprocess.Popen.__init__ = __init__
 
     def _patch_deepspeed(self) -> None:
-        # harness.engine.build calls deepspeed.initialize through the module attribute, so
+        # harness.train.engine.build calls deepspeed.initialize through the module attribute, so
         # patching it here counts every engine. Imported now (conftest already set
-        # DS_ACCELERATOR=cpu, as harness.engine would before its own import).
+        # DS_ACCELERATOR=cpu, as harness.train.engine would before its own import).
         try:
             import deepspeed
         except ImportError:

@@ -2,7 +2,7 @@
 
 usage: dist_worker.py OUT_DIR STOP_AT key=value ...   (STOP_AT 0: run to max_steps)
        dist_worker.py --cases CASES.json OUT_DIR
-Trains with harness.run.make_trainer and writes this rank's parameters to OUT_DIR/rankR.pt.
+Trains with harness.train.run.make_trainer and writes this rank's parameters to OUT_DIR/rankR.pt.
 With --cases (JSON {case id: {"stop_at": N, "overrides": [...], "flip_a_bit": [path, ...]}}),
 each case in turn in these processes, an engine each, one process group, to
 OUT_DIR/<case id>/rankR.pt (tests/batched.py); flip_a_bit: files that rank 0 damages as
@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import torch
-
 from engine_utils import StopAt
+
 from harness.config import load_config
-from harness.run import leave_together, make_trainer
+from harness.train.run import leave_together, make_trainer
 
 
 def train(out: Path, stop_at: int, overrides: list[str]) -> None:
@@ -31,12 +31,14 @@ def train(out: Path, stop_at: int, overrides: list[str]) -> None:
 
 def run_cases(spec_file: str, out: Path) -> None:
     from batched import case_dir, env_rank, read_cases
-    from harness.collectives import Collectives
+
+    from harness.parallel.collectives import Collectives
 
     for case, spec in read_cases(spec_file).items():
         with case_dir(out, case, env_rank()) as d:
             if spec.get("flip_a_bit"):
                 if env_rank() == 0:
+                    sys.path.insert(0, str(Path(__file__).parent / "checkpoint"))
                     from test_checkpoint_fallback import flip_a_bit
 
                     for path in spec["flip_a_bit"]:

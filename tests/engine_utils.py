@@ -9,15 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.callbacks.base import Callback
+from harness.common.callback import Callback
 from harness.config import Config, load_config
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import Sequences
 from harness.data.sources import TrainData
-from harness.engine import build, seed_everything  # noqa: F401 (re-exported)
 from harness.model import build_model, param_groups
-from harness.plan import lr_at, make_plan
-from harness.trainer import Trainer
+from harness.parallel.batch import lr_at, make_plan
+from harness.train.engine import build, seed_everything  # noqa: F401 (re-exported)
+from harness.train.trainer import Trainer
 
 # One-ulp gradient differences (a different summation order, ZeRO dividing by 1/clip_coef
 # instead of multiplying by it) grow to ~7e-6 in the parameters over 3 AdamW steps at lr 1e-2:
@@ -79,7 +79,7 @@ def full_params(engine):
     import deepspeed
 
     if engine.autotp_size() > 1:  # tensor-parallel shards gathered across the group
-        from harness.tensor_parallel import full_params as tp_full
+        from harness.parallel.tensor_parallel import full_params as tp_full
 
         yield from tp_full(engine.module)
         return
@@ -207,3 +207,15 @@ class StopAt(Callback):
     def on_step_end(self, trainer, step, metrics):
         if step == self.step:
             trainer.stop_reason = "test"
+
+
+def final_params(cfg: Config, stop_at: int | None = None) -> dict[str, torch.Tensor]:
+    """`harness train`'s trainer (harness.train.run.make_trainer) fitted in this process, to
+    max_steps or stopped after step `stop_at`: its parameters."""
+    from harness.train.run import make_trainer  # the whole train command: only where used
+
+    trainer, _ = make_trainer(cfg)
+    if stop_at:
+        trainer.callbacks.insert(0, StopAt(stop_at))
+    trainer.fit()
+    return {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}

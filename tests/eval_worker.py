@@ -1,8 +1,8 @@
-"""One rank of tests/test_evaluator.py's multi-process runs, started by torchrun.
+"""One rank of tests/callbacks/test_evaluator.py's multi-process runs, started by torchrun.
 
 usage: eval_worker.py OUT_DIR key=value ...
        eval_worker.py --cases CASES.json OUT_DIR   (JSON {case id: [key=value, ...]})
-Trains through harness.run.make_trainer (which builds the Evaluator as `harness train` does),
+Trains through harness.train.run.make_trainer (which builds the Evaluator as `harness train` does),
 then writes the full parameters (gathered at ZeRO 3) to OUT_DIR/params.pt on rank 0; with
 --cases, each case in turn in these processes (an engine each, one process group), to
 OUT_DIR/<case id>/params.pt (tests/batched.py).
@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-import harness.engine
 from engine_utils import full_params
+
+import harness.train.engine
 from harness.config import load_config
-from harness.run import leave_together, make_trainer
+from harness.train.run import leave_together, make_trainer
 
 
 def _gather_in_every_forward(build_ds_config):
@@ -46,7 +46,7 @@ def train(out: Path, overrides: list[str]) -> None:
 
 
 def main() -> None:
-    harness.engine.build_ds_config = _gather_in_every_forward(harness.engine.build_ds_config)
+    harness.train.engine.build_ds_config = _gather_in_every_forward(harness.train.engine.build_ds_config)
     if sys.argv[1] == "--cases":
         from batched import case_dir, env_rank, read_cases
 

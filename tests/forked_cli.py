@@ -21,7 +21,7 @@ from pathlib import Path
 # importable from the server's own sys.path (Python 3.11's forkserver does not take the
 # parent's: a module of tests/ would fail to preload, silently, and every fork import it all)
 PRELOAD = ["torch._dynamo", "matplotlib.backends.backend_agg", "matplotlib.figure", "deepspeed",
-           "harness.run", "harness.cli"]
+           "harness.train.run", "harness.cli"]
 _context = None
 
 
@@ -30,7 +30,7 @@ def _forks():
     if _context is None:
         import torch
 
-        # the accelerator harness.engine pins before DeepSpeed's first import (here and, from
+        # the accelerator harness.train.engine pins before DeepSpeed's first import (here and, from
         # this environment, in the server)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         _context = multiprocessing.get_context("forkserver")

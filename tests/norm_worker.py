@@ -1,4 +1,4 @@
-"""One rank of tests/test_norms_across_ranks.py (and test_tensor_parallel.py), started by torchrun.
+"""One rank of tests/parallel/test_norms_across_ranks.py (and test_tensor_parallel.py), started by torchrun.
 
 usage: norm_worker.py OUT_DIR key=value ...
        norm_worker.py --cases CASES.json OUT_DIR   (JSON {case id: [key=value, ...]})
@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-
 from batched import case_dir, env_rank, read_cases
 from engine_utils import run_harness, small_cfg
+
 from harness.callbacks.throughput import Throughput
-from harness.run import leave_together
+from harness.train.run import leave_together
 
 
 def train(out: Path, overrides: list[str]) -> None:

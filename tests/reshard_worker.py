@@ -2,7 +2,7 @@
 
 usage: reshard_worker.py OUT_DIR STOP_AT key=value ...   (STOP_AT 0: run to max_steps)
        reshard_worker.py --cases SPEC.json   (many runs in one launch: run_cases)
-Like dist_worker.py (harness.run.make_trainer, then fit), and also writes on rank 0:
+Like dist_worker.py (harness.train.run.make_trainer, then fit), and also writes on rank 0:
   OUT_DIR/start.pt  the full optimizer state right after resuming (absent on a fresh start)
   OUT_DIR/end.pt    the full optimizer state when the run stops
   OUT_DIR/savedN.pt the full optimizer state after the periodic save at step N
@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
-
-from harness.distributed import close_process_group
-
-import harness.run as hr
 from engine_utils import StopAt, full_params
-from harness.callbacks.base import Callback
+
+import harness.train.run as hr
+from harness.common.callback import Callback
+from harness.common.errors import HarnessError
 from harness.config import load_config
-from harness.errors import HarnessError
+from harness.parallel.distributed import close_process_group
 
 
 class DumpSaved(Callback):

@@ -1,15 +1,15 @@
 """One rank of an activation measurement on the real engine (torchrun, or alone at TP 1), for
-tests/test_tensor_parallel.py and tests/test_tp_memory.py.
+tests/parallel/test_tensor_parallel.py and tests/plan/test_tp_memory.py.
 
 usage: tp_activation_worker.py OUT key=value ... [-- OUT2 key=value ... ...]
 
 Each group (OUT and its overrides; groups separated by `--`, so one launch pays the process
 start and the rendezvous once) builds the real engine, runs one forward + backward of the
-engine's module under the saved-bytes meter (harness.memory.SavedActivations, DeepSpeed's
+engine's module under the saved-bytes meter (harness.model.memory.SavedActivations, DeepSpeed's
 checkpoint wrapped with wrap_checkpoint) and writes this rank's numbers to OUT.rankR.json:
 `checkpointed`, the bytes of the inputs DeepSpeed's checkpoint holds for backward after the
 forward (its ctx.deepspeed_saved_tensors: with partition_activations the rank's partition,
-harness.memory.checkpointed_data), with the device they lie on; `forward`, everything held
+harness.model.memory.checkpointed_data), with the device they lie on; `forward`, everything held
 after the forward; `peak`, the most held at once, recompute included; `loss`; `sharded`, the
 names and local shapes of the parameters AutoTP cut on this rank.
 """
@@ -17,12 +17,12 @@ import json
 import sys
 
 import torch
-
 from engine_utils import make_data, small_cfg
-from harness.engine import build
-from harness.memory import SavedActivations, checkpointed_data
-from harness.run import leave_together
-from harness.tensor_parallel import is_sharded
+
+from harness.model.memory import SavedActivations, checkpointed_data
+from harness.parallel.tensor_parallel import is_sharded
+from harness.train.engine import build
+from harness.train.run import leave_together
 
 
 def measure(overrides: list[str]) -> dict:

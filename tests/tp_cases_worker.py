@@ -1,4 +1,4 @@
-"""One rank of many tensor-parallel cases in one launch, for tests/test_tensor_parallel.py.
+"""One rank of many tensor-parallel cases in one launch, for tests/parallel/test_tensor_parallel.py.
 
 usage: tp_cases_worker.py SPEC.json
 SPEC: a JSON list of {"name", "kind", "out", "overrides"}, run in order in this one process
@@ -19,12 +19,12 @@ import traceback
 from pathlib import Path
 
 import torch
-
 from case_launch import done
 from engine_utils import run_harness, small_cfg
-from harness.callbacks.throughput import Throughput
-from harness.run import leave_together
 from tp_activation_worker import measure
+
+from harness.callbacks.throughput import Throughput
+from harness.train.run import leave_together
 
 
 def rank() -> int:

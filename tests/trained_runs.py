@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.config import load_config
-from harness.run import make_trainer
+from harness.train.run import make_trainer
 
 BASE = ["model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.block_size=64",
         "model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_size=4",

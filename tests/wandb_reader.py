@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.callbacks.wandb_file import chunks, items as _items, records  # noqa: F401
+from harness.callbacks.wandb_file import chunks
+from harness.callbacks.wandb_file import items as _items  # noqa: F401
+from harness.callbacks.wandb_file import records
 
 
 def _finished(path: Path, timeout: float) -> tuple[list, bool]:

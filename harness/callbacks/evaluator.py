@@ -23,9 +23,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from harness.callbacks.base import Callback
-from harness.collectives import Collectives
+from harness.common.callback import Callback
 from harness.data.shards import Sequences
+from harness.parallel.collectives import Collectives
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -86,7 +86,7 @@ class Evaluator(Callback):
 def _bytes_per_token(sequences: Sequences, total: int,
                      token_bytes: Optional[np.ndarray]) -> Optional[float]:
     """UTF-8 bytes per target token over the whole fixed set (the same on every rank), from
-    each token's decoded bytes (harness.evaluate_text.piece_bytes): the targets of sequences
+    each token's decoded bytes (harness.data.tokenizer.piece_bytes): the targets of sequences
     0..total-1 are tokens[1 : total x L + 1]. None without a table or without bytes."""
     if token_bytes is None or total == 0:
         return None

@@ -14,56 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from harness.callbacks.base import Callback
-from harness.errors import HarnessError
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
-    return value
-
-
-NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "+inf": math.inf,
-             "infinity": math.inf, "-infinity": -math.inf}
-
-
-def as_number(value: Any) -> Any:
-    """A metric as written, read back: the strings _jsonable made of NaN/inf become floats
-    again; anything else is returned as it is."""
-    if isinstance(value, str) and value.strip().lower() in NONFINITE:
-        return NONFINITE[value.strip().lower()]
-    return value
-
-
-def read_lines(path: Path, start: int = 0) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, in file order, from byte `start` (a line boundary). A
-    last line that does not parse was torn by a crash mid-write and is dropped; a bad line
-    elsewhere is an error naming it."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(start)
-            lines = fh.read().decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise HarnessError(f"{path} is not a metrics.jsonl (not UTF-8 text: a binary file?); "
-                           "point at the run directory `harness train` wrote") from None
-    except OSError as e:
-        raise HarnessError(f"cannot read {path} ({e.strerror or e})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise HarnessError(f"{path}:{n} is not a JSON line") from None
-        if not isinstance(record, dict):
-            raise HarnessError(f"{path}:{n} is not a JSON object (one per line, as "
-                               "`harness train` writes them)")
-        records.append(record)
-    return records
+from harness.common.callback import Callback
+from harness.common.jsonl import jsonable, read_lines
 
 
 def _step_of(record: dict[str, Any]) -> float:
@@ -92,7 +44,7 @@ class MetricsFile(Callback):
     def _write(self, record: dict[str, Any]) -> None:
         if self._fh is None:
             self._fh = self.path.open("a", buffering=1)
-        self._fh.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._fh.write(json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n")
 
     def on_step_end(self, trainer, step, metrics):
         if trainer.is_main:

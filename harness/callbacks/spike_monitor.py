@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from harness.callbacks.base import Callback
-from harness.checkpoint import Checkpointer, complete_checkpoints, load
+from harness.checkpoint.checkpointer import Checkpointer, complete_checkpoints, load
+from harness.common.callback import Callback
+from harness.config.monitor import is_post_step
 from harness.monitor import MonitorConfig, SpikeDetector
-from harness.monitor.config import is_post_step
 
 log = logging.getLogger("harness")
 

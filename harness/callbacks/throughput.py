@@ -12,9 +12,8 @@ from typing import Any, Optional
 
 import torch
 
-from harness.callbacks.base import Callback
-from harness.flops import mfu, peak_flops
-from harness.model import flops_per_token
+from harness.common.callback import Callback
+from harness.model.flops import flops_per_token, mfu, peak_flops
 
 log = logging.getLogger("harness")
 
@@ -36,7 +35,7 @@ class Throughput(Callback):
             self.peak = peak_flops(name, precision)  # fp32 runs: against the TF32 peak
             if self.peak is None and trainer.is_main:
                 log.warning("no %s peak FLOP/s known for GPU '%s': throughput/mfu is not "
-                            "reported (add it to harness.flops)", precision, name)
+                            "reported (add it to harness.model.flops)", precision, name)
 
     def on_step_end(self, trainer, step, metrics):
         if self.peak is not None:

@@ -33,55 +33,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.callbacks.base import Callback
-from harness.callbacks.loggers import as_number, read_lines
 from harness.callbacks.wandb_file import history_rows
-from harness.errors import HarnessError
+from harness.common.callback import Callback
+from harness.common.errors import HarnessError
+from harness.common.jsonl import as_number, read_lines
+from harness.config import to_dict
+from harness.config.wandb import WandbConfig
 
 log = logging.getLogger("harness")
-
-MODES = ("online", "offline", "disabled")
-MAX_INIT_TIMEOUT_S = 600
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled; WANDB_MODE overrides when set
-    project: str = "harness"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-    dir: Optional[str] = None  # where wandb/ goes; None: the run directory
-    # online: seconds to wait for the server before logging offline (`wandb sync` later)
-    init_timeout_s: float = 20.0
-
-    def resolved_mode(self) -> str:
-        return os.environ.get("WANDB_MODE") or self.mode
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise HarnessError(f"wandb.mode='{self.mode}' is not one of {', '.join(MODES)}")
-        env = os.environ.get("WANDB_MODE")
-        if env and env not in MODES:
-            raise HarnessError(f"WANDB_MODE='{env}' (which overrides wandb.mode) is not one of "
-                               f"{', '.join(MODES)}: unset it or fix it")
-        if not self.project:
-            raise HarnessError("wandb.project must not be empty")
-        timeout = self.init_timeout_s
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or not 1 <= timeout <= MAX_INIT_TIMEOUT_S):
-            raise HarnessError(f"wandb.init_timeout_s={timeout} must be a number of seconds in "
-                               f"[1, {MAX_INIT_TIMEOUT_S}]: how long an online run waits for "
-                               f"the W&B server before logging offline, e.g. 20")
-
 
 def _loggable(value: Any) -> Any:
     return int(value) if isinstance(value, bool) else value  # W&B charts ints, not bools
@@ -167,7 +131,11 @@ class WandbLogger(Callback):
         # wandb's own log records go to its debug.log in the run's wandb directory, not to our
         # console: a dead service would otherwise print tracebacks beside our one warning
         logging.getLogger("wandb").propagate = False
-        from harness.config import to_dict  # here: harness.config imports WandbConfig from us
+        # a W&B service this process inherited (WANDB_SERVICE: the parent's, e.g. the shell's
+        # or the submitting process's) is not this run's: it may hold this run id already,
+        # lives and dies with another process, and a restart after SIGTERM would reconnect to
+        # it; this process starts its own (wandb keeps a service it started in this process)
+        os.environ.pop("WANDB_SERVICE", None)
 
         # WANDB_RUN_ID lets a job without a checkpoint yet (a requeue) keep its run
         self.run_id = self.run_id or os.environ.get("WANDB_RUN_ID") or new_run_id()

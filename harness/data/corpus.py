@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from harness.errors import HarnessError
+from harness.common.errors import HarnessError
 
 log = logging.getLogger("harness")
 

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from harness.common.errors import HarnessError
 from harness.data.tokenizer import Tokenizer
-from harness.errors import HarnessError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
-from harness.errors import HarnessError
+from harness.common.errors import HarnessError
 
 # The defaults (nmt_nfkc, dummy prefix, whitespace folding) lose newlines and indentation.
 LOSSLESS = dict(
@@ -121,3 +122,17 @@ def _chunks(documents: Iterable[str]) -> Iterator[str]:
                     end = cut + 1
             yield text[start:end]
             start = end
+
+
+def piece_bytes(tokenizer_file) -> np.ndarray:
+    """UTF-8 bytes each token id stands for in decoded text: a byte piece 1, </s> and <unk>
+    0, a normal piece its text (U+2581 is a space). Sums to len(decode(ids).encode()) for any
+    sequence that does not cut a character in two."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    table = np.zeros(sp.get_piece_size(), dtype=np.int64)
+    for i in range(sp.get_piece_size()):
+        if sp.is_byte(i):
+            table[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            table[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return table

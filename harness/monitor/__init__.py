@@ -1,5 +1,8 @@
-"""Loss/gradient spike monitoring: online detector, published baselines, offline replay."""
-from harness.monitor.config import MonitorConfig
+"""Loss/gradient spike monitoring at run time: the online detector (detector.py) and the offline
+replay of a metrics.jsonl (replay.py); the published baselines and the spike suite that
+compares them are benchmark code (bench/spikes/). Imports common and config only.
+"""
+from harness.config.monitor import MonitorConfig
 from harness.monitor.detector import SpikeDetector
 from harness.monitor.replay import replay
 

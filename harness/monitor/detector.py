@@ -42,7 +42,7 @@ Method, per signal, on log values (spikes are multiplicative and log makes drift
   steps while the value stays above half the ceiling; no statistics, so a growth that started
   in warm-up (before any window is full) is still caught once the monitor arms.
 
-- Parameter jump (signal optim/param_jump, from harness.grad_norms): a value at or above
+- Parameter jump (signal optim/param_jump, from harness.train.grad_norms): a value at or above
   `param_jump` is a `param_jump` alarm at once, in warm-up too: the weights changed between
   two steps by more than rounding, outside the optimizer (no statistics: healthy is 0).
 - LR warm-up: `trend_after` (null in a replay: the first step whose optim/lr does not rise)
@@ -77,134 +77,13 @@ Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "act
 from __future__ import annotations
 
 import math
-from collections import deque
 from fnmatch import fnmatchcase
 from typing import Any, Optional
 
-
-from harness.monitor.config import ALARMS, PARAM_JUMP, MonitorConfig
+from harness.config.monitor import ALARMS, PARAM_JUMP, MonitorConfig
+from harness.monitor.stats import EMA, Halvings, MedianMAD, Signal
 
 WARM_FLAT = 10  # steps without a new LR maximum that end an inferred warm-up
-_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
-
-
-def _median(xs: list[float]) -> float:
-    s, n = sorted(xs), len(xs)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-class _MedianMAD:
-    """Robust line through the window: two half-window medians give level and slope, so a
-    trend (a loss still falling, a grad norm creeping up) neither lags nor widens the spread."""
-
-    def __init__(self, window: int, min_scale: float):
-        self.values: deque[float] = deque(maxlen=window)
-        self.min_scale = min_scale
-
-    def count(self) -> int:
-        return len(self.values)
-
-    def score(self, x: float) -> tuple[float, float]:
-        # plain Python on a list: numpy's per-call overhead was 4x the work at window 64
-        v = list(self.values)
-        m, h = len(v), len(v) // 2
-        c1, c2 = (h - 1) / 2, m - h + (h - 1) / 2  # centres of the two halves
-        m1, m2 = _median(v[:h]), _median(v[m - h:])
-        slope = (m2 - m1) / (c2 - c1)
-        resid = [vi - (m2 + slope * (i - c2)) for i, vi in enumerate(v)]
-        mid = _median(resid)
-        spread = _MAD_TO_SIGMA * _median([abs(r - mid) for r in resid])
-        center = m2 + slope * (m - c2)  # the line extrapolated to this step
-        return (x - center) / max(spread, self.min_scale), center
-
-    def growth(self) -> float:
-        """The line's rise in log units over one window (its slope x the window)."""
-        v, h = list(self.values), len(self.values) // 2
-        m = len(v)
-        return (_median(v[m - h:]) - _median(v[:h])) / (m - h) * self.values.maxlen
-
-    def push(self, x: float, clip_z: Optional[float]) -> None:
-        self.values.append(x)  # medians are already robust: no clipping needed
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"values": list(self.values)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values.clear()
-        self.values.extend(float(v) for v in state["values"])
-
-
-class _EMA:
-    """Brown's double exponential smoothing (level + trend) with an EMA of squared errors;
-    errors are clipped to +-clip_z spreads before they update anything, so a spike can't
-    move the baseline."""
-
-    def __init__(self, alpha: float, min_scale: float, window: int):
-        self.alpha, self.min_scale, self.window = alpha, min_scale, window
-        self.n, self.level, self.trend, self.var = 0, 0.0, 0.0, 0.0
-
-    def count(self) -> int:
-        return self.n
-
-    def _spread(self) -> float:
-        return max(math.sqrt(self.var), self.min_scale)
-
-    def score(self, x: float) -> tuple[float, float]:
-        center = self.level + self.trend
-        return (x - center) / self._spread(), center
-
-    def growth(self) -> float:
-        return self.trend * self.window  # the per-step trend over one window, as for medians
-
-    def push(self, x: float, clip_z: Optional[float]) -> None:
-        err = x - (self.level + self.trend) if self.n else 0.0
-        if clip_z is not None:
-            bound = clip_z * self._spread()
-            err = min(max(err, -bound), bound)
-        # plain running averages at first, so the first values do not weigh forever
-        first = 1.0 / (self.n + 1)
-        gain = max(first, 1.0 - self.alpha**2)
-        self.level = x if self.n == 0 else self.level + self.trend + gain * err
-        self.trend += (1.0 - self.alpha) ** 2 * err
-        self.var += max(first, 1.0 - self.alpha) * (err * err - self.var)
-        self.n += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "level": self.level, "trend": self.trend, "var": self.var}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n = int(state["n"])
-        self.level, self.trend = float(state["level"]), float(state["trend"])
-        self.var = float(state["var"])
-
-
-class _Halvings(_MedianMAD):
-    """Loss scale: a value of powers of two, so count halvings below the window's maximum."""
-
-    def __init__(self, window: int):
-        super().__init__(window, min_scale=0.0)
-
-    def score(self, x: float) -> tuple[float, float]:
-        top = max(self.values)
-        return round((top - x) / math.log(2.0), 6), top
-
-
-class _Signal:
-    """One watched metric: its statistics, its current run of over-threshold steps and
-    whether it has fired in the current excursion (`hot`: cleared below threshold / 2, so a
-    value hovering at the threshold after a level shift fires once, not on every crossing)."""
-
-    def __init__(self, stat: Any, threshold: float, trend: bool = False, confirm: int = 1,
-                 at_once: float = math.inf):
-        self.stat, self.threshold, self.trend = stat, threshold, trend
-        # a level excursion warns on its `confirm`-th consecutive step, or at once when the
-        # value is >= at_once x the baseline, in log units (monitor.grad_confirm and
-        # grad_at_once on the confirm_signals; 1 and inf on the others)
-        self.confirm, self.at_once = confirm, at_once
-        self.run, self.onset, self.hot = 0, -1, False
-        self.trend_at = -1  # step of the last trend warning of the current rise, -1: none
-        self.ceiling: Optional[float] = None  # monitor.ceilings' value for this signal
-        self.ceil_at = -1  # step of the last ceiling warning of this excursion, -1: none
 
 
 class SpikeDetector:
@@ -212,7 +91,7 @@ class SpikeDetector:
         self.cfg = cfg.validate()
         self._act_on = set(cfg.resolved_act_on())
         self._kinds: dict[str, Optional[str]] = {}  # metric key -> "loss" | "precursor" | None
-        self.signals: dict[str, _Signal] = {}
+        self.signals: dict[str, Signal] = {}
         self.episode: Optional[dict[str, Any]] = None
         self.n_episodes = 0
         self.rollbacks = 0
@@ -284,20 +163,20 @@ class SpikeDetector:
                 self._kinds[name] = None
         return self._kinds[name]
 
-    def _new_signal(self, name: str) -> _Signal:
+    def _new_signal(self, name: str) -> Signal:
         cfg = self.cfg
         if name.endswith("loss_scale"):
-            return _Signal(_Halvings(cfg.window), float(cfg.loss_scale_halvings))
+            return Signal(Halvings(cfg.window), float(cfg.loss_scale_halvings))
         threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
         trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
         confirmed = name != cfg.loss_signal and any(fnmatchcase(name, p)
                                                     for p in cfg.confirm_signals)
         confirm = (cfg.grad_confirm, math.log(cfg.grad_at_once)) if confirmed else (1, math.inf)
         if cfg.stat == "ema":
-            stat = _EMA(cfg.ema_alpha, cfg.min_scale, cfg.window)
+            stat = EMA(cfg.ema_alpha, cfg.min_scale, cfg.window)
         else:
-            stat = _MedianMAD(cfg.window, cfg.min_scale)
-        sig = _Signal(stat, threshold, trend, *confirm)
+            stat = MedianMAD(cfg.window, cfg.min_scale)
+        sig = Signal(stat, threshold, trend, *confirm)
         sig.ceiling = cfg.ceilings().get(name)
         return sig
 
@@ -359,7 +238,7 @@ class SpikeDetector:
             ev = self._ceiling(step, name, x, sig) or ev  # always updates its own state
         return ev
 
-    def _level(self, step: int, name: str, x: float, sig: _Signal, z: float, center: float,
+    def _level(self, step: int, name: str, x: float, sig: Signal, z: float, center: float,
                is_loss: bool) -> Optional[dict[str, Any]]:
         if z < sig.threshold / 2:
             sig.hot = False
@@ -390,7 +269,7 @@ class SpikeDetector:
     def _jump(self, step: int, name: str, x: float) -> Optional[dict[str, Any]]:
         sig = self.signals.get(name)
         if sig is None:
-            sig = self.signals[name] = _Signal(_MedianMAD(2, 0.0), self.cfg.param_jump)
+            sig = self.signals[name] = Signal(MedianMAD(2, 0.0), self.cfg.param_jump)
         if x < sig.threshold:
             sig.hot = False
             return None
@@ -400,7 +279,7 @@ class SpikeDetector:
         return {"event": "param_jump", "step": step, "signal": name, "value": x,
                 "threshold": sig.threshold, "episode": self._touch_episode(step, name)}
 
-    def _trend(self, step: int, name: str, x: float, sig: _Signal,
+    def _trend(self, step: int, name: str, x: float, sig: Signal,
                growth: float) -> Optional[dict[str, Any]]:
         limit = math.log(self.cfg.trend_growth)
         if growth <= 0:  # the line has stopped rising: re-arm
@@ -415,7 +294,7 @@ class SpikeDetector:
                 "episode": self._touch_episode(step, name)}
 
     def _ceiling(self, step: int, name: str, x: float,
-                 sig: _Signal) -> Optional[dict[str, Any]]:
+                 sig: Signal) -> Optional[dict[str, Any]]:
         """An absolute limit: warns on reaching it, reminds every episode_gap steps while the
         value stays over half of it (hysteresis, so hovering at the limit is one episode)."""
         if x < sig.ceiling / 2:
@@ -445,7 +324,7 @@ class SpikeDetector:
             ep["signals"].append(name)
         return ep["id"]
 
-    def _confirm(self, base: dict[str, Any], sig: _Signal) -> dict[str, Any]:
+    def _confirm(self, base: dict[str, Any], sig: Signal) -> dict[str, Any]:
         ep = self._open_episode(base["step"])
         self.episode = None  # this spike consumes the episode: the next warning starts anew
         warned = None if ep is None else ep["start"]

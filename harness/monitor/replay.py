@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.callbacks.loggers import as_number
-from harness.errors import HarnessError
-from harness.monitor.config import MonitorConfig, is_post_step
+from harness.common.errors import HarnessError
+from harness.common.jsonl import as_number
+from harness.config.monitor import MonitorConfig, is_post_step
 from harness.monitor.detector import SpikeDetector
 
 CSV_NAMES = {
@@ -43,7 +43,7 @@ def read_trace(path: str | Path) -> Trace:
     """The (step, signals) records of a metrics.jsonl or CSV file, in file order."""
     try:
         raw = Path(path).read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip (a compressed log, e.g. tests/data/*.csv.gz)
+        if raw[:2] == b"\x1f\x8b":  # gzip (a compressed log, e.g. tests/monitor/*.csv.gz)
             raw = gzip.decompress(raw)
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:

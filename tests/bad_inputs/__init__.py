@@ -1,4 +1,4 @@
-"""The bad-input battery's case format (tests/test_bad_inputs.py runs every case).
+"""The bad-input battery's case format (tests/cli/test_bad_inputs.py runs every case).
 
 Each area keeps its cases in its own module here (config.py, data.py, checkpoints.py, ...),
 as `CASES: list[Case]`. A case is a `harness` command line that must end with `exit_code`,

@@ -7,7 +7,7 @@ shards, damages the copy, and runs `harness train` with the same arguments, in i
 newest intact one (exit 0) and stops with one line when none is intact; a checkpoint named by
 checkpoint.resume that is damaged is an error, never silently replaced. The older checkpoints,
 and the damaged ones when the run stops, are left byte for byte as they were.
-tests/test_checkpoint_fallback.py checks the warnings and that the fallback is bit-identical.
+tests/checkpoint/test_checkpoint_fallback.py checks the warnings and that the fallback is bit-identical.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def _template(stage: int) -> Path:
     """{cache}/stageN/{run,shards}: a finished 3-step run with checkpoints at 1, 2 and 3."""
     import forked_cli  # a process of its own, forked from a warm interpreter
     from engine_utils import child_env
+
     from harness.config import load_config
     from harness.data.prepare import prepare_data
 

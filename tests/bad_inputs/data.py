@@ -35,7 +35,7 @@ TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_si
 # the settings the word shards below are prepared with: a training config must say the same
 WORD_DATA = ["data.vocab_size=300", "data.val_fraction=0.0"]
 SHARDS = ("shards/manifest.json", "shards/train.bin", "shards/tokenizer.model")
-OVERWRITE = "train.overwrite=true"  # harness.run_dir.OVERWRITE_KEY
+OVERWRITE = "train.overwrite=true"  # harness.train.run_dir.OVERWRITE_KEY
 
 
 # ---- setups ---------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _chain(*setups):
 def _shards(src: str = "a.txt", out: str = "shards", text: str | None = None, **kw):
     """tmp/src (20k lines of words) prepared into tmp/out: vocab 300, no validation split."""
     def setup(tmp: Path) -> None:
-        from harness.data.config import DataConfig
+        from harness.config.data import DataConfig
         from harness.data.prepare import prepare_data
 
         if not (tmp / src).exists():
@@ -113,7 +113,7 @@ def _shards(src: str = "a.txt", out: str = "shards", text: str | None = None, **
 
 def _builtin_shards(out: str = "stdlib"):
     def setup(tmp: Path) -> None:
-        from harness.data.config import DataConfig
+        from harness.config.data import DataConfig
         from harness.data.prepare import prepare_data
 
         prepare_data(DataConfig(out_dir=str(tmp / out), max_bytes=200_000, vocab_size=512),
@@ -148,7 +148,7 @@ def _run_config(run: str = "run", *overrides: str, header: bool = True):
     the TINY model unless `overrides` say otherwise."""
     def setup(tmp: Path) -> None:
         from harness.config import load_config, to_yaml
-        from harness.run_dir import CONFIG_HEADER
+        from harness.train.run_dir import CONFIG_HEADER
 
         text = to_yaml(load_config("tiny", [*TINY, *WORD_DATA, *overrides]))
         _put(tmp / run / "config.yaml", (CONFIG_HEADER if header else "") + text)
@@ -255,9 +255,9 @@ def _offline_run_kept(tmp: Path, out: str, err: str) -> None:
 
 
 def _this_host() -> str:
-    from harness.data.prepare import _owner
+    from harness.data.out_dir import owner_tag
 
-    return _owner().partition("@")[2]
+    return owner_tag().partition("@")[2]
 
 
 def _dead_pid() -> int:
@@ -619,6 +619,16 @@ CASES: list[Case] = [
               "WANDB_MODE": "online", "WANDB_CONFIG_DIR": "{tmp}/wandb-config",
               "WANDB_CACHE_DIR": "{tmp}/wandb-cache", "WANDB_DATA_DIR": "{tmp}/wandb-data"},
          check=_all(_offline_run_kept, _key_written_nowhere, _exists("run/metrics.jsonl"))),
+    # a W&B service token inherited from the parent (its service, not this run's: here one
+    # that does not exist) is not used; without that, wandb.init fails or, with a live parent
+    # service, holds the run id the restart after SIGTERM needs (tests/slurm/test_slurm_train.py)
+    Case("data-wandb-inherited-service-not-used",
+         [*TRAIN_A, "wandb.mode=offline"], exit_code=0, setup=_shards(), unchanged=SHARDS,
+         slow=True, process=True,
+         env={"WANDB_SERVICE": "3-1-tcp-localhost-9", "WANDB_MODE": "offline",
+              "WANDB_CONFIG_DIR": "{tmp}/wandb-config", "WANDB_CACHE_DIR": "{tmp}/wandb-cache",
+              "WANDB_DATA_DIR": "{tmp}/wandb-data"},
+         check=_exists("run/wandb/offline-run-*/run-*.wandb", "run/metrics.jsonl")),
     Case("data-overwrite-moves-the-old-run-aside",
          [*TRAIN_A, "slurm.output=logs/slurm-%j.out", OVERWRITE], exit_code=0, slow=True, process=True,
          setup=_chain(_shards(), _run_config("run", "model.d_model=64"), _metrics(),

@@ -1,0 +1,176 @@
+"""The training loop: micro-steps up to the accumulation boundary, one optimizer step, metrics.
+
+Everything cross-cutting (loggers, monitor, checkpoints) is a Callback; this file only
+trains and measures what only the loop can see: the loss, the PRE-clip gradient norm (also
+per layer group), the clip coefficient, the learning rate, the update norm, the step time,
+and what the model saw in its forwards (harness.model.gpt.BlockStack.forward_stats): mean log(Z)^2
+(train/z_loss, PaLM's quantity), the largest log Z, and a bound on each layer's largest
+attention logit, the mechanism signals of output-logit divergence and attention-logit growth.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Iterable
+
+import torch
+
+from harness.common.callback import Callback
+from harness.config import Config
+from harness.data.sources import TrainData
+from harness.model.gpt import STATS_HEAD
+from harness.train.engine import Built
+from harness.train.grad_norms import GradNorms
+from harness.train.skip_step import skip_update
+
+N_MEANS = STATS_HEAD.index("lse_max")  # forward_stats: [ce, z_sq] are means, the rest maxima
+# the peak memory of each rank, max over ranks: the rank that runs out first is the one to watch
+MEMORY_KEY = {"cuda": "memory/gpu_max_allocated_gb", "cpu": "memory/cpu_rss_gb"}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # ru_maxrss is in KiB on Linux: the peak resident set of this process
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class Trainer:
+    def __init__(self, cfg: Config, built: Built, data: TrainData,
+                 callbacks: Iterable[Callback] = ()):
+        self.cfg, self.built, self.data = cfg, built, data
+        self.engine, self.plan = built.engine, built.plan
+        self.callbacks = sorted(callbacks, key=lambda c: c.order)
+        self.step = 0  # optimizer steps taken
+        self.consumed_samples = 0  # global data position; may run ahead of step x batch
+        self.stop_reason: str | None = None
+        self.stop_signals = None  # harness.train.preemption.StopSignals when signals should stop us
+        self.skip_update = False  # set by a callback in on_before_step
+        rank = built.dist.rank
+        self.norms = GradNorms(self.engine, built.comm, self.plan.dp_rank(rank),
+                               self.plan.tp_rank(rank))
+        # a pass over the optimizer state (6 foreach ops), made only for the monitor; its share
+        # of a step falls with the tokens per rank per step (see bench/README.md)
+        self.measure_update = cfg.monitor.enabled and cfg.monitor.watches("optim/update_norm")
+
+    @property
+    def is_main(self) -> bool:
+        return self.built.dist.rank == 0
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def _forward_backward(self) -> torch.Tensor:
+        """The micro-steps; returns the model's forward statistics (BlockStack.forward_stats)
+        combined over them: means averaged, maxima maxed."""
+        accum = self.plan.batch.grad_accum
+        stats = []
+        for k in range(accum):
+            x, y = self.data.micro_batch(self.consumed_samples, k)
+            loss = self.engine(x, y)
+            self.engine.backward(loss)
+            stats.append(self.engine.module.forward_stats())
+            if k < accum - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        stacked = torch.stack(stats)
+        return torch.cat((stacked[:, :N_MEANS].sum(0) / accum, stacked[:, N_MEANS:].amax(0)))
+
+    def _reduced_scalars(self, stats: torch.Tensor) -> dict[str, Any]:
+        """The step's one all-reduce and one device-to-host copy: the forward statistics' means
+        (loss, log(Z)^2), the stop flag, per-group squared pre-clip norms, and a slot per rank
+        for what is maxed over ranks (each rank's peak memory, max log Z, logit bounds)."""
+        dist, device = self.built.dist, self.engine.device
+        maxed = torch.zeros(dist.world_size, 1 + len(stats) - N_MEANS, device=device)
+        maxed[dist.rank, 0] = peak_memory_gb(device)
+        maxed[dist.rank, 1:] = stats[N_MEANS:]
+        flag = (self.stop_signals.flag(device) if self.stop_signals is not None
+                else torch.zeros(1, device=device))  # the same call with or without signals
+        out = self.built.comm.reduce_scalars({
+            "means": stats[:N_MEANS] / dist.world_size, "stop": flag,
+            "sq": self.norms.local_squares(), "maxed": maxed})
+        if out["stop"].item() > 0:  # every rank sees the same sum: all stop after this step
+            self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
+        means, maxed = out["means"].tolist(), out["maxed"].amax(dim=0).tolist()
+        bounds = maxed[2:]
+        signals = {"train/loss": means[0], "train/z_loss": means[1],
+                   "model/logit_lse_max": maxed[1], "model/attn_logit_bound": max(bounds),
+                   **{f"model/attn_logit_bound/layer_{i}": b for i, b in enumerate(bounds)},
+                   **self.norms.signals(out["sq"])}
+        if self.engine.fp16_enabled():  # the scale the step's gradients carry
+            signals["optim/loss_scale"] = float(self.engine.optimizer.loss_scale)
+        self._peak_memory = maxed[0]
+        return signals
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        signals = self._reduced_scalars(self._forward_backward())
+        self.skip_update = False
+        for cb in self.callbacks:
+            cb.on_before_step(self, self.step + 1, signals)
+        skipped = self.skip_update
+        if skipped:
+            skip_update(self.engine)
+        else:
+            if self.cfg.clip.value is not None:
+                self._clip_values()
+            self.engine.step()  # boundary: clip by global norm, update, advance the LR schedule
+            if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed skipped it
+                skipped = True
+                # ...and left its LR schedule behind; ours follows the step count, as after a
+                # monitor skip, so the schedule is the same function of the step in every run
+                self.engine.lr_scheduler.step()
+        self.step += 1
+        self.consumed_samples += self.plan.batch.global_batch
+        update, more = None, {}
+        if self.measure_update:  # the monitor reads them after the step: one more sync
+            # update norm, parameter norm and jump, per-group update ratios (grad_norms.py)
+            more = {} if skipped else self.norms.update_metrics(lr, self.cfg.monitor.update_sample)
+            update = more.pop("optim/update_norm", 0.0)
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's time, not its launch time
+        return {**self._metrics(signals, lr, update, skipped, time.perf_counter() - t0), **more}
+
+    def _clip_values(self) -> None:
+        v = self.cfg.clip.value  # ZeRO 0 only (validated): p.grad is the full gradient
+        if self.engine.fp16_enabled():  # fp16 gradients still carry the loss scale
+            v *= float(self.engine.optimizer.loss_scale)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.clamp_(-v, v)
+
+    def _metrics(self, signals: dict[str, Any], lr: float, update: float, skipped: bool,
+                 dt: float) -> dict[str, Any]:
+        max_norm, norm = self.cfg.clip.max_norm, signals["optim/grad_norm_preclip"]
+        # DeepSpeed's rule: scale by max_norm / (norm + 1e-6) when that is below 1
+        coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+        tokens = self.plan.tokens_per_step
+        return {
+            "step": self.step,
+            **signals,
+            "optim/clip_coef": coef,
+            "optim/clipped": coef < 1.0,
+            "optim/lr": lr,
+            **({"optim/update_norm": update} if update is not None else {}),
+            "optim/skipped": skipped,
+            "train/tokens_seen": self.consumed_samples * self.plan.seq_len,
+            MEMORY_KEY[self.engine.device.type]: self._peak_memory,
+            "throughput/step_time_s": dt,
+            "throughput/tokens_per_s": tokens / dt,
+            "throughput/samples_per_s": self.plan.batch.global_batch / dt,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> None:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        while self.step < self.cfg.train.max_steps and self.stop_reason is None:
+            metrics = self.train_step()
+            step = self.step  # every callback sees this step, even if one rolls back
+            for cb in self.callbacks:
+                cb.on_step_end(self, step, metrics)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Broadcast a monitor event to every callback (loggers write it)."""
+        for cb in self.callbacks:
+            cb.on_event(self, self.step, event)

@@ -1,0 +1,73 @@
+"""Replay of a real stable run through the default monitor: at most 1 event per 1000 steps.
+
+tests/monitor/llmc_gpt2_124M_stable.csv.gz: llm.c GPT-2 124M on FineWeb (A100, 19,560 steps,
+LR warm-up 700 steps, cosine to 0; columns step, loss, grad_norm, lr). No instability happened
+in it, so every event is a false one, warnings (quiet precursors) as much as alarms.
+
+Calibration split (bench/spikes/spike_split.py, REAL_TUNE_LAST): steps <= 9,780 may be tuned on,
+later steps (the anneal to LR 0) are held out. The split was made after the log's events
+under the earlier defaults had been seen, before any tuning on it; the whole-log figure is
+therefore NOT a held-out figure (half of it was tuned on) and is asserted separately.
+Measured with the defaults of this commit: held-out half 6 warnings (1 grad-norm level
+warning, confirmed at step 10,823, and 5 loss first-step warnings) in 9,779 steps = 0.61 /
+1000, 0 alarms; tuning half (from step 500) 1 warning = 0.11 / 1000; before the gradient
+norm's confirmation rule (grad_confirm 1) the held-out half had 31 (3.17 / 1000).
+"""
+from pathlib import Path
+
+import spike_split as split  # noqa: E402
+
+from harness.monitor import MonitorConfig, SpikeDetector, replay
+from harness.monitor.replay import read_trace
+
+LOG = Path(__file__).parent / "llmc_gpt2_124M_stable.csv.gz"
+NAME = "llmc_gpt2_124M_stable"
+
+
+def _per_1000(events: list[dict], steps: set[int], level: str) -> float:
+    return 1000 * sum(1 for e in events if e["step"] in steps and e["level"] == level) / len(steps)
+
+
+def test_real_stable_log_under_one_event_per_1000_steps():
+    trace = read_trace(LOG)
+    assert len(trace) == 19559  # steps 1-19560, one step missing in the log
+    det = SpikeDetector(MonitorConfig())
+    events = replay(LOG, MonitorConfig(), det)
+    assert det.warm_end == 700  # inferred from the logged (rounded) LR
+    held = {s for s, _ in trace if split.real_part(NAME, s) == "held_out"}
+    whole = {s for s, _ in trace if s >= split.REAL_FROM}  # the issue's convention
+    assert len(held) == 9779 and min(held) == 9781
+    # the held-out half (the anneal to LR 0): measured 0 alarms, 6 warnings (0.61 / 1000)
+    assert _per_1000(events, held, "alarm") == 0.0, events
+    assert _per_1000(events, held, "warning") <= 1.0, events
+    # the whole log from step 500 (half of it tuned on): measured 0 alarms, 7 warnings (0.37)
+    assert _per_1000(events, whole, "alarm") == 0.0
+    assert _per_1000(events, whole, "warning") <= 1.0
+    # every step, the LR warm-up's loss warnings included: measured 11 events (0.56 / 1000)
+    assert 1000 * len(events) / len(trace) <= 1.0
+    assert not [e for e in events if e["action"]]  # the default only logs
+
+
+def test_one_step_gradient_blips_of_the_real_log_stay_quiet():
+    """The log's gradient-norm blips (44 one-step excursions over z 10, up to x14 the
+    baseline) warned before the confirmation rule; now one does, confirmed by its second
+    step (10,823 after 10,822). A rule change that lets the blips through fails here."""
+    events = replay(LOG, MonitorConfig())
+    grad = [e["step"] for e in events if e["signal"] == "optim/grad_norm_preclip"]
+    assert grad == [10823]
+    unconfirmed = replay(LOG, MonitorConfig(grad_confirm=1))
+    assert sum(e["signal"] == "optim/grad_norm_preclip" for e in unconfirmed) == 44
+
+
+def test_the_cli_replay_reads_the_warm_up_from_the_log(capsys):
+    """`harness monitor replay LOG` gives the events of the Python replay: the end of the LR
+    warm-up comes from the log's own LR (700), not from the default preset's warmup_steps."""
+    import json
+
+    from harness.cli import main
+
+    assert main(["monitor", "replay", str(LOG)]) == 0
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert cli == replay(LOG, MonitorConfig())
+    assert main(["monitor", "replay", str(LOG), "monitor.trend_after=10"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) != len(cli)  # the explicit value is used
