@@ -94,6 +94,18 @@ def validate(cfg: Config) -> None:
     if not o.warmup_steps <= t.max_steps:
         raise HarnessError(f"optim.warmup_steps={o.warmup_steps} must be between 0 and "
                            f"train.max_steps={t.max_steps}")
+    if t.precision == "fp16" and cfg.clip.value is not None:
+        raise HarnessError("clip.value cannot be combined with train.precision=fp16 (elementwise "
+                           "clipping needs zero.stage=0, fp16 needs zero.stage>=1): use "
+                           "train.precision=bf16, or clip.value=null")
+    # DeepSpeed 0.19.8's ZeRO-0 fp16 optimizers (FP16_Optimizer with FusedAdam,
+    # FP16_UnfusedOptimizer with torch_adam: engine._configure_fp16_optimizer) never read
+    # fp16.hysteresis (each overflow halves the scale) and floor the scale at its minimum
+    # instead of stopping; ZeRO 1-3 use its DynamicLossScaler, which does both (docs/gpu.md)
+    if cfg.zero.stage == 0 and t.precision == "fp16":
+        raise HarnessError("zero.stage=0 with train.precision=fp16 is refused (DeepSpeed's ZeRO-0 "
+                           "fp16 optimizers ignore fp16.hysteresis): use zero.stage=1 (the same "
+                           "gradient memory as stage 0)")
     # DeepSpeed 0.19.8 sums low-precision gradients in fp32 only inside its ZeRO optimizers
     if cfg.zero.stage == 0 and t.precision != "fp32" and t.grad_accum_dtype == "fp32":
         raise HarnessError(

@@ -71,8 +71,12 @@ Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "act
   from check_pre_step, and only for an excursion's one warning (its first step, or for a
   confirm signal its confirming step: skipping every step of a real level shift would stall
   training); "rollback" turns into "stop" after max_rollbacks
-  rewinds. With fp16, an overflow step has an inf grad norm by design: feed the loss scale,
-  not the grad norm, on steps the engine skipped.
+  rewinds.
+- fp16 overflow: a step whose signals carry `optim/overflow` true (the trainer sets it under
+  fp16 when the gradient holds inf/NaN, which DeepSpeed's loss scaler skips and answers by
+  lowering the scale) has inf/NaN gradient norms by design: those are left out (no event, no
+  statistics); the loss scale's halving rule is what watches overflows. Any other inf/NaN
+  (the loss, a logit signal, a finite-scale gradient under bf16/fp32) stays an alarm.
 """
 from __future__ import annotations
 
@@ -84,6 +88,8 @@ from harness.config.monitor import ALARMS, PARAM_JUMP, MonitorConfig
 from harness.monitor.stats import EMA, Halvings, MedianMAD, Signal
 
 WARM_FLAT = 10  # steps without a new LR maximum that end an inferred warm-up
+OVERFLOW = "optim/overflow"  # true on an fp16 step the loss scaler will skip
+GRAD_NORMS = ("optim/grad_norm_preclip", "grad_norm/*")  # inf/NaN by design on such a step
 
 
 class SpikeDetector:
@@ -197,8 +203,10 @@ class SpikeDetector:
 
     def _update(self, step: int, signals: dict[str, float], can_skip: bool) -> list[dict]:
         self._warming = self._warm_up(step, signals)
+        overflow = bool(signals.get(OVERFLOW))
         watched = [(k, v) for k, v in signals.items()
-                   if v is not None and self._kind(k) is not None]
+                   if v is not None and self._kind(k) is not None
+                   and not (overflow and _overflowed(k, v))]
         watched.sort(key=lambda kv: (self._kind(kv[0]) == "loss", kv[0]))  # loss last
         events: list[dict[str, Any]] = []
         for name, value in watched:
@@ -342,3 +350,8 @@ class SpikeDetector:
         if action == "lr_cut":
             self.lr_cut_until = step + self.cfg.lr_cut_steps
         return action
+
+
+def _overflowed(name: str, value: float) -> bool:
+    """A gradient norm made inf/NaN by an fp16 overflow (the loss scaler's business)."""
+    return not math.isfinite(float(value)) and any(fnmatchcase(name, p) for p in GRAD_NORMS)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from harness.common.errors import HarnessError
 from harness.common.jsonl import as_number
 from harness.config.monitor import MonitorConfig, is_post_step
-from harness.monitor.detector import SpikeDetector
+from harness.monitor.detector import OVERFLOW, SpikeDetector
 
 CSV_NAMES = {
     "loss": "train/loss",
@@ -74,8 +74,9 @@ def _read_jsonl(path: str | Path, text: str) -> Trace:
         nums = {}
         for k, v in obj.items():
             v = as_number(v)  # "nan", "inf": how MetricsFile writes non-finite values
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                nums[k] = float(v)
+            if k != "step" and isinstance(v, (int, float)) and (k == OVERFLOW
+                                                                or not isinstance(v, bool)):
+                nums[k] = float(v)  # optim/overflow, a bool, says a step's inf norm is fp16's
         records.append((step, nums))
     return records
 

@@ -13,8 +13,10 @@ Contract of skip_update(engine), called at the accumulation boundary instead of 
 
 Each DeepSpeed optimizer's discard follows the path its own step() takes on an overflow or an
 invalid gradient norm (DeepSpeed's own "drop this update"), minus the loss-scale update (a
-skip is not an overflow: under fp16 the scale is left as it is, and an overflow that made the
-monitor skip is met again, and backed off by DeepSpeed, on the next step). A few buffers
+skip is not an overflow: under fp16 the scale is left as it is). An fp16 overflow step never
+comes here: the trainer hands it to engine.step() even when the monitor asked for a skip, so
+that DeepSpeed drops the update AND lowers the scale (skipped here, the same overflow would
+come back every step at the same scale). A few buffers
 DeepSpeed would only overwrite are zeroed as well, so that a parameter without a gradient on
 the next step cannot pick up a stale NaN. fp16 cannot run on the CPU accelerator: the fp16
 optimizers' path is read from DeepSpeed 0.19.8's source and untested here. NVMe optimizer

@@ -9,6 +9,7 @@ attention logit, the mechanism signals of output-logit divergence and attention-
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 from typing import Any, Iterable
@@ -16,9 +17,11 @@ from typing import Any, Iterable
 import torch
 
 from harness.common.callback import Callback
+from harness.common.errors import HarnessError
 from harness.config import Config
 from harness.data.sources import TrainData
 from harness.model.gpt import STATS_HEAD
+from harness.monitor.detector import OVERFLOW
 from harness.train.engine import Built
 from harness.train.grad_norms import GradNorms
 from harness.train.skip_step import skip_update
@@ -33,6 +36,22 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     # ru_maxrss is in KiB on Linux: the peak resident set of this process
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def clip_values(params, value: float, scale: float, norm: float) -> None:
+    """clip.value: clamp each gradient entry to +-value. Gradients that still carry a loss
+    scale (fp16) are clamped at value x scale. Nothing is touched when `norm` (the pre-clip
+    norm) is inf/NaN: those entries are what DeepSpeed's overflow check looks for, and a clamp
+    would make them finite, so the scale would never drop. A bound at or over the largest
+    finite value of the gradient's dtype (65504 in fp16: 1.0 x the default scale 65536) bounds
+    nothing finite, and is skipped rather than converted (which raises)."""
+    if not math.isfinite(norm):
+        return
+    bound = value * scale
+    for p in params:
+        g = p.grad
+        if g is not None and bound < torch.finfo(g.dtype).max:
+            g.clamp_(-bound, bound)
 
 
 class Trainer:
@@ -96,6 +115,9 @@ class Trainer:
                    **self.norms.signals(out["sq"])}
         if self.engine.fp16_enabled():  # the scale the step's gradients carry
             signals["optim/loss_scale"] = float(self.engine.optimizer.loss_scale)
+            # an inf/NaN gradient is what DeepSpeed's loss scaler checks for: it will skip this
+            # step and lower the scale; the monitor reads it as that, not as a nonfinite alarm
+            signals[OVERFLOW] = not math.isfinite(signals["optim/grad_norm_preclip"])
         self._peak_memory = maxed[0]
         return signals
 
@@ -107,12 +129,13 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_before_step(self, self.step + 1, signals)
         skipped = self.skip_update
-        if skipped:
+        if skipped and not signals.get(OVERFLOW):
             skip_update(self.engine)
-        else:
+        else:  # an fp16 overflow goes to engine.step() even when skipped: it lowers the scale
             if self.cfg.clip.value is not None:
-                self._clip_values()
-            self.engine.step()  # boundary: clip by global norm, update, advance the LR schedule
+                clip_values(self.engine.module.parameters(), self.cfg.clip.value,
+                            self._loss_scale(), signals["optim/grad_norm_preclip"])
+            self._engine_step(signals)  # boundary: clip by norm, update, advance the schedule
             if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed skipped it
                 skipped = True
                 # ...and left its LR schedule behind; ours follows the step count, as after a
@@ -129,13 +152,25 @@ class Trainer:
             torch.cuda.synchronize()  # the step's time, not its launch time
         return {**self._metrics(signals, lr, update, skipped, time.perf_counter() - t0), **more}
 
-    def _clip_values(self) -> None:
-        v = self.cfg.clip.value  # ZeRO 0 only (validated): p.grad is the full gradient
-        if self.engine.fp16_enabled():  # fp16 gradients still carry the loss scale
-            v *= float(self.engine.optimizer.loss_scale)
-        for p in self.engine.module.parameters():
-            if p.grad is not None:
-                p.grad.clamp_(-v, v)
+    def _loss_scale(self) -> float:
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
+
+    def _engine_step(self, signals: dict[str, Any]) -> None:
+        """engine.step(); DeepSpeed's loss scaler refusing to go below its minimum (the
+        gradient is inf/NaN at every scale) becomes a monitor event and one error line."""
+        try:
+            self.engine.step()
+        except Exception as err:
+            if "cannot decrease scale" not in str(err):
+                raise
+            scale = signals.get("optim/loss_scale", self._loss_scale())
+            self.emit({"event": "loss_scale_min", "level": "alarm", "step": self.step + 1,
+                       "signal": "optim/loss_scale", "value": scale, "action": "stop"})
+            raise HarnessError(
+                f"fp16: step {self.step + 1} overflowed at the minimum loss scale {scale:g} "
+                f"(fp16.min_loss_scale): its gradient is inf/NaN at any scale, so the run "
+                f"stops; resume from an earlier checkpoint with a lower optim.lr, or use "
+                f"train.precision=bf16") from None
 
     def _metrics(self, signals: dict[str, Any], lr: float, update: float, skipped: bool,
                  dt: float) -> dict[str, Any]:

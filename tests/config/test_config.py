@@ -40,6 +40,9 @@ BAD = [  # (overrides, the key the message must name)
     (["train.precision=bf16"], "train.grad_accum_dtype"),
     (["train.precision=bf16", "zero.stage=1", "train.grad_accum_dtype=fp16"], "train.grad_accum_dtype"),
     (["train.precision=bf16", "zero.stage=1", "train.reduce_dtype=int8"], "train.reduce_dtype"),
+    # DeepSpeed's ZeRO-0 fp16 optimizers ignore hysteresis; ZeRO 1 uses its DynamicLossScaler
+    (["train.precision=fp16", "train.grad_accum_dtype=fp16"], "zero.stage=1"),
+    (["train.precision=fp16", "zero.stage=1", "clip.value=1.0"], "clip.value"),
 ]
 
 
@@ -64,7 +67,7 @@ def test_bad_config_names_the_key(overrides, key):
     (["ds-config", "--config", "missing.yaml"], "missing.yaml"),
     (["train", f"{AC}.cpu_checkpointing=true", f"{AC}.policy=every_layer"], "partition_activations"),
     # refused before any engine exists (CI has no GPU; a GPU machine skips these two)
-    (["train", "train.device=cpu", "train.precision=fp16"], "train.precision=fp16"),
+    (["train", "train.device=cpu", "train.precision=fp16", "zero.stage=1"], "needs a GPU"),
     (["train", "train.device=cuda"], "train.device=cuda"),
 ])
 def test_cli_exit_2_one_line_no_traceback(args, needle):
