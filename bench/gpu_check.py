@@ -91,11 +91,11 @@ QUICK_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.b
 
 
 def norm_runs(device: str, quick: bool) -> list[dict]:
-    """ZeRO 0-3 x bf16/fp16; stage 0 sums and reduces in the run's precision (the config
-    refuses fp32 accumulation without ZeRO)."""
+    """ZeRO 0-3 x bf16, ZeRO 1-3 x fp16 (the config refuses fp16 at ZeRO 0); stage 0 sums and
+    reduces in the run's precision (the config refuses fp32 accumulation without ZeRO)."""
     runs = []
     for precision in ("bf16", "fp16"):
-        for stage in range(4):
+        for stage in range(4) if precision == "bf16" else range(1, 4):
             dtypes = ([f"train.grad_accum_dtype={precision}", f"train.reduce_dtype={precision}"]
                       if stage == 0 else [])
             if precision == "fp16":

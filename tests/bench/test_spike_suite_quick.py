@@ -1,14 +1,13 @@
 """bench/spikes/spike_suite.py --quick trains 3 tiny runs (stable, a one-step LR x300 crash, and the
-crash again under monitor.action=rollback) in a subprocess; its tables must be printed and
+crash again under monitor.action=rollback) in a process of its own; its tables must be printed and
 well-formed and its JSON must hold every number the tables show. --rescore of that JSON (no
 training) must print the same detection tables; --record anneal_to_0 adds one stable run whose
 cosine ends at LR 0 and keeps the stored runs."""
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,15 +35,23 @@ def _table(lines: list[str], title: str) -> list[list[str]]:
     return rows
 
 
+def suite(args: list[str], tmp_path: Path):
+    """`python bench/spikes/spike_suite.py ARGS` as a process of its own, forked from a warm
+    interpreter (tests/forked_cli.py: the script as Python runs it, less the imports)."""
+    import forked_cli
+
+    code, stdout, stderr = forked_cli.run_script(
+        "bench/spikes/spike_suite.py", args, ROOT, dict(ENV, OMP_NUM_THREADS="1"), tmp_path,
+        timeout=180)
+    return SimpleNamespace(code=code, stdout=stdout, stderr=stderr)
+
+
 @pytest.mark.slow
 def test_spike_suite_quick(tmp_path):
     out = tmp_path / "spikes.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/spikes/spike_suite.py", "--quick", "--out", str(out),
-         "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = suite(["--quick", "--out", str(out),
+         "--workdir", str(tmp_path / "work")], tmp_path)
+    assert proc.code == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
 
     for title in ("detection at the published settings", "at a matched false-alarm rate"):
@@ -73,11 +80,8 @@ def test_spike_suite_quick(tmp_path):
     assert result["overhead"]["ratio"] > 0
 
     # the same traces replayed from the JSON: the same tables, without training
-    again = subprocess.run(
-        [sys.executable, "bench/spikes/spike_suite.py", "--rescore", str(out)],
-        cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        timeout=180)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = suite(["--rescore", str(out)], tmp_path)
+    assert again.code == 0, again.stderr[-3000:]
     relines = again.stdout.splitlines()
     for title in ("detection at the published settings", "at a matched false-alarm rate",
                   "lead in steps per spike", "real stable log"):
@@ -87,12 +91,9 @@ def test_spike_suite_quick(tmp_path):
     # one scenario recorded later and merged in (--record): only its run trains; the stored
     # runs stay as they were, and the anneal-to-0 run counts as a stable, held-out run
     merged = tmp_path / "merged.json"
-    rec = subprocess.run(
-        [sys.executable, "bench/spikes/spike_suite.py", "--rescore", str(out), "--record", "anneal_to_0",
-         "--out", str(merged), "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        timeout=180)
-    assert rec.returncode == 0, rec.stderr[-3000:]
+    rec = suite(["--rescore", str(out), "--record", "anneal_to_0",
+         "--out", str(merged), "--workdir", str(tmp_path / "work")], tmp_path)
+    assert rec.code == 0, rec.stderr[-3000:]
     mlines = rec.stdout.splitlines()
     end = _table(mlines, "end of schedule")
     assert [r[0] for r in end] == DETECTORS * 2  # published, then matched
