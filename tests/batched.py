@@ -10,8 +10,18 @@ traceback into OUT/<case>/error-rankR.txt and ends its process (a rank left alon
 in a collective), torchrun ends the others, and `launch` starts the ranks again for the cases
 not yet run. A case that hangs is ended after `case_timeout` s and reported the same way.
 
-Worker side:   for case, spec in cases(sys.argv): with case_dir(out, case, rank) as d: ...
-Test side:     outcome = launch(lambda ids, spec_file: cmd, out, {id: spec}); outcome.get(id)
+The cases run in the order given (a dict keeps it), a relaunch going on with the ones after
+the case that failed, in fresh processes: a test that needs runs between two cases (a run
+stopped and its resume, with other runs between them overwriting what the first left in the
+processes) gets them either way.
+
+A case may be meant to end the processes (a refused start: sys.exit(2)): case_dir records
+the SystemExit's code in OUT/<case>/exit-rankR.txt and exits with it; Outcome.exited(case)
+gives the launch's exit code and output to check, and Outcome.dir fails for such a case.
+
+Worker side:   for case, spec in read_cases(spec_file).items():
+                   with case_dir(out, case, env_rank()) as d: ...
+Test side:     outcome = launch(lambda spec_file: argv, out, {id: spec}, env); outcome.dir(id)
 """
 from __future__ import annotations
 
@@ -40,12 +50,19 @@ def read_cases(spec_file: str | Path) -> dict:
 @contextlib.contextmanager
 def case_dir(out: Path, case: str, rank: int):
     """Marks the case started, yields its directory, marks it done; on an exception writes the
-    traceback and ends this process (exit 1), so that no rank waits on it in a collective."""
+    traceback and ends this process (exit 1), so that no rank waits on it in a collective; on
+    SystemExit (a refusal) records its code and exits with it."""
     d = Path(out) / case
     d.mkdir(parents=True, exist_ok=True)
     (d / f"started-rank{rank}").touch()
     try:
         yield d
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        (d / f"exit-rank{rank}.txt").write_text(str(code))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     except BaseException:  # noqa: B902 (KeyboardInterrupt too: the case did not finish)
         (d / f"error-rank{rank}.txt").write_text(traceback.format_exc())
         sys.stdout.flush()
@@ -61,16 +78,44 @@ def env_rank() -> int:
 # ---- in the test ---------------------------------------------------------------------------------
 
 class Outcome:
-    """What one launch (or its relaunches) left: per case, None (done on every rank) or why not."""
+    """What one launch (or its relaunches) left: the cases launched; per case that did not
+    finish on every rank, why (failures), or, for one that ended the processes through
+    SystemExit, the exit code and output of the launch it ended (exits)."""
 
-    def __init__(self, out: Path, failures: dict[str, str], output: str):
-        self.out, self.failures, self.output = out, failures, output
+    def __init__(self, out: Path, cases: list[str], failures: dict[str, str],
+                 exits: dict[str, tuple[int | None, str]], output: str):
+        self.out, self.cases, self.failures, self.exits = out, cases, failures, exits
+        self.output = output
 
-    def dir(self, case: str) -> Path:
-        """The case's directory; fails the calling test with the case's own error if it failed."""
+    def ok(self, case: str) -> bool:
+        """Whether the case was launched and finished on every rank."""
+        return case in self.cases and case not in self.failures and case not in self.exits
+
+    def _require_launched(self, case: str) -> None:
+        if case not in self.cases:
+            pytest.fail(f"case {case} was not in the launch (its fixture left it out: a case "
+                        f"it depends on failed)", pytrace=False)
         if case in self.failures:
             pytest.fail(f"case {case}: {self.failures[case]}", pytrace=False)
+
+    def dir(self, case: str) -> Path:
+        """The case's directory; fails the calling test with the case's own error if it failed
+        (or ended the processes, or was not launched)."""
+        self._require_launched(case)
+        if case in self.exits:
+            code, output = self.exits[case]
+            pytest.fail(f"case {case} ended the processes (launch exit code {code})\n"
+                        f"--- launch output, last 3000 characters:\n{output[-3000:]}",
+                        pytrace=False)
         return self.out / case
+
+    def exited(self, case: str) -> tuple[int | None, str]:
+        """(exit code, output) of the launch that case ended through SystemExit; fails the
+        calling test if it failed otherwise (its traceback) or finished."""
+        self._require_launched(case)
+        if case not in self.exits:
+            pytest.fail(f"case {case} finished on every rank: no exit", pytrace=False)
+        return self.exits[case]
 
 
 def _state(out: Path, case: str, nproc: int) -> str:
@@ -79,6 +124,8 @@ def _state(out: Path, case: str, nproc: int) -> str:
         return "done"
     if list(d.glob("error-rank*.txt")):
         return "error"
+    if list(d.glob("exit-rank*.txt")):
+        return "exited"
     if list(d.glob("started-rank*")):
         return "started"
     return "pending"
@@ -119,9 +166,10 @@ def launch(command, out: Path, cases: dict[str, object], env: dict, nproc: int =
            case_timeout: float = 300, start_timeout: float = 300) -> Outcome:
     """command(spec_file) -> the launcher's argv, which runs the cases in spec_file (JSON
     {id: spec}) and marks them through `case_dir`. Relaunched for the cases after one that
-    failed, until every case is done or failed. Outcome.output: every launch's output."""
+    failed (or exited), until every case is done, failed or exited. Outcome.output: every
+    launch's output; Outcome.launches: how many launches that took."""
     out.mkdir(parents=True, exist_ok=True)
-    pending, failures, outputs = dict(cases), {}, []
+    pending, failures, exits, outputs = dict(cases), {}, {}, []
     attempt = 0
     while pending:
         attempt += 1
@@ -146,6 +194,10 @@ def launch(command, out: Path, cases: dict[str, object], env: dict, nproc: int =
                 failures[case] = _errors(out, case) + tail
                 progressed = True
                 del pending[case]
+            elif state == "exited":
+                exits[case] = (code, output)
+                progressed = True
+                del pending[case]
             elif state == "started" or case == hung:
                 why = (f"hung for {case_timeout:g} s (a rank waiting in a collective?)"
                        if case == hung else f"exit code {code}")
@@ -157,7 +209,10 @@ def launch(command, out: Path, cases: dict[str, object], env: dict, nproc: int =
             for case in pending:
                 failures[case] = why + tail
             break
-    return Outcome(out, failures, "".join(outputs))
+    outcome = Outcome(out, list(cases), failures, exits, "".join(outputs))
+    outcome.launches = attempt  # the launcher's starts, relaunches included
+    outcome.nproc = nproc
+    return outcome
 
 
 def launched_params(request, test_name: str) -> list[dict]:
@@ -166,3 +221,9 @@ def launched_params(request, test_name: str) -> list[dict]:
     return [item.callspec.params for item in request.session.items
             if item.module is request.module and item.originalname == test_name
             and hasattr(item, "callspec")]
+
+
+def selected(request, test_name: str) -> bool:
+    """Whether the selection runs a test named test_name of the requesting module."""
+    return any(item.module is request.module and item.originalname == test_name
+               for item in request.session.items)

@@ -1,7 +1,7 @@
 """One rank of a test run that may resume a checkpoint saved at another world size.
 
 usage: reshard_worker.py OUT_DIR STOP_AT key=value ...   (STOP_AT 0: run to max_steps)
-       reshard_worker.py --cases SPEC.json   (many runs in one launch: run_cases)
+       reshard_worker.py --cases CASES.json OUT   (many runs in one launch: run_cases)
 Like dist_worker.py (harness.train.run.make_trainer, then fit), and also writes on rank 0:
   OUT_DIR/start.pt  the full optimizer state right after resuming (absent on a fresh start)
   OUT_DIR/end.pt    the full optimizer state when the run stops
@@ -89,35 +89,20 @@ def run(out: Path, stop_at: int, overrides: list[str]) -> None:
     torch.save(params, out / f"rank{rank}.pt")
 
 
-def run_cases(spec: Path) -> None:
-    """--cases SPEC.json: [{"name", "out", "stop_at", "overrides"}, ...] in order, in this one
-    process (tests/case_launch.py): OUT.doneR after each; a case that raises writes
-    OUT.errorR.txt and ends the launch; a refusal ends it with exit code 2 (so at most the
-    last case may be one)."""
-    import json
-    import os
-    import traceback
+def run_cases(spec: Path, out: Path) -> None:
+    """--cases CASES.json OUT_DIR: JSON {case id: {"stop_at", "overrides"}}, in order, in this
+    one process, each into OUT_DIR/<case id>/ (tests/batched.py: a case that raises writes its
+    traceback there and ends the ranks; a refusal ends them with exit code 2, recorded)."""
+    from batched import case_dir, env_rank, read_cases
 
-    from case_launch import done
-
-    rank = os.environ.get("RANK", "0")
-    for case in json.loads(spec.read_text()):
-        try:
-            run(Path(case["out"]), int(case["stop_at"]), case["overrides"])
-        except SystemExit:
-            raise
-        except BaseException:
-            Path(f"{case['out']}.error{rank}.txt").write_text(
-                f"case {case['name']} on rank {rank}:\n{traceback.format_exc()}")
-            sys.stderr.write(traceback.format_exc())
-            sys.stderr.flush()
-            os._exit(1)
-        done(case["out"], int(rank)).touch()
+    for name, case in read_cases(spec).items():
+        with case_dir(out, name, env_rank()) as d:
+            run(d, int(case["stop_at"]), case["overrides"])
 
 
 def main() -> None:
     if sys.argv[1] == "--cases":
-        run_cases(Path(sys.argv[2]))
+        run_cases(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         run(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
     hr.leave_together()

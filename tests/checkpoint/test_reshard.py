@@ -13,16 +13,17 @@ accumulation re-derived) and goes on to step 6. Checked:
   - a single process converts on the spot; several ranks refuse a checkpoint that is not
     converted yet (one line naming `python -m harness.checkpoint.reshard STEP_DIR`) and resume once it is.
 The stages' 2-rank runs (and the refused 2-rank start) share one launch, their 1-rank resumes
-another (launch_cases, reshard_worker.py --cases): one process start per launch.
+another (launch_cases, reshard_worker.py --cases, tests/batched.py): one process start per
+launch, the selected tests' runs only.
 """
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import batched
 import pytest
 import torch
-from case_launch import Launch
 from engine_utils import ROUNDING_TOL, child_env, max_diff, torchrun
 
 WORKER = str(Path(__file__).parents[1] / "reshard_worker.py")
@@ -63,31 +64,34 @@ def _results(out: Path, nproc: int):
     return ranks, start, torch.load(out / "end.pt")
 
 
-def case(name, out, run_dir, shards, stop_at, stage, *extra) -> dict:
-    """One run of launch_cases: launch()'s arguments under a name."""
-    return {"name": name, "out": str(out), "stop_at": stop_at,
-            "overrides": _overrides(run_dir, shards, stage, *extra)}
+def case(run_dir, shards, stop_at, stage, *extra) -> dict:
+    """One run of launch_cases: launch()'s arguments but the output directory (the case's
+    own, OUT/<case id>/)."""
+    return {"stop_at": stop_at, "overrides": _overrides(run_dir, shards, stage, *extra)}
 
 
-def launch_cases(nproc: int, spec: Path, cases: list[dict]) -> Launch:
-    """Every case in order in one launch (reshard_worker.py --cases): one process start and
-    rendezvous for all of them. At most the last case may be a refusal (assert_refused)."""
-    args = [WORKER, "--cases", str(spec)]
-    cmd = [sys.executable, *args] if nproc == 1 else torchrun(nproc, *args)
-    return Launch(cmd, spec, cases, nproc, timeout=900)
+def launch_cases(nproc: int, out: Path, cases: dict[str, dict]) -> batched.Outcome:
+    """Every case {id: case(...)} in order in one launch (reshard_worker.py --cases,
+    tests/batched.py): one process start and rendezvous for all of them. A refusal ends the
+    processes (assert_refused); put it last, or the cases after it take a second launch."""
+    def command(spec):
+        args = [WORKER, "--cases", str(spec), str(out)]
+        return [sys.executable, *args] if nproc == 1 else torchrun(nproc, *args)
+
+    return batched.launch(command, out, cases, child_env(), nproc=nproc)
 
 
-def results(launch: Launch, name: str):
+def results(launch: batched.Outcome, name: str):
     """launch()'s return value for case `name`; fails with its error when it did not finish."""
-    launch.check(name)
-    return _results(Path(launch.cases[name]["out"]), launch.nproc)
+    return _results(launch.dir(name), launch.nproc)
 
 
-def assert_refused(launch: Launch, refused: str) -> None:
-    """The launch's last case was refused as launch(refused=...) expects: every rank exits 2
-    with that one line (counted as launch() does)."""
-    count = launch.stderr.count(f"error: {refused}")
-    assert launch.returncode not in (0, None) and 1 <= count <= launch.nproc, launch.stderr
+def assert_refused(launch: batched.Outcome, name: str, refused: str) -> None:
+    """Case `name` was refused as launch(refused=...) expects: every rank exits 2 with that
+    one line (counted as launch() does, in the output of the launch the refusal ended)."""
+    code, output = launch.exited(name)
+    count = output.count(f"error: {refused}")
+    assert code not in (0, None) and 1 <= count <= launch.nproc, output[-6000:]
 
 
 def assert_same_state(resumed: dict, saved: dict) -> None:
@@ -115,14 +119,18 @@ def uninterrupted(tmp_path_factory, shards_dir):
 
 
 @pytest.fixture(scope="module")
-def two_rank_launch(tmp_path_factory, shards_dir, uninterrupted):
-    """One 2-process launch: for each stage a run that stops at 3 and saves; last, the 1-rank
-    checkpoint's refusal at 2 ranks (test_one_rank_zero_checkpoint_resumes_on_two_ranks)."""
+def two_rank_launch(request, tmp_path_factory, shards_dir, uninterrupted):
+    """One 2-process launch: for each selected stage a run that stops at 3 and saves; last, the
+    1-rank checkpoint's refusal at 2 ranks (test_one_rank_zero_checkpoint_resumes_on_two_ranks,
+    when selected)."""
     tmp = tmp_path_factory.mktemp("two")
-    cases = [case(f"stop-{s}", tmp / f"a{s}", tmp / f"run{s}", shards_dir, 3, s) for s in STAGES]
-    cases.append(case("refused", tmp / "refused", tmp / "run0", shards_dir, 0, 2,
-                      f"checkpoint.resume={uninterrupted['step3']}"))
-    return {"tmp": tmp, "launch": launch_cases(2, tmp / "spec.json", cases)}
+    stages = {p["stage"] for p in batched.launched_params(
+        request, "test_two_rank_zero_checkpoint_resumes_on_one_rank")}
+    cases = {f"stop-{s}": case(tmp / f"run{s}", shards_dir, 3, s) for s in STAGES if s in stages}
+    if batched.selected(request, "test_one_rank_zero_checkpoint_resumes_on_two_ranks"):
+        cases["refused"] = case(tmp / "run0", shards_dir, 0, 2,
+                                f"checkpoint.resume={uninterrupted['step3']}")
+    return {"tmp": tmp, "launch": launch_cases(2, tmp / "out", cases)}
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +139,17 @@ def resumed_on_one_rank(tmp_path_factory, shards_dir, two_rank_launch):
     of two_rank_launch's stop-S). Before it: each step 3's meta.json, and the leftovers of a
     killed conversion planted in each."""
     tmp, stopped = two_rank_launch["tmp"], two_rank_launch["launch"]
-    meta, cases = {}, []
+    meta, cases = {}, {}
     for s in STAGES:
-        if not stopped.finished(f"stop-{s}"):  # its test fails with stop-S's error
+        if not stopped.ok(f"stop-{s}"):  # its test fails with stop-S's error
             continue
         step_dir = tmp / f"run{s}" / STEP3
         meta[s] = json.loads((step_dir / "meta.json").read_text())
         # as if a conversion was killed
         (step_dir / ".tmp-universal-999" / "ds").mkdir(parents=True)
-        cases.append(case(f"resume-{s}", tmp / f"b{s}", tmp / f"run{s}", shards_dir, 0, s))
-    spec = tmp_path_factory.mktemp("one_resumes") / "spec.json"
-    return {"meta": meta, "launch": launch_cases(1, spec, cases)}
+        cases[f"resume-{s}"] = case(tmp / f"run{s}", shards_dir, 0, s)
+    out = tmp_path_factory.mktemp("one_resumes") / "out"
+    return {"meta": meta, "launch": launch_cases(1, out, cases)}
 
 
 @pytest.mark.slow
@@ -176,7 +184,7 @@ def test_one_rank_zero_checkpoint_resumes_on_two_ranks(tmp_path, shards_dir, uni
     # two ranks do not wait for rank 0 to convert (minutes for large models, past the process
     # group's timeout): they refuse, naming the command that converts ahead of time (the
     # refused start is two_rank_launch's last case, run0)
-    assert_refused(two_rank_launch["launch"], (
+    assert_refused(two_rank_launch["launch"], "refused", (
         f"{step3} was saved by another number of data-parallel ranks and has no universal "
         f"checkpoint yet, which 2 ranks cannot wait for: run `python -m harness.checkpoint.reshard "
         f"{step3}` once, then start again"))

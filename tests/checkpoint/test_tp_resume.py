@@ -8,12 +8,13 @@ engine.build). Dropout is off where the data-parallel size changes: each data-pa
 draws its own masks, so another DP size draws other ones (as at TP 1, tests/checkpoint/test_reshard.py).
 
 Every TP 2 x DP 2 run in one 4-process launch, every TP 2 x DP 1 run in one 2-process launch
-(test_reshard.launch_cases: one process start per launch), module-scoped; a run that fails
-fails its own test with its traceback.
+(test_reshard.launch_cases, tests/batched.py: one process start per launch, the selected
+tests' runs only), module-scoped; a run that fails fails its own test with its traceback.
 """
 import json
 from pathlib import Path
 
+import batched
 import pytest
 import torch
 from engine_utils import ROUNDING_TOL, max_diff
@@ -25,19 +26,26 @@ DROPOUT = "model.dropout=0.1"
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory, shards_dir):
+def four_ranks(request, tmp_path_factory, shards_dir):
     """Every TP 2 x DP 2 run of this module from one 4-process launch, in this order: the
     dropout run that stops at 3 (stop3), the ZeRO 1 run saving at 3 and 6 (tp2dp2), the
     uninterrupted dropout run (ref), then stop3's run directory resumed (resumed). stop3 and
     resumed lie apart: whatever stop3 left in the processes was overwritten by two other
-    runs, so only what the checkpoint restores can make resumed equal ref."""
+    runs (or, after a run between them failed, the relaunch's processes are fresh), so only
+    what the checkpoint restores can make resumed equal ref. Without
+    test_resume_at_tp2_dp2_is_bit_identical in the selection, tp2dp2 alone."""
     tmp = tmp_path_factory.mktemp("four")
-    cases = [case("stop3", tmp / "a", tmp / "run", shards_dir, 3, 1, *TP2, DROPOUT),
-             case("tp2dp2", tmp / "out", tmp / "tp2dp2", shards_dir, 0, 1, *TP2,
-                  "checkpoint.every=3"),
-             case("ref", tmp / "ref", tmp / "ref_run", shards_dir, 0, 1, *TP2, DROPOUT),
-             case("resumed", tmp / "b", tmp / "run", shards_dir, 0, 1, *TP2, DROPOUT)]
-    return launch_cases(4, tmp / "spec.json", cases)
+    tp2dp2 = {"tp2dp2": case(tmp / "tp2dp2", shards_dir, 0, 1, *TP2, "checkpoint.every=3")}
+    if batched.selected(request, "test_resume_at_tp2_dp2_is_bit_identical"):
+        cases = {"stop3": case(tmp / "run", shards_dir, 3, 1, *TP2, DROPOUT),
+                 **tp2dp2,
+                 "ref": case(tmp / "ref_run", shards_dir, 0, 1, *TP2, DROPOUT),
+                 "resumed": case(tmp / "run", shards_dir, 0, 1, *TP2, DROPOUT)}
+    else:
+        cases = tp2dp2
+    outcome = launch_cases(4, tmp / "out", cases)
+    outcome.run_dirs = {name: _run_dir(c) for name, c in cases.items()}
+    return outcome
 
 
 @pytest.fixture(scope="module")
@@ -45,37 +53,40 @@ def tp2dp2(four_ranks):
     """4 ranks, ZeRO 1, 6 steps, saving at 3 and 6: the reference and a TP 2 x DP 2 checkpoint."""
     ranks, _, end = results(four_ranks, "tp2dp2")
     assert end["step_count"] == 6
-    out, run = Path(four_ranks.cases["tp2dp2"]["out"]), _run_dir(four_ranks, "tp2dp2")
+    out, run = four_ranks.dir("tp2dp2"), four_ranks.run_dirs["tp2dp2"]
     meta = json.loads((run / STEP3 / "meta.json").read_text())
     assert meta["world_size"] == 4 and meta["tensor_parallel_size"] == 2
     return {"ranks": ranks, "step3": run / STEP3, "saved3": torch.load(out / "saved3.pt")}
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, shards_dir, four_ranks):
-    """Every TP 2 x DP 1 run of this module from one 2-process launch: tp2dp2's step 3 resumed
-    (dp1, converted first: rank 0 of a 2-process world does not convert for the others), a
-    bf16 run (bf16) and an untied llama run (llama)."""
+def two_ranks(request, tmp_path_factory, shards_dir, four_ranks):
+    """Every TP 2 x DP 1 run of the selected tests from one 2-process launch: tp2dp2's step 3
+    resumed (dp1, converted first: rank 0 of a 2-process world does not convert for the
+    others), a bf16 run (bf16) and an untied llama run (llama)."""
     tmp = tmp_path_factory.mktemp("two")
     llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=64",
              "model.tie_embeddings=false"]
-    cases = []
-    if four_ranks.finished("tp2dp2"):  # else test_tp2_dp2_checkpoint_resumes_at_tp2_dp1 fails
+    cases = {}
+    if batched.selected(request, "test_tp2_dp2_checkpoint_resumes_at_tp2_dp1") and \
+            four_ranks.ok("tp2dp2"):  # else test_tp2_dp2_checkpoint_resumes_at_tp2_dp1 fails
         from harness.checkpoint.reshard import convert  # with tp2dp2's error
 
-        step3 = _run_dir(four_ranks, "tp2dp2") / STEP3
+        step3 = four_ranks.run_dirs["tp2dp2"] / STEP3
         convert(step3)
-        cases.append(case("dp1", tmp / "b", tmp / "run", shards_dir, 0, 1, *TP2,
-                          f"checkpoint.resume={step3}"))
-    cases += [case("bf16", tmp / "bf16", tmp / "bf16_run", shards_dir, 0, 1, *TP2,
-                   "train.precision=bf16"),
-              case("llama", tmp / "llama", tmp / "llama_run", shards_dir, 0, 1, *TP2, *llama)]
-    return launch_cases(2, tmp / "spec.json", cases)
+        cases["dp1"] = case(tmp / "run", shards_dir, 0, 1, *TP2, f"checkpoint.resume={step3}")
+    if batched.selected(request, "test_a_bf16_tp2_checkpoint_gives_its_fp32_masters"):
+        cases["bf16"] = case(tmp / "bf16_run", shards_dir, 0, 1, *TP2, "train.precision=bf16")
+    if batched.selected(request, "test_a_llama_tp2_checkpoint_reads_whole"):
+        cases["llama"] = case(tmp / "llama_run", shards_dir, 0, 1, *TP2, *llama)
+    outcome = launch_cases(2, tmp / "out", cases)
+    outcome.run_dirs = {name: _run_dir(c) for name, c in cases.items()}
+    return outcome
 
 
-def _run_dir(launch, name: str) -> Path:
-    """The train.run_dir of case `name`."""
-    (arg,) = [a for a in launch.cases[name]["overrides"] if a.startswith("train.run_dir=")]
+def _run_dir(case: dict) -> Path:
+    """The train.run_dir of a case."""
+    (arg,) = [a for a in case["overrides"] if a.startswith("train.run_dir=")]
     return Path(arg.split("=", 1)[1])
 
 
@@ -123,7 +134,7 @@ def test_a_bf16_tp2_checkpoint_gives_its_fp32_masters(two_ranks):
     from harness.checkpoint import io as checkpoint_io
 
     ranks, _, _ = results(two_ranks, "bf16")
-    state = checkpoint_io.state_dict(_run_dir(two_ranks, "bf16") / "checkpoints" / "step00000006")
+    state = checkpoint_io.state_dict(two_ranks.run_dirs["bf16"] / "checkpoints" / "step00000006")
     assert any(not torch.equal(state[n], p.float()) for n, p in ranks[0].items())  # masters
     for name, p in ranks[0].items():
         assert state[name].dtype == torch.float32
@@ -136,7 +147,7 @@ def test_a_llama_tp2_checkpoint_reads_whole(two_ranks):
     from harness.checkpoint import io as checkpoint_io
 
     ranks, _, _ = results(two_ranks, "llama")
-    state = checkpoint_io.state_dict(_run_dir(two_ranks, "llama") / "checkpoints" /
+    state = checkpoint_io.state_dict(two_ranks.run_dirs["llama"] / "checkpoints" /
                                      "step00000006")
     assert "blocks.0.attn.wk.weight" in ranks[0] and "lm_head.weight" in ranks[0]
     for name, p in ranks[0].items():

@@ -12,9 +12,10 @@ every parameter after training, the shards gathered across the group.
 
 One launch per world size: every TP 2 x DP 1 run of this module (the cases, the dropout pair,
 the activation measurements) in one 2-process launch, every TP 2 x DP 2 run in one 4-process
-launch (tests/tp_cases_worker.py: each case its own engine, reseeded; one process start per
-launch), module-scoped; a case that fails fails its own test with its traceback. The TP 1
-references train in this process, once per case.
+launch (tests/tp_cases_worker.py, tests/batched.py: each case its own engine, reseeded; one
+process start per launch, the selected tests' cases only), module-scoped; a case that fails
+fails its own test with its traceback. The TP 1 references train in this process, once per
+case.
 
 Tolerances, from a plain-PyTorch run: TP only changes the order of fp32 additions (a
 row-parallel layer sums two half-width matmuls through an all-reduce). The same kind of
@@ -31,9 +32,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import batched
 import pytest
 import torch
-from case_launch import Launch
 from engine_utils import ROUNDING_TOL, child_env, run_harness, run_reference, small_cfg, torchrun
 
 pytestmark = pytest.mark.slow
@@ -76,32 +77,43 @@ DROPOUT_CASES = {"plain": DROPOUT,
                           f"{AC}.contiguous_memory_optimization=true"]}
 
 
-def _launch(tmp: Path, n: int, cases: list[tuple[str, str, list[str]]]) -> Launch:
-    """One torchrun launch of n ranks running every (name, kind, overrides) in order."""
-    spec = tmp / "spec.json"
-    return Launch(torchrun(n, CASES_WORKER, str(spec)), spec,
-                  [{"name": name, "kind": kind, "out": str(tmp / name), "overrides": overrides}
-                   for name, kind, overrides in cases], n)
+def _launch(tmp: Path, n: int, cases: list[tuple[str, str, list[str]]]) -> batched.Outcome:
+    """One torchrun launch of n ranks running every (name, kind, overrides) in order
+    (tests/batched.py: relaunched for the cases after one that fails)."""
+    out = tmp / "out"
+    return batched.launch(lambda spec: torchrun(n, CASES_WORKER, str(spec), str(out)), out,
+                          {name: {"kind": kind, "overrides": overrides}
+                           for name, kind, overrides in cases}, child_env(), nproc=n)
+
+
+def _selected_cases(request, test_name: str) -> set:
+    return {p["case"] for p in batched.launched_params(request, test_name)}
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory) -> Launch:
-    """Every TP 2 x DP 1 case of this module from one 2-process launch (one start, one
+def tp2(request, tmp_path_factory) -> batched.Outcome:
+    """Every TP 2 x DP 1 case of the selected tests from one 2-process launch (one start, one
     rendezvous): the 6 training cases, the 2 dropout runs, the 2 activation measurements.
-    A case that fails fails its own test, with its traceback (tests/case_launch.py)."""
+    A case that fails fails its own test, with its traceback (tests/batched.py)."""
+    train = _selected_cases(request, "test_tp2_matches_tp1_loss_norm_and_parameters")
+    dropout = batched.selected(request,
+                               "test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout")
+    activation = _selected_cases(
+        request, "test_partition_activations_halves_the_checkpointed_bytes_at_tp2")
     return _launch(tmp_path_factory.mktemp("tp2"), 2, [
-        *((f"train-{c}", "train", [*CASES[c], *BATCH, TP2]) for c in CASES),
-        *((f"dropout-{c}", "train", args) for c, args in DROPOUT_CASES.items()),
+        *((f"train-{c}", "train", [*CASES[c], *BATCH, TP2]) for c in CASES if c in train),
+        *((f"dropout-{c}", "train", args) for c, args in DROPOUT_CASES.items() if dropout),
         *((f"activation-{c}", "activation", [*PARTITIONED, *extra, TP2])
-          for c, extra in ACTIVATION_CASES.items())])
+          for c, extra in ACTIVATION_CASES.items() if c in activation)])
 
 
 @pytest.fixture(scope="module")
-def tp2dp2(tmp_path_factory) -> Launch:
-    """The TP 2 x DP 2 training cases from one 4-process launch."""
+def tp2dp2(request, tmp_path_factory) -> batched.Outcome:
+    """The selected TP 2 x DP 2 training cases from one 4-process launch."""
+    selected = _selected_cases(request, "test_tp2_dp2_matches_tp1_with_the_same_global_batch")
     return _launch(tmp_path_factory.mktemp("tp2dp2"), 4, [
         (f"train-{c}", "train", [*CASES[c], *BATCH, TP2, "train.grad_accum_steps=2"])
-        for c in DP2_CASES])
+        for c in DP2_CASES if c in selected])
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +130,8 @@ def tp1():
     return get
 
 
-def tp_ranks(launch: Launch, name: str) -> list[dict]:
-    launch.check(name)
-    out = Path(launch.cases[name]["out"])
+def tp_ranks(launch: batched.Outcome, name: str) -> list[dict]:
+    out = launch.dir(name)  # fails with the case's own traceback if it failed
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(launch.nproc)]
 
 
@@ -206,12 +217,11 @@ def _activations(out: Path, overrides: list[str], n: int) -> list[dict]:
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(n)]
 
 
-def _activation(launch: Launch, name: str) -> list[dict]:
+def _activation(launch: batched.Outcome, name: str) -> list[dict]:
     import json
 
-    launch.check(name)
-    out = launch.cases[name]["out"]
-    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(launch.nproc)]
+    out = launch.dir(name)  # fails with the case's own traceback if it failed
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(launch.nproc)]
 
 
 @pytest.mark.parametrize("case", list(ACTIVATION_CASES))
