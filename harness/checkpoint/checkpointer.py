@@ -60,17 +60,22 @@ from harness.checkpoint.sums import (CHECKSUM, META, SET_ASIDE, SUMS, _digest_fi
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see fewer of them
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], local_rank: int) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state and local_rank < len(state["cuda"]):
+        # saved before: every visible GPU's state; this rank trained on cuda:LOCAL_RANK
+        torch.cuda.set_rng_state(state["cuda"][local_rank])
 
 
 class Checkpointer(Callback):
@@ -317,7 +322,7 @@ def load(trainer, path: Path) -> dict[str, Any]:
     trainer.step, trainer.consumed_samples = meta["step"], meta["consumed_samples"]
     rng_file = path / f"rank{trainer.built.dist.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=False), trainer.built.dist.local_rank)
     by_name = {type(cb).__name__: cb for cb in trainer.callbacks}
     for name, state in meta.get("callbacks", {}).items():
         if name in by_name:

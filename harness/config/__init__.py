@@ -90,6 +90,7 @@ def validate(cfg: Config) -> None:
     for f in fields(cfg):
         getattr(cfg, f.name).validate()
     _check_strings(cfg)
+    _check_wandb_wait(cfg)
     m, o, t, ac = cfg.model, cfg.optim, cfg.train, cfg.activation_checkpointing
     if not o.warmup_steps <= t.max_steps:
         raise HarnessError(f"optim.warmup_steps={o.warmup_steps} must be between 0 and "
@@ -183,3 +184,16 @@ def _check_strings(cfg: Config) -> None:
                 if isinstance(item, str):
                     suffix = f"[{i}]" if isinstance(value, list) else ""
                     check_line(f"{section.name}.{f.name}{suffix}", item, empty_ok=True)
+
+
+def _check_wandb_wait(cfg: Config) -> None:
+    """Rank 0 waits for the W&B server (up to wandb.init_timeout_s, then starts offline) while
+    the other ranks already sit in the first step's collective: the wait must end well inside
+    that collective's timeout."""
+    wait, limit = cfg.wandb.init_timeout_s, cfg.parallel.collective_timeout_s
+    if cfg.wandb.resolved_mode() == "online" and wait > limit / 2:
+        raise HarnessError(f"wandb.init_timeout_s={wait:g} must be at most half of "
+                           f"parallel.collective_timeout_s={limit:g}: the other ranks wait in "
+                           f"their first collective while rank 0 waits for W&B (and then starts "
+                           f"offline); lower wandb.init_timeout_s or raise "
+                           f"parallel.collective_timeout_s")

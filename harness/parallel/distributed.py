@@ -109,6 +109,42 @@ def export(dist: DistEnv) -> None:
                       MASTER_PORT=str(dist.master_port))
 
 
+def device_index(local_rank: int, visible: int, cuda_visible_devices: str | None) -> int:
+    """The CUDA ordinal this task trains on, of the `visible` GPUs it can see.
+
+    Every GPU of the node visible (srun's default, torchrun): ordinal LOCAL_RANK. One GPU
+    visible (srun --gpus-per-task=1, --gpu-bind=single:1 or map_gpu, per-task cgroups):
+    ordinal 0, whatever LOCAL_RANK is; binding cuda:LOCAL_RANK there fails on ranks 1-7 with
+    "invalid device ordinal". Anything else (several GPUs, but fewer than LOCAL_RANK + 1)
+    does not say which one is this task's: refused."""
+    shown = "unset" if cuda_visible_devices is None else repr(cuda_visible_devices)
+    if visible < 1:
+        raise HarnessError(f"local rank {local_rank} sees no CUDA GPU (CUDA_VISIBLE_DEVICES="
+                           f"{shown}): give each task a GPU (srun --gpus-per-task=1, or "
+                           f"--gres=gpu:N with one task per GPU), or use train.device=cpu")
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise HarnessError(f"local rank {local_rank} sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{shown}), so neither cuda:{local_rank} nor one GPU of its own: give "
+                       f"each task every GPU of its node (srun --gpu-bind=none) or exactly one "
+                       f"(srun --gpus-per-task=1), one task per GPU")
+
+
+def bind_device(dist: DistEnv) -> int:
+    """Choose and select this task's GPU before the process group and DeepSpeed's engine exist.
+    Both take the device from LOCAL_RANK (NCCL's device_id, the engine's cuda:LOCAL_RANK), so
+    LOCAL_RANK is set to the chosen ordinal; `dist.local_rank` keeps the launcher's number."""
+    import torch  # noqa: WPS433 (only on the GPU path)
+
+    index = device_index(dist.local_rank, torch.cuda.device_count(),
+                         os.environ.get("CUDA_VISIBLE_DEVICES"))
+    torch.cuda.set_device(index)
+    os.environ["LOCAL_RANK"] = str(index)
+    return index
+
+
 def close_process_group() -> bool:
     """Leave the process group, if one exists, before the process exits on an error: gloo's
     threads left to interpreter exit can abort it ("terminate called without an active

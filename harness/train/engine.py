@@ -96,6 +96,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     dist = dist or distributed.detect()
     distributed.export(dist)
     device = resolve_device(cfg)
+    if device == "cuda":  # the GPU this task can see, before NCCL and DeepSpeed bind one
+        distributed.bind_device(dist)
     deepspeed = import_deepspeed(device)
     plan = make_plan(cfg, dist.world_size)
     ds = build_ds_config(cfg, plan, device)

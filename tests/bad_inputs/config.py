@@ -259,6 +259,13 @@ CASES += [
          words=(f"{AC}.number_checkpoints", "model.n_layer")),
     Case("config-ac-every-k-past-end", ["ds-config", f"{AC}.policy=every_k", f"{AC}.every_k=9"],
          words=(f"{AC}.every_k", "model.n_layer")),
+    # rank 0 would still wait for W&B when the other ranks' first collective times out
+    Case("config-wandb-wait-outlasts-collectives", ["ds-config", "wandb.mode=online",
+                                                     "wandb.init_timeout_s=600"],
+         words=("wandb.init_timeout_s=600", "parallel.collective_timeout_s=600")),
+    Case("config-wandb-wait-vs-short-collectives", ["ds-config", "wandb.mode=online",
+                                                     "parallel.collective_timeout_s=30"],
+         words=("wandb.init_timeout_s=20", "parallel.collective_timeout_s=30")),
     Case("config-clip-value-with-zero", ["ds-config", "clip.value=0.5", "zero.stage=2"],
          words=("clip.value",)),
 ]

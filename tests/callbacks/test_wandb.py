@@ -305,13 +305,16 @@ def test_clip_rate_is_a_sliding_window(run):
 def test_throughput_on_a_gpu(run, monkeypatch, caplog, name, expect_mfu):
     cuda = "harness.callbacks.throughput.torch.cuda"
     monkeypatch.setattr(f"{cuda}.get_device_name", lambda *a: name)
+    monkeypatch.setattr(f"{cuda}.max_memory_allocated", lambda *a: 3.5e9)
+    monkeypatch.setattr(f"{cuda}.reset_peak_memory_stats", lambda *a: None)
     built = SimpleNamespace(n_params=run.trainer.built.n_params, device="cuda",
-                            dist=SimpleNamespace(world_size=4))
-    trainer = SimpleNamespace(cfg=run.trainer.cfg, built=built, is_main=True)
+                            dist=SimpleNamespace(world_size=4), comm=run.trainer.built.comm)
+    trainer = SimpleNamespace(cfg=run.trainer.cfg, built=built, is_main=True, step=0)
     cb = Throughput()
     cb.on_train_start(trainer)
     metrics = {"throughput/tokens_per_s": 1e6, "optim/clipped": True}
     cb.on_step_end(trainer, 1, metrics)
+    assert metrics["memory/gpu_max_allocated_gb"] == 3.5  # read after the step (on_step_end)
     if expect_mfu:
         # the tiny preset trains in fp32: measured against the dense TF32 peak, not bf16's
         assert metrics["throughput/mfu"] == pytest.approx(cb.flops_per_token * 1e6 / (4 * 494.7e12))

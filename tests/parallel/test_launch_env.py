@@ -86,3 +86,10 @@ def test_srun_task_script_uses_the_same_port(tmp_path):
     out = subprocess.run(["bash", str(script), "bash", "-c", "echo $MASTER_PORT"], env=env,
                          capture_output=True, text=True, timeout=30, check=True).stdout
     assert int(out) == job_port(34567)
+
+
+def test_launch_readme_states_the_port_the_code_uses():
+    readme = (Path(__file__).parents[2] / "launch" / "README.md").read_text()
+    flat = " ".join(readme.split())
+    assert (f"{distributed.JOB_PORT_BASE} + job id % {distributed.JOB_PORT_SPAN}" in flat), \
+        "launch/README.md's MASTER_PORT differs from harness.parallel.distributed.job_port"
