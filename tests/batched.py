@@ -26,6 +26,7 @@ Test side:     outcome = launch(lambda spec_file: argv, out, {id: spec}, env); o
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -73,6 +74,20 @@ def case_dir(out: Path, case: str, rank: int):
 
 def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def run_cases(argv: list[str], train) -> None:
+    """A worker's cases: `--cases SPEC.json OUT` runs train(OUT/<case>, overrides) for each case
+    in turn (the previous case's engine collected first); `OUT ARGS...` runs train(OUT, ARGS)
+    once (the old usage)."""
+    if argv[0] == "--cases":
+        out = Path(argv[2])
+        for case, overrides in read_cases(argv[1]).items():
+            with case_dir(out, case, env_rank()) as d:
+                train(d, overrides)
+            gc.collect()  # the case's engine, before the next one's
+    else:
+        train(Path(argv[0]), argv[1:])
 
 
 # ---- in the test ---------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ so a rank's extra forward would make no collective and the test could not fail. 
 to 0 here: every forward all-gathers every parameter, as a large model's does (32 all-gathers
 per forward on the test's model; with them the old evaluator hung at the uneven batch).
 """
-import gc
 import sys
 from pathlib import Path
 
 import torch
+from batched import run_cases
 from engine_utils import full_params
 
 import harness.train.engine
@@ -46,17 +46,9 @@ def train(out: Path, overrides: list[str]) -> None:
 
 
 def main() -> None:
-    harness.train.engine.build_ds_config = _gather_in_every_forward(harness.train.engine.build_ds_config)
-    if sys.argv[1] == "--cases":
-        from batched import case_dir, env_rank, read_cases
-
-        out = Path(sys.argv[3])
-        for case, overrides in read_cases(sys.argv[2]).items():
-            with case_dir(out, case, env_rank()) as d:
-                train(d, overrides)
-            gc.collect()  # the case's engine, before the next one's
-    else:
-        train(Path(sys.argv[1]), sys.argv[2:])
+    engine = harness.train.engine
+    engine.build_ds_config = _gather_in_every_forward(engine.build_ds_config)
+    run_cases(sys.argv[1:], train)
     leave_together()
 
 

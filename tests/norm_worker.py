@@ -7,12 +7,11 @@ per-step metrics and gathered parameters to OUT_DIR/rankR.pt; with --cases, each
 in these processes (an engine each, one process group), to OUT_DIR/<case id>/rankR.pt
 (tests/batched.py: a failed case writes its traceback there instead and ends the ranks).
 """
-import gc
 import sys
 from pathlib import Path
 
 import torch
-from batched import case_dir, env_rank, read_cases
+from batched import run_cases
 from engine_utils import run_harness, small_cfg
 
 from harness.callbacks.throughput import Throughput
@@ -28,14 +27,7 @@ def train(out: Path, overrides: list[str]) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "--cases":
-        out = Path(sys.argv[3])
-        for case, overrides in read_cases(sys.argv[2]).items():
-            with case_dir(out, case, env_rank()) as d:
-                train(d, overrides)
-            gc.collect()  # the case's engine, before the next one's
-    else:
-        train(Path(sys.argv[1]), sys.argv[2:])
+    run_cases(sys.argv[1:], train)
     leave_together()
 
 
