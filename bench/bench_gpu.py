@@ -10,8 +10,8 @@ Each row builds the preset with harness.train.engine.build (world size 1, the pr
 trains WARMUP + MEASURED steps of synthetic tokens with harness.train.trainer.Trainer at global
 batch = micro batch, and reports the median step. Peak memory is reset after the warm-up, so
 it is the steady state the planner predicts. MFU = flops_per_token x tokens/s / the GPU's
-dense bf16 peak (harness.model.flops). "monitor" is the spike monitor's update-norm pass (included in
-every step) timed alone, as a share of the step. Rows that run out of memory print OOM; on a
+dense bf16 peak (harness.model.flops). "monitor" is the spike monitor's update-norm pass (included
+in every step) timed alone, as a share of the step. Rows that run out of memory print OOM; on a
 CPU-only machine the script prints why it skipped and exits 0.
 """
 from __future__ import annotations

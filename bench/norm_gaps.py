@@ -1,5 +1,6 @@
 """How far the logged pre-clip norms of 2 ranks are from 1 rank and from plain PyTorch, per
-ZeRO stage and precision (the tolerances tests/parallel/test_norms_across_ranks.py asserts, measured).
+ZeRO stage and precision (the tolerances tests/parallel/test_norms_across_ranks.py asserts,
+measured).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/norm_gaps.py     # ~2 minutes on 2 cores
 

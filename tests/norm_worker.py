@@ -1,4 +1,5 @@
-"""One rank of tests/parallel/test_norms_across_ranks.py (and test_tensor_parallel.py), started by torchrun.
+"""One rank of tests/parallel/test_norms_across_ranks.py (and test_tensor_parallel.py), started by
+torchrun.
 
 usage: norm_worker.py OUT_DIR key=value ...
        norm_worker.py --cases CASES.json OUT_DIR   (JSON {case id: [key=value, ...]})

@@ -101,7 +101,8 @@ def test_every_package_has_a_layer_and_a_docstring():
     assert set(RANK) == packages | top, "a package without a layer, or a stale row"
     for pkg in packages:
         doc = ast.get_docstring(ast.parse((ROOT / "harness" / pkg / "__init__.py").read_text()))
-        assert doc and "import" in doc.lower(), f"harness/{pkg}/__init__.py: say what it holds and imports"
+        assert doc and "import" in doc.lower(), (
+            f"harness/{pkg}/__init__.py: say what it holds and imports")
 
 
 def test_no_import_cycles():

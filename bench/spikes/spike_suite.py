@@ -6,8 +6,8 @@
         [--record SCENARIO ...]
 
 1. Train the tiny model once per (scenario, seed) with the monitor in alert mode
-   (bench/spikes/spike_scenarios.py: controlled instabilities, a held-out batch evaluated every step,
-   and the ground-truth rule for loss spikes on it).
+   (bench/spikes/spike_scenarios.py: controlled instabilities, a held-out batch evaluated every
+   step, and the ground-truth rule for loss spikes on it).
 2. Replay the SAME recorded traces through SpikeDetector and every baseline of
    baselines (each sees identical per-step signals, fed as the trainer does).
 3. Per detector: recall of spikes flagged >= 1 step before the onset (spikes with a possible
@@ -29,8 +29,8 @@ detector code and defaults (seconds, not the ~13 minutes of training). The trace
 signal the default monitor reads (TRACE_KEYS); the live-vs-replay check is skipped (the live
 events were recorded under that run's defaults), and rollback and overhead are the file's.
 
-Calibration (issue 16): bench/spikes/spike_split.py splits scenarios AND seeds into a tuning part and
-a held-out part, fixed before any tuning. The monitor's defaults come from the tuning part
+Calibration (issue 16): bench/spikes/spike_split.py splits scenarios AND seeds into a tuning part
+and a held-out part, fixed before any tuning. The monitor's defaults come from the tuning part
 only. The main tables are measured on the HELD-OUT part; the matched-false-alarm settings of
 every detector are chosen on the tuning part and then scored on the held-out part; the real
 stable log is replayed through every detector, its tuning and held-out halves apart

@@ -12,7 +12,8 @@ literal "</s>" in the text would turn into EOS. Here instead:
   - merges are every split of every piece into two pieces, ranked by the merged piece's score
     (sentencepiece's BPE merges the adjacent pair whose result scores highest);
   - the special tokens keep their ids but are never matched inside text (split_special_tokens).
-Equality with sentencepiece is tested on hard strings and on a corpus (tests/after/test_export_hf.py).
+Equality with sentencepiece is tested on hard strings and on a corpus
+(tests/after/test_export_hf.py).
 """
 from __future__ import annotations
 

@@ -313,8 +313,8 @@ def load(trainer, path: Path) -> dict[str, Any]:
     if needs_reshard(meta["world_size"], world, trainer.cfg.zero.stage):
         # ZeRO partitioned the optimizer over the saving ranks: re-partition it through
         # DeepSpeed's universal checkpoint in path/universal/. A single process converts it
-        # on the spot; several ranks refuse until `python -m harness.checkpoint.reshard PATH` has made
-        # it (they would wait in a collective for the conversion, past its timeout)
+        # on the spot; several ranks refuse until `python -m harness.checkpoint.reshard PATH` has
+        # made it (they would wait in a collective for the conversion, past its timeout)
         load_resharded(trainer.engine, path, tag="ds")
     else:
         trainer.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,

@@ -246,9 +246,10 @@ def _check_intact(step_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m harness.checkpoint.reshard STEP_DIR...`: convert ahead of time (say, before a job on
-    another number of GPUs starts), so that no rank waits for it at resume."""
-    parser = argparse.ArgumentParser(prog="python -m harness.checkpoint.reshard", description=main.__doc__)
+    """`python -m harness.checkpoint.reshard STEP_DIR...`: convert ahead of time (say, before a job
+    on another number of GPUs starts), so that no rank waits for it at resume."""
+    parser = argparse.ArgumentParser(prog="python -m harness.checkpoint.reshard",
+                                     description=main.__doc__)
     parser.add_argument("step_dirs", nargs="+", type=Path)
     parser.add_argument("--tag", default="ds")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

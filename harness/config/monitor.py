@@ -36,8 +36,8 @@ in two after its events under the earlier defaults had been seen, before any tun
 - `grad_at_once` 100: a gradient-norm value >= 100 x its baseline warns at once (and `skip`
   drops it before it is applied): the largest one-step blip on the tuning half was x5.6 and the
   largest gradient excursion of any tuning instability x12 (confirmed anyway), so 100 is far
-  from both; a catastrophic gradient (x1000 in tests/monitor/test_monitor_actions.py) is warned in its
-  own step. A ratio, not a z: at the floor spread (min_scale) z 100 is only x2.7. Not fitted:
+  from both; a catastrophic gradient (x1000 in tests/monitor/test_monitor_actions.py) is warned in
+  its own step. A ratio, not a z: at the floor spread (min_scale) z 100 is only x2.7. Not fitted:
   no tuning value lies between x12 and x1000.
 - Not chosen, on the same tuning evidence: a larger `grad_z` (30 also clears the tuning half,
   but its largest blip was z 29: no margin, and the tail of z is heavy: a z cut only moves the

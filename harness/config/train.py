@@ -191,7 +191,8 @@ class ActivationCheckpointingConfig:
 @dataclass
 class ParallelConfig:
     # tensor parallelism: DeepSpeed's AutoTP shards attention (heads) and the MLP across this
-    # many consecutive ranks; world = tensor_parallel_size x data-parallel size (harness/parallel/batch.py)
+    # many consecutive ranks; world = tensor_parallel_size x data-parallel size
+    # (harness/parallel/batch.py)
     tensor_parallel_size: int = 1
     # the older name of tensor_parallel_size (Megatron's): either may be set, not both apart
     model_parallel_size: int = 1

@@ -75,7 +75,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block, x + attn(ln_1(x)) then x + mlp(ln_2(x)), from the parts an
-    architecture chooses (GPT-2: LayerNorm, CausalSelfAttention, MLP; harness.model.llama: its own)."""
+    architecture chooses (GPT-2: LayerNorm, CausalSelfAttention, MLP; harness.model.llama: its
+    own)."""
 
     def __init__(self, ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module):
         super().__init__()

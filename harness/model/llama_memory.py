@@ -1,5 +1,6 @@
-"""What one Llama block (harness/model/llama.py) saves for backward, by op, for harness.model.memory's
-predictions; measured against the saved-bytes meter in tests/model/test_llama_memory.py.
+"""What one Llama block (harness/model/llama.py) saves for backward, by op, for
+harness.model.memory's predictions; measured against the saved-bytes meter in
+tests/model/test_llama_memory.py.
 
 B = b*t*d elements in the activation dtype (a bytes), F = b*t*ffn_hidden, r = n_kv_head/n_head.
 - RMSNorm on the CPU is composite (fp32 upcast, x * rstd, * weight): it keeps its input (the
@@ -14,9 +15,9 @@ B = b*t*d elements in the activation dtype (a bytes), F = b*t*ffn_hidden, r = n_
   in (b, h, t) order).
 - SwiGLU: w1's output, silu's output, w3's output and their product: 4F. Dropout masks B.
 
-Per rank of a tensor-parallel group of tp (harness/parallel/tensor_parallel.py; measured on 2 real ranks
-in tests/plan/test_tp_memory.py): what lies between the column-parallel wq/wk/wv, w1/w3 and the
-row-parallel wo, w2 is the rank's h/tp query and kv/tp key/value heads or ffn/tp columns, so
+Per rank of a tensor-parallel group of tp (harness/parallel/tensor_parallel.py; measured on 2 real
+ranks in tests/plan/test_tp_memory.py): what lies between the column-parallel wq/wk/wv, w1/w3 and
+the row-parallel wo, w2 is the rank's h/tp query and kv/tp key/value heads or ffn/tp columns, so
 /tp: q, k, v, RoPE's outputs, SDPA's saved tensors (the math path's T x T tensors of h/tp
 heads), the attention output, and SwiGLU's 4F. Whole on every rank: the RMSNorms' inputs,
 statistics and outputs (the column-parallel layers' input), RoPE's tables, the residual stream,

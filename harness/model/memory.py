@@ -125,8 +125,8 @@ def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
 # mask B. MLP: ln_2 input B and output B, fc output 4B, GELU output 4B, dropout mask B.
 # Layer norms keep mean and rstd (2 x b*t, fp32).
 #
-# Per rank of a tensor-parallel group of tp (harness/parallel/tensor_parallel.py; measured op by op in
-# tests/plan/test_tp_memory.py): what lies between a column-parallel layer (qkv, fc) and the next
+# Per rank of a tensor-parallel group of tp (harness/parallel/tensor_parallel.py; measured op by op
+# in tests/plan/test_tp_memory.py): what lies between a column-parallel layer (qkv, fc) and the next
 # row-parallel one (attn.proj, mlp.proj) is the rank's h/tp heads or 4d/tp MLP columns, so
 # /tp: qkv's output, SDPA's saved tensors (the math path's copies and T x T tensors too), the
 # attention output, fc's output and GELU's. Full on every rank: the LayerNorms' inputs,

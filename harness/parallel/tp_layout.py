@@ -5,8 +5,8 @@ over NVLink within a node, over the network across nodes, many times slower and 
 error. The config refuses a tensor_parallel_size that does not divide slurm.gpus_per_node, but
 it cannot see how the ranks were actually numbered: `srun --distribution=cyclic` (or
 SLURM_DISTRIBUTION in the environment), torchrun started with mixed-up --node_rank values,
-nodes with different task counts. Groups are consecutive ranks (harness.parallel.batch: rank = dp_rank x
-tp + tp_rank), so with the real host of every rank the check is exact.
+nodes with different task counts. Groups are consecutive ranks (harness.parallel.batch:
+rank = dp_rank x tp + tp_rank), so with the real host of every rank the check is exact.
 """
 from __future__ import annotations
 

@@ -102,8 +102,8 @@ def _counts(model_fields: tuple) -> dict[str, int]:
 
 def tp_rank_params(counts: dict[str, int], tp: int) -> int:
     """Parameters one rank holds under tensor parallelism: its 1/tp of what AutoTP shards
-    (harness.parallel.tensor_parallel.LAYER_SPECS: qkv, fc, both projections' weights; llama's wq, wk,
-    wv, wo, w1, w2, w3), all of the replicated rest (embeddings and head, norms, the
+    (harness.parallel.tensor_parallel.LAYER_SPECS: qkv, fc, both projections' weights; llama's wq,
+    wk, wv, wo, w1, w2, w3), all of the replicated rest (embeddings and head, norms, the
     projections' biases)."""
     return counts["total"] - counts["tp_sharded"] + math.ceil(counts["tp_sharded"] / tp)
 

@@ -1,9 +1,9 @@
 """model.init_from=HF_DIR: a new run starts from the weights of a Hugging Face directory
 (`harness export --to hf`, or a GPT-2 / Llama checkpoint of the same shape).
 
-Called by harness.train.engine.build on the freshly built model, before DeepSpeed wraps it (so ZeRO 3
-partitions, and bf16 casts, the loaded values). A run that resumes a checkpoint ignores it: the
-checkpoint holds the trained weights, and the directory may be long gone by a requeue.
+Called by harness.train.engine.build on the freshly built model, before DeepSpeed wraps it (so
+ZeRO 3 partitions, and bf16 casts, the loaded values). A run that resumes a checkpoint ignores
+it: the checkpoint holds the trained weights, and the directory may be long gone by a requeue.
 Reads config.json and the weights with safetensors (or torch for pytorch_model.bin): no
 transformers needed.
 """

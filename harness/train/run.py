@@ -113,7 +113,8 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
 
 def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     run_dir = Path(cfg.train.run_dir)
-    prepare_run(cfg)  # rank 0 holds the run directory's lease from here on (harness/common/lease.py)
+    prepare_run(cfg)  # rank 0 holds the run directory's lease from here on
+                      # (harness/common/lease.py)
     built = build(cfg)
     confirm_run_dir(cfg, built)  # every rank: the lease is this job's, before any write
     # the launcher's real rank numbering, which the config cannot see: refused before data

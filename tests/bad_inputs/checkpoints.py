@@ -7,7 +7,8 @@ shards, damages the copy, and runs `harness train` with the same arguments, in i
 newest intact one (exit 0) and stops with one line when none is intact; a checkpoint named by
 checkpoint.resume that is damaged is an error, never silently replaced. The older checkpoints,
 and the damaged ones when the run stops, are left byte for byte as they were.
-tests/checkpoint/test_checkpoint_fallback.py checks the warnings and that the fallback is bit-identical.
+tests/checkpoint/test_checkpoint_fallback.py checks the warnings and that the fallback is
+bit-identical.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Resuming a ZeRO 1/2/3 checkpoint at another data-parallel world size (harness.checkpoint.reshard).
+"""Resuming a ZeRO 1/2/3 checkpoint at another data-parallel world size
+(harness.checkpoint.reshard).
 
 A run on N ranks saves at step 3; a run on M ranks resumes it (the same global batch of 8,
 accumulation re-derived) and goes on to step 6. Checked:
@@ -11,7 +12,8 @@ accumulation re-derived) and goes on to step 6. Checked:
   - the conversion lands in step/universal/, leftovers of a killed conversion are removed,
     and a second resume reuses it;
   - a single process converts on the spot; several ranks refuse a checkpoint that is not
-    converted yet (one line naming `python -m harness.checkpoint.reshard STEP_DIR`) and resume once it is.
+    converted yet (one line naming `python -m harness.checkpoint.reshard STEP_DIR`) and resume once
+    it is.
 The stages' 2-rank runs (and the refused 2-rank start) share one launch, their 1-rank resumes
 another (launch_cases, reshard_worker.py --cases, tests/batched.py): one process start per
 launch, the selected tests' runs only.
@@ -189,8 +191,8 @@ def test_one_rank_zero_checkpoint_resumes_on_two_ranks(tmp_path, shards_dir, uni
         f"checkpoint yet, which 2 ranks cannot wait for: run `python -m harness.checkpoint.reshard "
         f"{step3}` once, then start again"))
     assert not (step3 / "universal").exists()
-    proc = subprocess.run([sys.executable, "-m", "harness.checkpoint.reshard", str(step3)], env=child_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-m", "harness.checkpoint.reshard", str(step3)],
+                          env=child_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0 and "converted in" in proc.stdout, proc.stderr[-3000:]
 
     (r0, r1), start, end = launch(2, tmp_path / "b", tmp_path / "run", shards_dir, 0, 2, resume)

@@ -1,7 +1,7 @@
 """Checkpoints resume bit-identically in one process: after a clean stop (ZeRO 0 and 1), after
 SIGUSR1 / SIGTERM (save, exit for requeue) and Ctrl-C; resume refuses other data or another model
-shape. Elsewhere: kill -9 at random moments in tests/checkpoint/test_kill9.py; resuming on fewer or more
-ranks in tests/parallel/test_distributed.py and tests/checkpoint/test_reshard.py."""
+shape. Elsewhere: kill -9 at random moments in tests/checkpoint/test_kill9.py; resuming on fewer or
+more ranks in tests/parallel/test_distributed.py and tests/checkpoint/test_reshard.py."""
 import os
 import signal
 

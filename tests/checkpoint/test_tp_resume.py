@@ -5,7 +5,8 @@ data-parallel size goes through harness.checkpoint.reshard as at TP 1; another T
 ZeRO 1 throughout: the resume restores the optimizer's flat partitions of the sharded model;
 with dropout 0.1 it also restores the RNG streams (the ranks of a group share a dropout stream,
 engine.build). Dropout is off where the data-parallel size changes: each data-parallel rank
-draws its own masks, so another DP size draws other ones (as at TP 1, tests/checkpoint/test_reshard.py).
+draws its own masks, so another DP size draws other ones (as at TP 1,
+tests/checkpoint/test_reshard.py).
 
 Every TP 2 x DP 2 run in one 4-process launch, every TP 2 x DP 1 run in one 2-process launch
 (test_reshard.launch_cases, tests/batched.py: one process start per launch, the selected

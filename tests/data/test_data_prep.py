@@ -363,7 +363,8 @@ def test_train_check_reads_no_source_while_the_files_look_the_same(tmp_path, mon
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources_given"] == [str(tmp_path / "words.txt")]
     real_scan = data_out_dir.scan_sources
-    monkeypatch.setattr(data_out_dir, "scan_sources", lambda *a, **kw: pytest.fail("read the sources"))
+    monkeypatch.setattr(data_out_dir, "scan_sources",
+                        lambda *a, **kw: pytest.fail("read the sources"))
     data_out_dir.check_prepared_from(cfg, out)  # paths, sizes and times as recorded: no reading
     # the same bytes touched (a copy, a checkout): read once, found equal, remembered
     os.utime(tmp_path / "words.txt", (1, 1))
@@ -393,7 +394,8 @@ def test_train_check_names_both_sources_and_settings(tmp_path):
     assert f"data.sources=[{other}]" in msg and "words.txt" in msg and "prepare-data" in msg
     with pytest.raises(HarnessError, match=r"data.vocab_size=400 but .* prepared with "
                                            r"data.vocab_size=300: .*set data.vocab_size=300"):
-        data_out_dir.check_prepared_from(_words_cfg(tmp_path, vocab_size=400), out, read_sources=False)
+        data_out_dir.check_prepared_from(_words_cfg(tmp_path, vocab_size=400), out,
+                                         read_sources=False)
     # no data.sources: the shards of a corpus prepared before are trained on as they are
     # (docs/data.md: `prepare-data data.sources=... data.out_dir=D`, then `train data.out_dir=D`)
     data_out_dir.check_prepared_from(DataConfig(out_dir=str(out), vocab_size=512), out)
@@ -402,9 +404,11 @@ def test_train_check_names_both_sources_and_settings(tmp_path):
 def test_builtin_shards_must_have_the_configured_tokenizer(tmp_path):
     out = tmp_path / "stdlib"
     prep.prepare_data(DataConfig(out_dir=str(out), max_bytes=100_000, vocab_size=512), False)
-    data_out_dir.check_prepared_from(DataConfig(out_dir=str(out), max_bytes=4_000_000), out)  # cap: ok
+    data_out_dir.check_prepared_from(DataConfig(out_dir=str(out), max_bytes=4_000_000),
+                                     out)  # cap: ok
     with pytest.raises(HarnessError, match="data.tokenizer_type=unigram but"):
-        data_out_dir.check_prepared_from(DataConfig(out_dir=str(out), tokenizer_type="unigram"), out)
+        data_out_dir.check_prepared_from(DataConfig(out_dir=str(out), tokenizer_type="unigram"),
+                                         out)
 
 
 def test_a_shard_cut_under_a_running_reader_is_an_error_not_sigbus(prepared, tmp_path):

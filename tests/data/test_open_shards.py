@@ -14,7 +14,8 @@ from harness.config import load_config
 
 
 class RecordingComm:
-    """Stands in for harness.parallel.collectives.Collectives: records broadcasts, rank 0's value."""
+    """Stands in for harness.parallel.collectives.Collectives: records broadcasts, rank 0's
+    value."""
 
     def __init__(self):
         self.broadcasts = []

@@ -26,9 +26,10 @@ POLICIES = {
 # CUDA synchronize and profile only logs timings. So these variants show only that the
 # options leave the gradients alone (their ids say "inert"). What they do is tested where it
 # happens: partitioning at TP 2 in
-# tests/parallel/test_tensor_parallel.py (test_partition_activations_halves_the_checkpointed_bytes_at_tp2,
-# test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout, with cpu_checkpointing
-# and contiguous memory), cpu_checkpointing's host placement on a GPU only
+# tests/parallel/test_tensor_parallel.py
+# (test_partition_activations_halves_the_checkpointed_bytes_at_tp2,
+# test_checkpointed_tp2_gradients_equal_uncheckpointed_with_dropout, with cpu_checkpointing and
+# contiguous memory), cpu_checkpointing's host placement on a GPU only
 # (test_cpu_checkpointing_holds_the_checkpointed_inputs_in_host_memory, `-m gpu`).
 VARIANTS = [
     ["every_layer", f"{AC}.partition_activations=true", f"{AC}.cpu_checkpointing=true"],

@@ -1,7 +1,7 @@
 """Spike detector, baselines and replay on synthetic traces.
 
-tests/monitor/spike_trace.csv was written by `python tests/monitor/test_detector.py` (spike_trace below):
-600 steps of noisy training; the update norm triples at 398, the grad norm x5 at 400, the
+tests/monitor/spike_trace.csv was written by `python tests/monitor/test_detector.py` (spike_trace
+below): 600 steps of noisy training; the update norm triples at 398, the grad norm x5 at 400, the
 loss x1.4 from 402, and the grad norm is NaN at 500.
 """
 from __future__ import annotations

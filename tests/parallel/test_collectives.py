@@ -1,5 +1,5 @@
-"""Every collective the harness makes goes through harness.parallel.collectives, which refuses a tensor
-that is not on the engine's device (NCCL rejects CPU tensors, gloo does not: CPU tests alone
+"""Every collective the harness makes goes through harness.parallel.collectives, which refuses a
+tensor that is not on the engine's device (NCCL rejects CPU tensors, gloo does not: CPU tests alone
 would never see one).
 
 There is no GPU here, so the wrong-device case uses a Collectives told that the engine is on

@@ -1,5 +1,5 @@
-"""Where a process sits (harness.parallel.distributed.detect) from the launcher's environment, and the
-per-job rendezvous port. The Slurm environments are the ones measured on Slurm 22.05:
+"""Where a process sits (harness.parallel.distributed.detect) from the launcher's environment, and
+the per-job rendezvous port. The Slurm environments are the ones measured on Slurm 22.05:
   batch script:  SLURM_JOB_ID, SLURM_NTASKS, SLURM_PROCID=0, SLURM_LOCALID=0, no step id
   salloc shell:  SLURM_JOB_ID, SLURM_NTASKS, no SLURM_PROCID, no step id
   srun task:     all of the above plus SLURM_STEP_ID / SLURM_STEPID = 0, 1, ...

@@ -1,5 +1,5 @@
-"""A rank that goes away mid-run (harness/parallel/peers.py): the survivor says in one line which rank on
-which host, and exits with LOST_RANK_EXIT_CODE, with two real `harness train` ranks on gloo.
+"""A rank that goes away mid-run (harness/parallel/peers.py): the survivor says in one line which
+rank on which host, and exits with LOST_RANK_EXIT_CODE, with two real `harness train` ranks on gloo.
 
 - kill -9 of rank 1 (a crash, the OOM killer): gloo tells rank 0 at once ("Connection closed by
   peer"); the roll call names rank 1.

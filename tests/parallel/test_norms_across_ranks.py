@@ -58,7 +58,8 @@ def case_id(stage, precision, offload, extra) -> str:
 def two_rank_runs(request, tmp_path_factory):
     """One torchrun launch for every selected case (tests/batched.py): the 2 ranks train each
     case in turn, an engine each, and write OUT/<case>/rankR.pt."""
-    params = batched.launched_params(request, "test_two_ranks_log_what_one_rank_and_plain_pytorch_log")
+    params = batched.launched_params(request,
+                                     "test_two_ranks_log_what_one_rank_and_plain_pytorch_log")
     cases = {case_id(**p): [*case_args(**p), *TWO] for p in params}
     out = tmp_path_factory.mktemp("two_ranks")
     return batched.launch(lambda spec: torchrun(2, WORKER, "--cases", str(spec), str(out)),

@@ -1,5 +1,6 @@
-"""harness/parallel/peers.py in one process: which errors mean a rank went away, and the roll call on a
-real TCPStore (the two-rank runs with kill -9 and SIGSTOP are in tests/parallel/test_lost_rank.py)."""
+"""harness/parallel/peers.py in one process: which errors mean a rank went away, and the roll call
+on a real TCPStore (the two-rank runs with kill -9 and SIGSTOP are in
+tests/parallel/test_lost_rank.py)."""
 from __future__ import annotations
 
 import datetime

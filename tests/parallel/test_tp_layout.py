@@ -1,5 +1,5 @@
-"""Each tensor-parallel group on one host (harness/parallel/tp_layout.py): the rule on host lists, and the
-real `harness train` at start-up, with one rank given another host name (its own UTS
+"""Each tensor-parallel group on one host (harness/parallel/tp_layout.py): the rule on host lists,
+and the real `harness train` at start-up, with one rank given another host name (its own UTS
 namespace: a different hostname, the same network) so that one machine holds "two hosts"."""
 import os
 import shutil
@@ -46,8 +46,9 @@ def test_a_long_group_is_cut_short_in_the_message():
 
 
 def test_the_check_reads_the_start_up_host_table():
-    # the table is gathered once at start-up at every world size (harness.parallel.peers.gather_hosts,
-    # also for naming a rank that goes away); the check itself makes no collective
+    # the table is gathered once at start-up at every world size
+    # (harness.parallel.peers.gather_hosts, also for naming a rank that goes away); the check itself
+    # makes no collective
     plan = make_plan(load_config("tiny", ["parallel.tensor_parallel_size=2"]), 4)
     check_tp_hosts(BLOCK[:4], plan)
     with pytest.raises(HarnessError, match="span hosts"):

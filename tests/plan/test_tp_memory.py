@@ -1,5 +1,5 @@
-"""The planner's activations per rank under tensor parallelism (harness.model.memory.block_parts with
-tp, predict_peak with partition_activations) against the bytes saved for backward measured on
+"""The planner's activations per rank under tensor parallelism (harness.model.memory.block_parts
+with tp, predict_peak with partition_activations) against the bytes saved for backward measured on
 each of 2 real ranks (torchrun, gloo, the real engine with DeepSpeed's AutoTP and checkpoint).
 
 fp32 on a CPU, so the meter is exact: the prediction misses only what it leaves out on

@@ -7,8 +7,8 @@ the start-up check refuses the run in one line, exit 2.
 Eight real trainers would take minutes on 2 cores: a stand-in for `python` runs the part of
 start-up that decides the layout: the job config, the harness's rank mapping
 (harness.parallel.distributed, harness.parallel.batch), a gloo process group across the nodes and
-harness.parallel.tp_layout's check, the one `harness train` makes (tests/parallel/test_tp_layout.py runs that
-one for real)."""
+harness.parallel.tp_layout's check, the one `harness train` makes (tests/parallel/test_tp_layout.py
+runs that one for real)."""
 import re
 import sys
 from pathlib import Path
