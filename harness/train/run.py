@@ -18,6 +18,7 @@ import torch
 from harness.callbacks.evaluator import Evaluator
 from harness.callbacks.loggers import Console, MetricsFile
 from harness.callbacks.spike_monitor import SpikeMonitor
+from harness.callbacks.memory import PeakMemory
 from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint.checkpointer import Checkpointer, load
@@ -124,7 +125,7 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     checkpointer.clean_partial(built.dist.rank)
     resume = checkpointer.find_resume(built.comm)
     metrics_file = MetricsFile(run_dir)
-    callbacks = [checkpointer, Throughput(), metrics_file, Console(cfg.train.log_every),
+    callbacks = [checkpointer, Throughput(), PeakMemory(), metrics_file, Console(cfg.train.log_every),
                  WandbLogger(cfg.wandb), RunDirLease(cfg)]
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))

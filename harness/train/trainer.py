@@ -10,7 +10,6 @@ attention logit, the mechanism signals of output-logit divergence and attention-
 from __future__ import annotations
 
 import math
-import resource
 import time
 from typing import Any, Iterable
 
@@ -27,15 +26,6 @@ from harness.train.grad_norms import GradNorms
 from harness.train.skip_step import skip_update
 
 N_MEANS = STATS_HEAD.index("lse_max")  # forward_stats: [ce, z_sq] are means, the rest maxima
-# the peak memory of each rank, max over ranks: the rank that runs out first is the one to watch
-MEMORY_KEY = {"cuda": "memory/gpu_max_allocated_gb", "cpu": "memory/cpu_rss_gb"}
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    # ru_maxrss is in KiB on Linux: the peak resident set of this process
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def clip_values(params, value: float, scale: float, norm: float) -> None:
@@ -95,11 +85,10 @@ class Trainer:
     def _reduced_scalars(self, stats: torch.Tensor) -> dict[str, Any]:
         """The step's one all-reduce and one device-to-host copy: the forward statistics' means
         (loss, log(Z)^2), the stop flag, per-group squared pre-clip norms, and a slot per rank
-        for what is maxed over ranks (each rank's peak memory, max log Z, logit bounds)."""
+        for what is maxed over ranks (max log Z, logit bounds)."""
         dist, device = self.built.dist, self.engine.device
-        maxed = torch.zeros(dist.world_size, 1 + len(stats) - N_MEANS, device=device)
-        maxed[dist.rank, 0] = peak_memory_gb(device)
-        maxed[dist.rank, 1:] = stats[N_MEANS:]
+        maxed = torch.zeros(dist.world_size, len(stats) - N_MEANS, device=device)
+        maxed[dist.rank] = stats[N_MEANS:]
         flag = (self.stop_signals.flag(device) if self.stop_signals is not None
                 else torch.zeros(1, device=device))  # the same call with or without signals
         out = self.built.comm.reduce_scalars({
@@ -108,9 +97,9 @@ class Trainer:
         if out["stop"].item() > 0:  # every rank sees the same sum: all stop after this step
             self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
         means, maxed = out["means"].tolist(), out["maxed"].amax(dim=0).tolist()
-        bounds = maxed[2:]
+        bounds = maxed[1:]
         signals = {"train/loss": means[0], "train/z_loss": means[1],
-                   "model/logit_lse_max": maxed[1], "model/attn_logit_bound": max(bounds),
+                   "model/logit_lse_max": maxed[0], "model/attn_logit_bound": max(bounds),
                    **{f"model/attn_logit_bound/layer_{i}": b for i, b in enumerate(bounds)},
                    **self.norms.signals(out["sq"])}
         if self.engine.fp16_enabled():  # the scale the step's gradients carry
@@ -118,7 +107,6 @@ class Trainer:
             # an inf/NaN gradient is what DeepSpeed's loss scaler checks for: it will skip this
             # step and lower the scale; the monitor reads it as that, not as a nonfinite alarm
             signals[OVERFLOW] = not math.isfinite(signals["optim/grad_norm_preclip"])
-        self._peak_memory = maxed[0]
         return signals
 
     def train_step(self) -> dict[str, Any]:
@@ -187,7 +175,6 @@ class Trainer:
             **({"optim/update_norm": update} if update is not None else {}),
             "optim/skipped": skipped,
             "train/tokens_seen": self.consumed_samples * self.plan.seq_len,
-            MEMORY_KEY[self.engine.device.type]: self._peak_memory,
             "throughput/step_time_s": dt,
             "throughput/tokens_per_s": tokens / dt,
             "throughput/samples_per_s": self.plan.batch.global_batch / dt,

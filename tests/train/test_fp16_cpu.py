@@ -144,7 +144,7 @@ def test_overflow_step_goes_to_engine_step_even_when_skipped(overflow, monkeypat
         optimizer=SimpleNamespace(loss_scale=65536.0))
     monkeypatch.setattr(trainer_mod, "skip_update", lambda e: calls.append("skip_update"))
     t = _bare_trainer(engine, [SkipEveryStep()])
-    t.step, t.consumed_samples, t._peak_memory, t.measure_update = 0, 0, 0.0, False
+    t.step, t.consumed_samples, t.measure_update = 0, 0, False
     t.cfg = SimpleNamespace(clip=SimpleNamespace(value=None, max_norm=1.0))
     t.plan = SimpleNamespace(batch=SimpleNamespace(global_batch=2), tokens_per_step=32,
                              seq_len=16)
