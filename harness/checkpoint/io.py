@@ -161,8 +161,10 @@ def _mp_state_dict(step_dir: Path, mp: int, tp: int) -> dict[str, torch.Tensor]:
     module = saved.get("module") or {}
     if stage < 3 and module and all(t.dtype == torch.float32 for t in module.values()):
         return {k: v for k, v in module.items()}
+    # bf16 at ZeRO 0-2 (BF16_Optimizer, ZeRO 1-2's optimizer) saves flat fp32 partitions that
+    # zero_to_fp32 cannot read; ZeRO 3 names its files the same way, but zero_to_fp32 reads them
     bf16_files = sorted(ds_dir.glob(BF16_OPTIM.replace("00", f"{mp:02d}")), key=_rank_of)
-    if bf16_files:  # DeepSpeed's BF16_Optimizer (bf16 at ZeRO 0-1): zero_to_fp32 cannot read it
+    if bf16_files and stage < 3:
         return _bf16_fp32(bf16_files, saved)
     if stage == 0 or tp > 1:
         # ZeRO 0 keeps no fp32 master copy outside the optimizer; zero_to_fp32 reads one
