@@ -7,7 +7,8 @@ Pre-clip gradient norms are needed BEFORE engine.step() (DeepSpeed computes its 
 step(), after the update, and not at all at ZeRO 0 in fp32), so that a monitor can skip an
 update. Each rank sums squares over the gradient it holds: the full p.grad at ZeRO 0 (already
 all-reduced, identical on every rank, so only rank 0 counts it), the fragment of its
-partition at ZeRO 1/2 (DeepSpeed's `_hp_mapping`), its partition at ZeRO 3. The trainer sums
+partition at ZeRO 1/2 (DeepSpeed's `_hp_mapping`), its partition at ZeRO 3 (slices of
+DeepSpeed's flat buffers, on the CPU under offload: zero3_grads.py). The trainer sums
 the small vector (one entry per layer group) over ranks in its one per-step all-reduce.
 
 Under tensor parallelism (harness.parallel.tensor_parallel) the ranks of one group hold different
@@ -25,11 +26,15 @@ import torch
 
 from harness.model import layer_group
 from harness.parallel.tensor_parallel import is_sharded
+from harness.train.zero3_grads import Zero3Grads
+
+
+def _is_zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
 
 
 def _local_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
-    if hasattr(p, "ds_id"):  # ZeRO 3: this rank's partition
-        return p._z3_optimizer.get_local_fp32_grad_for_param(p)
+    """ZeRO 0-2 (ZeRO 3: Zero3Grads)."""
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is not None:  # ZeRO 1/2, bf16: this rank's fragment of the flat partition
         frag = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
@@ -53,6 +58,8 @@ def bf16_full_grads(engine) -> dict[int, torch.Tensor] | None:
 
 def local_grads(engine) -> list[torch.Tensor]:
     """The gradient storage this rank holds and the optimizer will read (views, not copies)."""
+    if _is_zero3(engine):  # the flat partitions, whole (zero3_grads.py)
+        return [f for f in Zero3Grads(engine.optimizer, []).flats() if f.numel()]
     full = bf16_full_grads(engine)
     grads = [full[id(p)] if full else _local_grad(p) for p in engine.module.parameters()]
     return [g for g in grads if g is not None and g.numel()]
@@ -82,6 +89,8 @@ class GradNorms:
         # ZeRO-Offload copies gradients to pinned host memory without blocking: wait for them
         self.sync_first = engine.device.type == "cuda" and bool(engine.zero_cpu_offload())
         self._index: dict[tuple[int, ...], torch.Tensor] = {}  # group indices, on the device
+        # ZeRO 3: slices of DeepSpeed's flat partitions, not a sync and a copy per parameter
+        self.zero3 = Zero3Grads(engine.optimizer, self.params) if _is_zero3(engine) else None
 
     def local_squares(self) -> torch.Tensor:
         """Per-group sums of squares of the gradient this rank holds (float64, on the engine's
@@ -90,9 +99,8 @@ class GradNorms:
         if self.sync_first:
             torch.cuda.synchronize()
         buckets: dict[tuple, tuple[list, list]] = {}
-        for i, p in self.params:
-            g = self.full[id(p)] if self.full else _local_grad(p)
-            if g is not None and g.numel():
+        for g, i in zip(*self._pieces()):
+            if g.numel():
                 ts, idx = buckets.setdefault((g.device, g.dtype), ([], []))
                 ts.append(g)
                 idx.append(i)
@@ -103,6 +111,13 @@ class GradNorms:
             sq.index_add_(0, self._device_index(tuple(idx)), norms.double() ** 2)
         scale = float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0  # scaled grads
         return sq * (self.grad_weight / scale ** 2)
+
+    def _pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """(gradient tensors this rank counts, their layer groups)."""
+        if self.zero3 is not None:
+            return self.zero3.pieces()
+        grads = [(self.full[id(p)] if self.full else _local_grad(p), i) for i, p in self.params]
+        return [g for g, _ in grads if g is not None], [i for g, i in grads if g is not None]
 
     def _device_index(self, idx: tuple[int, ...]) -> torch.Tensor:
         # copied to the GPU once: a copy from pageable host memory every step would sync
@@ -133,10 +148,11 @@ class GradNorms:
         Under tensor parallelism a replicated tensor is counted on the group's first rank only.
 
         `sample` < 1 reads a fixed subset of that fraction of each tensor's coordinates
-        (stratified blocks of 1024, the same every step, squares scaled by numel / sampled): the norms
-        are estimates (their error: tests/train/test_param_signals.py, bench/README.md) but the jump
-        compares the same coordinates step to step, so it stays exact. Flat partitions are
-        always read whole, so a run logs the same numbers at every world size."""
+        (stratified blocks of 1024, the same every step, squares scaled by numel / sampled):
+        the norms are estimates (their error: tests/train/test_param_signals.py,
+        bench/README.md) but the jump compares the same coordinates step to step, so it stays
+        exact. Flat partitions are always read whole, so a run logs the same numbers at every
+        world size."""
         ds_opt = self.engine.optimizer
         opt = getattr(ds_opt, "optimizer", ds_opt)
         rows = []  # per slice: its layer group (len(self.groups): none) and squares (3,)

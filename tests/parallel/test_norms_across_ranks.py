@@ -39,8 +39,8 @@ ONE = ["train.micro_batch_size=2", "train.grad_accum_steps=4"]
 MODERN = ("model.arch=llama", "model.n_kv_head=1", "model.qk_norm=true", "train.z_loss=0.01",
           "train.loss_chunk_tokens=8")  # issue 13's model and loss
 CASES = [(s, p, False, ()) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + [
-    (1, "fp32", True, ()), (2, "bf16", True, ()), (3, "bf16", False, MODERN),
-    (0, "fp32", False, MODERN)]
+    (1, "fp32", True, ()), (2, "bf16", True, ()), (3, "bf16", True, ()),
+    (3, "bf16", False, MODERN), (0, "fp32", False, MODERN)]
 
 
 def case_args(stage, precision, offload, extra) -> list[str]:
