@@ -174,8 +174,8 @@ def checkpoint_kept(parts: dict[str, int], tp: int = 1, partitioned: bool = Fals
 def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int = 0,
                z_loss: float = 0.0) -> int:
     """ln_f (input, output, statistics) and the loss (harness.model.loss): the fp32 log-softmax
-    output (plus logsumexp's fp32 input with z_loss) for full logits; chunked, the head
-    input's gradient (ln_f's output is then kept by nobody: the same size) and the weight's."""
+    output for full logits (z_loss or not: log Z is read off it); chunked, the head input's
+    gradient (ln_f's output is then kept by nobody: the same size) and the weight's."""
     b, t, v, d = micro, cfg.block_size, cfg.vocab_size, cfg.d_model
     if cfg.arch == "llama":
         norm = llama_head(cfg, micro, act_bytes, fused)
@@ -183,7 +183,7 @@ def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int =
         norm = 2 * b * t * d * act_bytes + 2 * b * t * 4
     if chunk_tokens:
         return norm + v * d * 4
-    return norm + b * t * v * 4 * (2 if z_loss > 0 else 1)
+    return norm + b * t * v * 4
 
 
 def _units(cfg, micro: int, policy: str, segments, act_bytes: int, fused: bool = False,

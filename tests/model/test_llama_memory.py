@@ -68,4 +68,4 @@ def test_one_llama_block_by_hand():
     logits = 2 * 8 * 64 * 4
     assert head_bytes(cfg, 2, 4, False) == unit + norm + logits
     assert head_bytes(cfg, 2, 4, False, chunk_tokens=4) == unit + norm + 64 * 16 * 4
-    assert head_bytes(cfg, 2, 4, False, z_loss=1e-4) == unit + norm + 2 * logits
+    assert head_bytes(cfg, 2, 4, False, z_loss=1e-4) == unit + norm + logits
