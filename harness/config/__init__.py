@@ -116,6 +116,12 @@ def validate(cfg: Config) -> None:
     if cfg.clip.value is not None and cfg.zero.stage != 0:
         raise HarnessError("clip.value (elementwise clipping) needs zero.stage=0: ZeRO shards "
                            "the gradients")
+    # DeepSpeed's ZeRO-3 parameter hooks are compiler-disabled: torch.compile of a block breaks
+    # at every submodule (harness/train/compile.py), its graphs a few ops each
+    if t.compile and cfg.zero.stage == 3:
+        raise HarnessError("train.compile cannot be combined with zero.stage=3 (DeepSpeed's "
+                           "ZeRO-3 parameter hooks break the compiled graph at every layer, 12-19 "
+                           "breaks per block): use zero.stage 0-2, or train.compile=false")
     key = "activation_checkpointing"
     if ac.number_checkpoints is not None and ac.number_checkpoints > m.n_layer:
         raise HarnessError(f"{key}.number_checkpoints={ac.number_checkpoints} must be between "

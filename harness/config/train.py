@@ -74,7 +74,8 @@ class TrainConfig:
     # cross-entropy over this many tokens at a time, gradients made in the forward, so the
     # micro-batch's fp32 logits (tokens x vocab x 4 B) are never all held; 0 = full logits
     loss_chunk_tokens: int = 0
-    # torch.compile of the model through DeepSpeed's engine.compile()
+    # torch.compile of the model (DeepSpeed's engine.compile()) and of each transformer block,
+    # so checkpointed blocks run compiled too (harness/train/compile.py); ZeRO 0-2
     compile: bool = False
 
     def validate(self) -> None:

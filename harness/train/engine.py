@@ -25,6 +25,7 @@ from harness.parallel import distributed, peers, tensor_parallel
 from harness.parallel.batch import Plan, lr_at, make_plan
 from harness.parallel.collectives import Collectives
 from harness.train import init_from
+from harness.train.compile import compile_model
 from harness.train.ds_config import build_ds_config
 
 log = logging.getLogger("harness")
@@ -125,8 +126,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     # after initialize: it makes the tensor-parallel groups that partition_activations splits
     # over (checkpointing.configure also asks the process group for ranks)
     configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)
-    if cfg.train.compile:
-        engine.compile()  # torch.compile of the module, inside DeepSpeed's hooks
+    if cfg.train.compile:  # the top level and each block (a checkpoint breaks the graph)
+        compile_model(engine, model, cfg.activation_checkpointing.policy)
     # per-rank data order and dropout streams differ; weights were already drawn identically.
     # The ranks of one tensor-parallel group share a stream: dropout on their replicated
     # activations must draw the same mask (dp_rank = rank at TP 1)
