@@ -25,8 +25,9 @@ class OptimConfig:
     # linear scaling rule (Goyal et al.): lr * global_batch / base_global_batch
     lr_scaling: bool = False
     base_global_batch: int = 0
-    # None: torch.optim.AdamW everywhere (fused kernel on GPU): nothing is JIT-compiled at
-    # start; false asks for DeepSpeed's FusedAdam, built on first use on every node (nvcc)
+    # None: torch.optim.AdamW everywhere (its fused kernel on a GPU, and on the CPU under
+    # zero.offload_optimizer): nothing is JIT-compiled at start; false asks for DeepSpeed's
+    # FusedAdam (CPU Adam under offload), built on first use on every node (nvcc)
     torch_adam: Optional[bool] = None
 
     def validate(self) -> None:
@@ -140,12 +141,17 @@ class Fp16Config:
 class ZeroConfig:
     stage: int = 0
     offload_optimizer: bool = False  # optimizer states and step on the CPU (stage >= 1)
-    overlap_comm: bool = False
+    # gradient reduction overlapped with the backward (stage >= 1); null: on on a GPU, off on
+    # a CPU (harness.train.ds_config.overlap_comm); ZeRO 1/2 then hold two reduce buckets
+    overlap_comm: Optional[bool] = None
     reduce_bucket_size: int = 50_000_000  # elements per gradient bucket (stage >= 1)
 
     def validate(self) -> None:
         if isinstance(self.stage, bool) or self.stage not in (0, 1, 2, 3):
             raise HarnessError(f"zero.stage={self.stage} must be 0, 1, 2 or 3")
+        if not isinstance(self.overlap_comm, (bool, type(None))):
+            raise HarnessError(f"zero.overlap_comm={self.overlap_comm!r} must be true, false or "
+                               f"null (null: on on a GPU, off on a CPU)")
         check_number("zero.reduce_bucket_size", self.reduce_bucket_size, 1, 10**10,
                      integer=True, fix="e.g. 50000000 (elements per bucket)")
         if self.offload_optimizer and self.stage < 1:

@@ -41,6 +41,7 @@ from harness.model.flops import flops_per_token
 from harness.model.memory import block_parts, checkpoint_kept, head_bytes, predict_peak
 from harness.parallel.batch import checkpoint_segments, make_plan
 from harness.parallel.tensor_parallel import spec_of
+from harness.train.ds_config import overlap_comm
 from harness.train.engine import resolve_device
 
 GB = 1e9
@@ -108,13 +109,16 @@ def tp_rank_params(counts: dict[str, int], tp: int) -> int:
     return counts["total"] - counts["tp_sharded"] + math.ceil(counts["tp_sharded"] / tp)
 
 
-def _comm_buffers(cfg: Config, counts: dict[str, int]) -> int:
-    """ZeRO's reduce bucket (two with overlap_comm); ZeRO 3 also holds the gathered
-    parameters of the block in use and the one being prefetched."""
+def _comm_buffers(cfg: Config, counts: dict[str, int], device: str) -> int:
+    """ZeRO's reduce bucket; ZeRO 1/2 hold two with overlap_comm as resolved for the device
+    (DeepSpeed 0.19.8 double-buffers there; ZeRO 3 keeps one and moves the reduction to its
+    own stream). ZeRO 3 also holds the gathered parameters of the block in use and the one
+    being prefetched."""
     z, weight = cfg.zero, 2 if cfg.train.precision != "fp32" else 4
     if z.stage == 0:
         return 0
-    buckets = z.reduce_bucket_size * weight * (2 if z.overlap_comm else 1)
+    double = z.stage in (1, 2) and overlap_comm(cfg, device)
+    buckets = z.reduce_bucket_size * weight * (2 if double else 1)
     return buckets + (2 * counts["block"] * weight if z.stage == 3 else 0)
 
 
@@ -199,7 +203,7 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
     m, mixed = cfg.model, _act_bytes(cfg) == 2
     parts = block_parts(m, micro, _act_bytes(cfg), fused, tp)
     out = {"n_params": counts["total"], "device": device, "micro_batch": micro, "policy": policy,
-           **states, "comm_buffers": _comm_buffers(cfg, counts),
+           **states, "comm_buffers": _comm_buffers(cfg, counts, device),
            "activations": activation_bytes(cfg, micro, policy, fused),
            "activations_per_layer": parts["input"] + parts["attention"] + parts["mlp"],
            "checkpointed_per_layer": checkpoint_kept(parts, *_sharding(cfg)),

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 from harness.config import Config
 from harness.parallel import tensor_parallel
 from harness.parallel.batch import Plan
@@ -13,19 +15,43 @@ def use_torch_adam(cfg: Config) -> bool:
     # DeepSpeed's FusedAdam (and its CPU Adam for offload) is JIT-compiled on first use on
     # every node: nvcc and CUDA_HOME needed there, ranks racing on one extension cache, a
     # lock left behind by a job killed mid-build. torch's AdamW needs no build, and on a GPU
-    # its fused kernel is one launch per step like FusedAdam's.
+    # its fused kernel is one launch per step like FusedAdam's. Under offload the step runs on
+    # the CPU, where torch's fused kernel is as fast as CPU Adam and its default per-tensor
+    # loop is not: 50M / 200M fp32 parameters in two flat groups, 1 thread, medians of 7
+    # (bench/bench_offload_adam.py): CPU Adam 51 / 202 ms, torch fused 52 / 145 ms, torch
+    # default 393 / 2601 ms (7.7x / 12.9x CPU Adam's time); 2 threads: 72 / 197, 56 / 233,
+    # 588 / 2392 ms. So torch AdamW stays the default, fused under offload too.
     return True if cfg.optim.torch_adam is None else cfg.optim.torch_adam
+
+
+def _fused_on(device: str, offload: bool) -> bool:
+    """torch AdamW's fused kernel where the step runs: the GPU, or the CPU under offload
+    (torch >= 2.4 has a CPU kernel). The CPU without offload keeps torch's default loop: the
+    CPU tests compare against plain PyTorch's default AdamW bit for bit."""
+    if offload:
+        return torch.__version__ >= "2.4"
+    return device == "cuda"
 
 
 def _adam_params(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
     o = cfg.optim
     params: dict[str, Any] = {"lr": plan.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                               "weight_decay": o.weight_decay, "torch_adam": use_torch_adam(cfg)}
-    # DeepSpeed passes the remaining keys to torch.optim.AdamW; the fused kernel wants the
-    # parameters on the GPU (not with the optimizer offloaded to the CPU)
-    if params["torch_adam"] and device == "cuda" and not cfg.zero.offload_optimizer:
+    # DeepSpeed passes the remaining keys to torch.optim.AdamW
+    if params["torch_adam"] and _fused_on(device, cfg.zero.offload_optimizer):
         params["fused"] = True
     return params
+
+
+def overlap_comm(cfg: Config, device: str) -> bool:
+    """zero.overlap_comm resolved for the device: null = on on a GPU at ZeRO >= 1, where the
+    gradient reduction (and at ZeRO 3 the parameter all-gather) then runs on its own stream,
+    overlapped with the backward; off on a CPU, where DeepSpeed has no streams (the CPU
+    accelerator is synchronous) and ZeRO 1/2 would only hold a second reduce bucket."""
+    z = cfg.zero
+    if z.overlap_comm is not None:
+        return z.overlap_comm
+    return device == "cuda" and z.stage >= 1
 
 
 def build_ds_config(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
@@ -36,7 +62,7 @@ def build_ds_config(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
         "gradient_accumulation_steps": b.grad_accum,
         "gradient_clipping": cfg.clip.max_norm,
         "optimizer": {"type": "AdamW", "params": _adam_params(cfg, plan, device)},
-        "zero_optimization": _zero(cfg),
+        "zero_optimization": _zero(cfg, device),
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": _fp16(cfg),
         "steps_per_print": 10**9,  # the harness logs; keep DeepSpeed's own prints out
@@ -65,12 +91,12 @@ def build_ds_config(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
     return ds
 
 
-def _zero(cfg: Config) -> dict[str, Any]:
+def _zero(cfg: Config, device: str) -> dict[str, Any]:
     z = cfg.zero
     section: dict[str, Any] = {"stage": z.stage}
     if z.stage >= 1:
-        section.update(overlap_comm=z.overlap_comm, reduce_bucket_size=z.reduce_bucket_size,
-                       contiguous_gradients=True)
+        section.update(overlap_comm=overlap_comm(cfg, device),
+                       reduce_bucket_size=z.reduce_bucket_size, contiguous_gradients=True)
     if z.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return section

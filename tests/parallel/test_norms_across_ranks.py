@@ -3,10 +3,11 @@
 2 real processes (torchrun, gloo) x accumulation 2 against 1 process x accumulation 4: the same
 8 samples per step in the same micro-batches of 2, so the two runs differ only in where the
 micro-batch gradients are summed. At every ZeRO stage, fp32 and bf16, optimizer offload
-included: the pre-clip global norm, the per-group norms, the clip coefficient, the loss, the
-update-norm pass the monitor reads (update norm, parameter norm, per-group update ratios at
-ZeRO 0-2, the parameter jump), and the forward's statistics (mean log(Z)^2, max log Z, the
-attention-logit bounds: means summed over ranks, maxima maxed).
+included (ZeRO 1-3), and zero.overlap_comm on at ZeRO 2: the pre-clip global norm, the
+per-group norms, the clip coefficient, the loss, the update-norm pass the monitor reads
+(update norm, parameter norm, per-group update ratios at ZeRO 0-2, the parameter jump), and
+the forward's statistics (mean log(Z)^2, max log Z, the attention-logit bounds: means summed
+over ranks, maxima maxed).
 
 The 2-rank runs share one torchrun launch (tests/batched.py: the ranks train every case in turn,
 an engine each, and a case that fails fails its own test); the 1-rank runs train in this process.
@@ -40,7 +41,8 @@ MODERN = ("model.arch=llama", "model.n_kv_head=1", "model.qk_norm=true", "train.
           "train.loss_chunk_tokens=8")  # issue 13's model and loss
 CASES = [(s, p, False, ()) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + [
     (1, "fp32", True, ()), (2, "bf16", True, ()), (3, "bf16", True, ()),
-    (3, "bf16", False, MODERN), (0, "fp32", False, MODERN)]
+    (3, "bf16", False, MODERN), (0, "fp32", False, MODERN),
+    (2, "bf16", False, ("zero.overlap_comm=true",))]  # the double-buffered reduction
 
 
 def case_args(stage, precision, offload, extra) -> list[str]:
