@@ -93,6 +93,22 @@ def configure_checkpointing(deepspeed, cfg: Config, plan: Plan, ds: dict[str, An
     model.set_checkpointing(plan.segments, ac.policy, deepspeed.checkpointing.checkpoint)
 
 
+def start_optimizer_fresh(engine) -> None:
+    """DeepSpeed's FP16_UnfusedOptimizer and FP16_Optimizer (ZeRO 0 with bf16 or fp16) take one
+    optimizer step on zero gradients when built, to create Adam's state: the step count then
+    starts at 1, so the first update is sqrt(1 + beta2) / (1 + beta1) = 0.735 of Adam's, and the
+    fp32 masters are decayed once by lr x weight_decay. Drop that state and recopy the masters
+    from the weights: the first step is then Adam's first, as at ZeRO 1-3
+    (tests/train/test_zero0_bf16_update.py). A checkpoint load replaces both afterwards."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        opt.optimizer.state.clear()
+        opt.refresh_fp32_params()
+
+
 def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     dist = dist or distributed.detect()
     distributed.export(dist)
@@ -123,6 +139,7 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds, lr_scheduler=scheduler, dist_init_required=True)
+    start_optimizer_fresh(engine)
     # after initialize: it makes the tensor-parallel groups that partition_activations splits
     # over (checkpointing.configure also asks the process group for ranks)
     configure_checkpointing(deepspeed, cfg, plan, ds, model, dist)

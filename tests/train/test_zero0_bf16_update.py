@@ -50,9 +50,6 @@ def reference_step(cfg, weights, grads):
             {n: decay[id(p)] for n, p in model.named_parameters()})
 
 
-@pytest.mark.xfail(strict=True, reason="DeepSpeed's FP16_UnfusedOptimizer takes a zero-gradient "
-                   "AdamW step when built (Adam step count 1, masters decayed): the fix in "
-                   "harness/train/engine.py drops that state and refreshes the masters")
 def test_zero0_bf16_first_update_is_plain_adamw():
     cfg = small_cfg(*precision_args(0, "bf16"), "train.max_steps=1", "optim.warmup_steps=0",
                     "clip.max_norm=0", "train.micro_batch_size=4", "train.grad_accum_steps=1",
