@@ -30,8 +30,11 @@ world size 1 fails here. In order:
    after 3 warm-up steps), the largest memory/gpu_max_allocated_gb against the planner's
    prediction (harness.plan.planner.predict_memory(...)["peak"], which estimates exactly that
    counter), and the first pre-clip norm against the reference too. gpt2-small without
-   checkpointing also runs with train.compile=true and with the chunked loss: compare their
-   tok/s and memory with the plain row.
+   checkpointing also runs with train.compile=true and with the chunked loss, and with
+   checkpointing with train.compile=true: compare their tok/s and memory with the plain row.
+   A compiled row fails on any graph break inside a transformer block
+   (harness.train.compile.block_graph_breaks on the row's model, before the runs): a block
+   that falls back to eager would otherwise pass on its norm.
 
 Tolerances. Norm: 2% (NORM_RTOL). A bf16 run starts from the fp32 weights rounded to 8
 significant bits (up to 2^-9 = 0.2% per weight) and computes in bf16; the global norm sums
@@ -96,8 +99,10 @@ from harness.checkpoint import io as checkpoint_io
 from harness.common.jsonl import read_lines
 from harness.config import load_config
 from harness.data.shards import MANIFEST
+from harness.model import build_model
 from harness.parallel.batch import make_plan
 from harness.plan.planner import predict_memory
+from harness.train.compile import block_graph_breaks
 
 ROOT = Path(__file__).resolve().parents[1]
 NORM_JOBS = 4  # small correctness runs sharing the GPU
@@ -178,11 +183,16 @@ def speed_runs(device: str, quick: bool, steps: int) -> list[dict]:
             runs.append({"name": f"{preset} {policy} micro {m}", "kind": "speed",
                          "preset": preset, "overrides": [*one_micro_step(m), *extra],
                          "skip": None})
-            if preset == "gpt2-small" and policy == "none":  # issue 13's levers, same shape
-                for lever in ("train.compile=true", "train.loss_chunk_tokens=4096"):
-                    runs.append({"name": f"{preset} {policy} micro {m} {lever.split('.')[1]}",
-                                 "kind": "speed", "preset": preset,
-                                 "overrides": [*one_micro_step(m), *extra, lever], "skip": None})
+            if preset != "gpt2-small":
+                continue
+            # issue 13's levers, same shape; compile also where checkpointing used to make
+            # every block run eager (issue 23 item 11)
+            levers = (["train.compile=true", "train.loss_chunk_tokens=4096"] if policy == "none"
+                      else ["train.compile=true"])
+            for lever in levers:
+                runs.append({"name": f"{preset} {policy} micro {m} {lever.split('.')[1]}",
+                             "kind": "speed", "preset": preset,
+                             "overrides": [*one_micro_step(m), *extra, lever], "skip": None})
     return runs
 
 
@@ -351,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
             key = reference_key(run)
             if key not in references:
                 references[key] = make_reference(run, device)
+        breaks = {r["name"]: block_graph_breaks(build_model(r["cfg"].model).to(device))
+                  for r in todo if r["cfg"].train.compile}
         results = execute(todo, common, out, device, jobs)
         for run in runs:
             if run["skip"]:
                 rows.append(new_row(run["name"], run["kind"], status="SKIP", notes=[run["skip"]]))
                 continue
             rows.append(judge(run, results[run["name"]], references[reference_key(run)],
-                              device, warmup, min_mfu))
+                              device, warmup, min_mfu, breaks.get(run["name"])))
             if run["kind"] == "speed" and device == "cuda":
                 rows[-1]["notes"].append("flash" if flash_runs(run["cfg"]) else "no flash")
         if (out / "data" / MANIFEST).stat().st_mtime != manifest_mtime:

@@ -29,9 +29,9 @@ def new_row(name: str, kind: str, **values) -> dict:
 
 
 def judge(run: dict, result: dict, ref: Reference, device: str, warmup: int,
-          min_mfu: float | None) -> dict:
+          min_mfu: float | None, graph_breaks: list[int] | None = None) -> dict:
     """The table row of one finished run: status PASS/FAIL and why. min_mfu None: the MFU
-    band of the run's preset (MFU_BAND)."""
+    band of the run's preset (MFU_BAND). graph_breaks: per block, for a compiled run."""
     row = new_row(run["name"], run["kind"], reference=ref.norms[0] if ref.norms else None,
                   seconds=result["seconds"])
     problems, steps = row["problems"], result["steps"]
@@ -42,6 +42,8 @@ def judge(run: dict, result: dict, ref: Reference, device: str, warmup: int,
         problems.append("no step metrics")
         row["status"] = "FAIL"
         return row
+    if graph_breaks is not None and any(graph_breaks):
+        problems.append(f"graph breaks inside blocks {graph_breaks}: they run eager")
     if run["kind"] == "overflow":
         problems += overflow_problems(steps, result["events"], run["cfg"].train.max_steps)
     else:

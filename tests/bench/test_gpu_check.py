@@ -21,6 +21,7 @@ from gpu_reference import Reference, update_error  # noqa: E402
 W0 = {"w": torch.zeros(4), "b": torch.ones(2)}
 W3 = {"w": torch.tensor([0.1, -0.1, 0.1, 0.0]), "b": torch.tensor([1.0, 0.9])}  # the reference
 LOSSES = [6.0, 5.5, 5.0]
+QUICK_OVERRIDES = gpu_check.QUICK_MODEL
 
 
 def _run(kind="speed", norm=2.0, code=0, mfu=0.4, memory=None, evals=True, steps=4,
@@ -38,10 +39,10 @@ def _run(kind="speed", norm=2.0, code=0, mfu=0.4, memory=None, evals=True, steps
     return run, result, planned
 
 
-def _judge(run, result, device="cuda", reference=2.0, min_mfu=0.05):
-    ref = Reference(norms=[reference], losses=LOSSES, initial=W0,
-                    final=W3)
-    return gpu_judge.judge(run, result, ref, device, warmup=1, min_mfu=min_mfu)
+def _judge(run, result, device="cuda", reference=2.0, min_mfu=0.05, graph_breaks=None):
+    ref = Reference(norms=[reference], losses=LOSSES, initial=W0, final=W3)
+    return gpu_judge.judge(run, result, ref, device, warmup=1, min_mfu=min_mfu,
+                           graph_breaks=graph_breaks)
 
 
 def test_a_good_run_passes_and_reports_medians_after_the_warmup():
@@ -193,3 +194,17 @@ def test_quick_check_on_the_gpu(tmp_path):
                            str(tmp_path)], cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+
+
+def test_a_graph_break_inside_a_block_fails_a_compiled_row():
+    """gpu_check counts them on the row's model before the runs (the plain model, as
+    harness.train.compile compiles its blocks): zero for ours, and a row with any fails."""
+    from harness.model import build_model
+    from harness.train.compile import block_graph_breaks
+
+    cfg = load_config("tiny", QUICK_OVERRIDES)
+    assert block_graph_breaks(build_model(cfg.model)) == [0] * cfg.model.n_layer
+    run, result, _ = _run()
+    assert _judge(run, result, graph_breaks=[0, 0])["status"] == "PASS"
+    row = _judge(run, result, graph_breaks=[0, 2])
+    assert row["status"] == "FAIL" and "graph breaks inside blocks [0, 2]" in row["problems"][0]
