@@ -104,3 +104,20 @@ def test_tensor_parallel(tmp_path):
         if tp == 2:
             assert r["peak"] < rows[variant, 1]["peak"] and r["seconds"] > 0
     assert rows["partitioned", 2]["forward"] < rows["every_layer", 2]["forward"]
+
+
+def test_loss(tmp_path):
+    stdout, result = run_bench("bench_loss", tmp_path)
+    assert "old/new" in stdout
+    for z in ("z=0.0", "z=0.0001"):  # one pass over the vocab: never more kept for backward
+        assert result[z]["new"]["saved"] <= result[z]["old"]["saved"] * 1.001
+    assert result["z=0.0001"]["new"]["saved"] < result["z=0.0001"]["old"]["saved"] * 0.6
+
+
+def test_zero3_norms(tmp_path):
+    stdout, result = run_bench("bench_zero3_norms", tmp_path)
+    assert "per-param / flat" in stdout
+    assert {"on device", "offload"} <= set(result)
+    assert all(r["params"] > 0 and r["ratio"] > 0 for r in result.values())
+# bench_offload_adam.py has no quick test: its CPU Adam row builds DeepSpeed's cpu_adam op
+# (~50 s with gcc on a fresh machine), a cost CI would pay on every run
