@@ -171,8 +171,7 @@ def checkpoint_kept(parts: dict[str, int], tp: int = 1, partitioned: bool = Fals
     return parts["input"] // tp if partitioned else parts["input"]
 
 
-def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int = 0,
-               z_loss: float = 0.0) -> int:
+def head_bytes(cfg, micro: int, act_bytes: int, fused: bool, chunk_tokens: int = 0) -> int:
     """ln_f (input, output, statistics) and the loss (harness.model.loss): the fp32 log-softmax
     output for full logits (z_loss or not: log Z is read off it); chunked, the head input's
     gradient (ln_f's output is then kept by nobody: the same size) and the weight's."""

@@ -144,7 +144,7 @@ def activation_bytes(cfg: Config, micro: int, policy: str, fused: bool) -> int:
     FlashAttention applies attention dropout inside its kernel (no T x T tensors, unlike a
     CPU's math path) and RMSNorm runs as one kernel."""
     t = cfg.train
-    head = head_bytes(cfg.model, micro, _act_bytes(cfg), fused, t.loss_chunk_tokens, t.z_loss)
+    head = head_bytes(cfg.model, micro, _act_bytes(cfg), fused, t.loss_chunk_tokens)
     return predict_peak(cfg.model, micro, policy, _segments(cfg, policy), _act_bytes(cfg),
                         fused, head, *_sharding(cfg))
 

@@ -27,7 +27,7 @@ def test_llama_prediction_matches_the_meter(policy, extra):
     x, y = make_data(cfg, 4).micro_batch(0, 0)
     measured = measure_step(built.engine.module, x, y)["peak"]
     t = cfg.train
-    head = head_bytes(cfg.model, 4, 4, False, t.loss_chunk_tokens, t.z_loss)
+    head = head_bytes(cfg.model, 4, 4, False, t.loss_chunk_tokens)
     predicted = predict_peak(cfg.model, 4, policy, built.plan.segments, 4, False, head)
     assert predicted == pytest.approx(measured, rel=0.01)
 
@@ -68,4 +68,3 @@ def test_one_llama_block_by_hand():
     logits = 2 * 8 * 64 * 4
     assert head_bytes(cfg, 2, 4, False) == unit + norm + logits
     assert head_bytes(cfg, 2, 4, False, chunk_tokens=4) == unit + norm + 64 * 16 * 4
-    assert head_bytes(cfg, 2, 4, False, z_loss=1e-4) == unit + norm + logits
