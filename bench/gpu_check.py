@@ -154,7 +154,8 @@ def norm_runs(device: str, quick: bool) -> list[dict]:
             "zero.stage=1", "train.precision=bf16", *partitioned,
             f"{CKPT}.contiguous_memory_optimization=true"]),
         _norm_run("zero1-bf16-cpu-checkpointing", "tiny", quick, [
-            "zero.stage=1", "train.precision=bf16", *partitioned, f"{CKPT}.cpu_checkpointing=true"]),
+            "zero.stage=1", "train.precision=bf16", *partitioned,
+            f"{CKPT}.cpu_checkpointing=true"]),
         _norm_run("zero2-bf16-offload", "tiny", quick, [
             "zero.stage=2", "train.precision=bf16", "zero.offload_optimizer=true"]),
         # 2^24 overflows the first steps' fp16 gradients (an element of 0.004 x 2^24 > 65504);
@@ -332,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a 2-layer model for the norms, the tiny preset for speed, 3 steps")
     p.add_argument("--out", default="runs/gpu_check", help="data, runs, logs, results.json")
     p.add_argument("--jobs", type=int, default=None,
-                   help=f"correctness runs at a time (default {NORM_JOBS} on a GPU, 1 on a CPU)")
+                   help=f"correctness runs at a time (default {NORM_JOBS} on a GPU, one per "
+                        f"core up to {NORM_JOBS} on a CPU: each trains on one thread)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here (use --device cpu --quick to check the logic)")
         return 2
     device, out = args.device, Path(args.out).resolve()
-    jobs = args.jobs or (NORM_JOBS if device == "cuda" else 1)
+    jobs = args.jobs or (NORM_JOBS if device == "cuda" else min(NORM_JOBS, os.cpu_count() or 1))
     warmup, steps = (1, 3) if args.quick else (3, 10)
     min_mfu = 0.0 if args.quick else None  # the tiny preset cannot keep a GPU busy
     out.mkdir(parents=True, exist_ok=True)
