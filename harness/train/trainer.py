@@ -6,6 +6,18 @@ per layer group), the clip coefficient, the learning rate, the update norm, the 
 and what the model saw in its forwards (harness.model.gpt.BlockStack.forward_stats): mean log(Z)^2
 (train/z_loss, PaLM's quantity), the largest log Z, and a bound on each layer's largest
 attention logit, the mechanism signals of output-logit divergence and attention-logit growth.
+
+Host syncs per optimizer step, each read of a tensor's value by the host listed with its cost
+on a GPU in harness.train.host_syncs.HOST_SYNCS (tests/train/test_host_syncs.py counts them
+per configuration and fails on one not listed). The loop's own: ONE device-to-host copy
+(Collectives.reduce_scalars: loss, forward statistics, squared group norms and the stop flag
+in one all-reduce; the item/tolist reads after it are of host memory), and
+torch.cuda.synchronize for the step time. With the monitor watching optim/update_norm,
+GradNorms.update_metrics adds a read of its all-reduced norms, and per 16M-element batch a
+read of AdamW's step count and two blocking host-to-device copies. DeepSpeed 0.19.8 adds, in
+engine.step(): ZeRO 0 bf16 an overflow check per parameter tensor, two reads per parameter
+group and one more; ZeRO 1-3 one to four norm and overflow reads; and its throughput timer
+synchronizes the device at every forward and every engine.step() from its third step.
 """
 from __future__ import annotations
 
