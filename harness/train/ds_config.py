@@ -67,6 +67,10 @@ def build_ds_config(cfg: Config, plan: Plan, device: str) -> dict[str, Any]:
         "fp16": _fp16(cfg),
         "steps_per_print": 10**9,  # the harness logs; keep DeepSpeed's own prints out
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer syncs the device at every forward and every step()
+        # (from its third step) for a number it only prints, which steps_per_print keeps out:
+        # the harness times the step itself (harness/train/host_syncs.py)
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.train.precision != "fp32":
         ds["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}

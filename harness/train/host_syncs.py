@@ -53,11 +53,6 @@ HOST_SYNCS = (
          "blocking copy: the batch's slice weights, per batch"),
     Read("tolist", _H + "train/grad_norms.py:update_metrics", "step", "monitor",
          "sync: the update norms after their all-reduce"),
-    Read("synchronize", "deepspeed/utils/timer.py:start", "micro", "always",
-         "device sync: DeepSpeed's throughput timer (timers.throughput.synchronized) at "
-         "each forward, from its third step"),
-    Read("synchronize", "deepspeed/utils/timer.py:stop", "micro", "always",
-         "device sync: the same timer at engine.step()"),
     Read("__bool__", _DS + "utils.py:has_overflow_serial", "tensor", "unfused",
          "sync per parameter tensor: the overflow check, even in bf16"),
     Read("item", _DS + "utils.py:has_overflow", "step", "unfused", "sync: the overflow flag"),
