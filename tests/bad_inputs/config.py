@@ -151,6 +151,8 @@ CASES += [
     Case("config-train-fp16-zero0", ["train", "train.precision=fp16"],
          words=("zero.stage=0", "train.precision=fp16", "zero.stage=1"),
          unchanged=NOTHING_WRITTEN),
+    Case("config-train-compile-zero3", ["train", "train.compile=true", "zero.stage=3"],
+         words=("train.compile", "zero.stage=3", "zero.stage 0-2"), unchanged=NOTHING_WRITTEN),
     Case("config-train-bucket", ["train", "zero.stage=2", "zero.reduce_bucket_size=-1"],
          words=("zero.reduce_bucket_size",), unchanged=NOTHING_WRITTEN),
     Case("config-train-lr-times-wd", ["train", "optim.lr=0.5", "optim.weight_decay=4"],
