@@ -152,32 +152,43 @@ class GradNorms:
         the norms are estimates (their error: tests/train/test_param_signals.py,
         bench/README.md) but the jump compares the same coordinates step to step, so it stays
         exact. Flat partitions are always read whole, so a run logs the same numbers at every
-        world size."""
+        world size. One host read a step, of the norms after their all-reduce: the bias
+        corrections come from AdamW's step count where it lives (`_corrections`), the slices'
+        groups and weights are kept on the device (`_batches`)."""
         ds_opt = self.engine.optimizer
         opt = getattr(ds_opt, "optimizer", ds_opt)
-        rows = []  # per slice: its layer group (len(self.groups): none) and squares (3,)
-        for group, st, batch, where in self._batches(ds_opt, opt, sample):
-            step = float(st.get("step", group.get("step", 1)))
-            rows.append((where, _adamw_delta(*batch, lr, group, step)))
-        n = len(self.groups) + 1
+        n, corr, parts = len(self.groups) + 1, {}, {}  # parts: (3, n) sums per device
+        for group, st, batch, where, ws in self._batches(ds_opt, opt, sample):
+            step = st.get("step", group.get("step", 1))
+            key = (id(group), id(step))  # batches of one group share their first tensor's step
+            if key not in corr:
+                corr[key] = _corrections(step, group, ws.device)
+            sq = _adamw_delta(*batch, ws, lr, group, corr[key])  # (3, slices) on ws.device
+            if sq.device not in parts:
+                parts[sq.device] = torch.zeros(3, n, dtype=torch.float64, device=sq.device)
+            parts[sq.device].index_add_(1, where, sq)
         acc = torch.zeros(3, n, dtype=torch.float64, device=self.engine.device)
-        for where, sq in rows:  # sq: (3, slices) = |d|^2, |theta_before|^2, |theta_after|^2
-            acc.index_add_(1, self._device_index(tuple(where)), sq.to(acc.device))
+        for part in parts.values():  # under offload one copy per step, not one per batch
+            acc += part.to(acc.device)
         acc = self.comm.all_reduce(acc * self.state_weight)
         return self._update_signals(acc.sqrt().tolist(), sample, remember)
 
     def _batches(self, ds_opt, opt, sample: float) -> list[tuple]:
-        """The pass's slices (views into the optimizer state), built once: cutting them costs
-        more Python time than the pass's arithmetic. Rebuilt when the state tensors change
-        (a checkpoint load replaces them; Adam updates them in place)."""
+        """The pass's slices (views into the optimizer state), with each batch's layer groups
+        and weights on its device, built once: cutting them costs more Python time than the
+        pass's arithmetic, and copying them every pass would block (a copy from the host).
+        Rebuilt when the state tensors change (a checkpoint load replaces them; Adam updates
+        them in place) and after forget_params."""
         key = (sample, tuple(id(st.get("exp_avg")) for st in opt.state.values()))
         cached = getattr(self, "_slices", None)
         if cached is None or cached[0] != key:
             owned = _Owned({id(p): i for i, p in self.all_params}, self.counted,
                            _flat_fragments(ds_opt, (p for _, p in self.all_params)))
-            slices = [(group, st, batch, where)
+            slices = [(group, st, (ps, ms, vs), _on(where, torch.long, ps[0].device),
+                       _on(ws, torch.float64, ps[0].device))
                       for group, params in _optimized_params(ds_opt, opt)
-                      for st, batch, where in _state_batches(opt, group, params, owned, sample)]
+                      for st, (ps, ms, vs, ws), where
+                      in _state_batches(opt, group, params, owned, sample)]
             cached = self._slices = (key, slices)
         return cached[1]
 
@@ -203,8 +214,9 @@ class GradNorms:
         return out
 
     def forget_params(self) -> None:
-        """The weights were replaced on purpose (a rollback): no jump to the next step."""
-        self._last_after = None
+        """The weights were replaced on purpose (a rollback): no jump to the next step, and the
+        pass's slices are cut again (the state tensors they view may have been replaced)."""
+        self._last_after = self._slices = None
 
 
 def _optimized_params(ds_opt, opt):
@@ -328,21 +340,40 @@ def _sample_spans(numel: int, fraction: float) -> list[tuple[int, int]]:
     return [(i * stratum + o, SAMPLE_BLOCK) for i, o in enumerate(offs)]
 
 
-def _adamw_delta(ps, ms, vs, ws, lr, group, step) -> torch.Tensor:
+def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _corrections(step, group, device: torch.device) -> tuple:
+    """AdamW's bias corrections bc = 1 - beta^step as (bc1 / sqrt(bc2), eps bc1) for
+    _adamw_delta. torch's fused AdamW keeps the step count in a tensor on the parameters'
+    device: computed there from it (float64, as its kernel does), 0-dim float32 tensors, as
+    reading it would wait for the device; a Python count (DeepSpeed's Adams) or one on the
+    host (torch AdamW without fused/capturable on a GPU) gives Python floats, read for free."""
+    (b1, b2), eps = group["betas"], group["eps"]
+    here = isinstance(step, torch.Tensor) and step.device == device
+    s = step.double() if here else float(step)
+    bc1, bc2 = 1 - b1 ** s, 1 - b2 ** s
+    scale, shift = bc1 / bc2 ** 0.5, eps * bc1
+    return (scale.float(), shift.float()) if here else (scale, shift)
+
+
+def _adamw_delta(ps, ms, vs, ws, lr, group, corrections) -> torch.Tensor:
     """Per slice (3, slices): squared norms of the applied update, of the parameters before it
-    and after it, each times the slice's weight, with foreach kernels (7 calls for the whole
-    batch; per-tensor calls cost 2% of a small CPU step).
+    and after it, each times the slice's weight `ws` (float64, on the slices' device), with
+    foreach kernels (8 calls for the whole batch; per-tensor calls cost 2% of a small CPU
+    step), no host read or copy (the bias corrections: `_corrections`).
     AdamW: p = p_old (1 - lr wd) - a with a = lr m^ / (sqrt(v^) + eps), so with
     q = p + a = (1 - lr wd) p_old, the change is p - p_old = (p (1 - lr wd) - q) / (1 - lr wd)."""
-    (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    scale, shift = corrections
+    keep = 1 - lr * group["weight_decay"]
     ps, ms, vs = ([t.float() for t in ts] for ts in (ps, ms, vs))  # no-ops for fp32 state
-    denom = torch._foreach_sqrt(vs)  # sqrt(v^) + eps, times sqrt(bc2)
-    torch._foreach_add_(denom, eps * math.sqrt(bc2))
-    q = torch._foreach_addcdiv(ps, ms, denom, value=lr * math.sqrt(bc2) / bc1)
-    delta = torch._foreach_add(q, ps, alpha=-(1 - lr * wd))
+    denom = torch._foreach_sqrt(vs)  # (sqrt(v^) + eps) bc1 = sqrt(v) bc1 / sqrt(bc2) + eps bc1
+    torch._foreach_mul_(denom, scale)
+    # alpha picks the Tensor overload: without it the binding reads a 0-dim tensor as a Scalar
+    torch._foreach_add_(denom, shift, **({"alpha": 1} if torch.is_tensor(shift) else {}))
+    q = torch._foreach_addcdiv(ps, ms, denom, value=lr)
+    delta = torch._foreach_add(q, ps, alpha=-keep)
     sq = torch.stack([torch.stack(torch._foreach_norm(x)) for x in (delta, q, ps)]).double() ** 2
-    keep = 1 - lr * wd
-    scale = torch.tensor([1 / keep ** 2, 1 / keep ** 2, 1.0], dtype=torch.float64)
-    return sq * scale.to(sq.device)[:, None] * torch.tensor(ws, dtype=torch.float64,
-                                                             device=sq.device)
+    sq[:2] *= 1 / keep ** 2  # a Python float: no tensor copied to the device
+    return sq.mul_(ws)

@@ -6,15 +6,22 @@ On a GPU each read of a device tensor (item(), tolist(), float(t), bool(t), `if 
 waits for every kernel queued before it, and so does a blocking copy from the host to the
 device (torch.tensor(data, device=...) and .to(device) of host memory: cudaMemcpyAsync then
 cudaStreamSynchronize) and torch.cuda.synchronize. A read of a tensor that is already on the
-host costs nothing; the list keeps those too, so that a new read anywhere is noticed.
+host costs nothing; the list keeps those too, so that a new read anywhere is noticed. Reads
+made once, not every step, are not listed: the update-norm pass (GradNorms.update_metrics)
+reads AdamW's step counts and copies its slices' layer groups and weights to the device when it
+cuts its slices (its first step, after a checkpoint load or a rollback); its bias corrections
+come from fused AdamW's step tensor on the device (grad_norms.py:_corrections).
 
 What the CPU test cannot see (every tensor is on the CPU there, so a copy to the host and a
 copy to the engine's device are the same .to('cpu') call; .to() is therefore not counted):
 - harness/train/trainer.py:train_step: torch.cuda.synchronize() once per step, for the step
   time (CUDA only);
-- harness/train/grad_norms.py:_adamw_delta: `scale.to(sq.device)` of a host tensor, a blocking
-  copy per update-norm batch (beside the torch.tensor one listed);
+- harness/train/grad_norms.py:update_metrics: under ZeRO-Offload one copy of the update norms
+  (computed on the host) to the device per step, before their all-reduce;
 - harness/train/grad_norms.py:local_squares: torch.cuda.synchronize() under ZeRO-Offload;
+- harness/train/grad_norms.py:_corrections: float() of torch AdamW's step count where it is
+  on the host and the parameters on the device (neither fused nor capturable: not the harness's
+  configuration), free;
 - DeepSpeed's get_accelerator().FloatTensor/ByteTensor([x]) (blocking copies of Python
   numbers: get_weight_norm, has_overflow at ZeRO 0) and .to() copies of its own.
 """
@@ -46,11 +53,6 @@ HOST_SYNCS = (
     Read("tolist", _H + "train/trainer.py:_reduced_scalars", "step", "always",
          "host: means and maxima", n=2),
     Read("tolist", _H + "train/grad_norms.py:signals", "step", "always", "host: group norms"),
-    Read("__float__", _H + "train/grad_norms.py:update_metrics", "group", "monitor",
-         "sync: AdamW's step count (fused AdamW keeps it on the device), per 16M-element "
-         "batch of each group"),
-    Read("tensor", _H + "train/grad_norms.py:_adamw_delta", "group", "monitor",
-         "blocking copy: the batch's slice weights, per batch"),
     Read("tolist", _H + "train/grad_norms.py:update_metrics", "step", "monitor",
          "sync: the update norms after their all-reduce"),
     Read("__bool__", _DS + "utils.py:has_overflow_serial", "tensor", "unfused",

@@ -115,7 +115,6 @@ def test_host_reads_per_step_are_the_listed_ones(case, monkeypatch):
     conditions |= {"clip"} if cfg.clip.max_norm > 0 else set()
     counts = {"micro": built.plan.batch.grad_accum,
               "tensor": len(list(built.model.parameters())),
-              # update_metrics reads per batch of <= 16M elements of each group: one here
               "group": len(built.engine.optimizer.param_groups)}
     want = expected(conditions, counts)
     for step in range(4):
