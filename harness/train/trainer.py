@@ -13,11 +13,11 @@ per configuration and fails on one not listed). The loop's own: ONE device-to-ho
 (Collectives.reduce_scalars: loss, forward statistics, squared group norms and the stop flag
 in one all-reduce; the item/tolist reads after it are of host memory), and
 torch.cuda.synchronize for the step time. With the monitor watching optim/update_norm,
-GradNorms.update_metrics adds a read of its all-reduced norms, and per 16M-element batch a
-read of AdamW's step count and two blocking host-to-device copies. DeepSpeed 0.19.8 adds, in
+GradNorms.update_metrics adds one read, of its all-reduced norms. On report steps the
+PeakMemory callback adds one (its all-reduce of the peaks). DeepSpeed 0.19.8 adds, in
 engine.step(): ZeRO 0 bf16 an overflow check per parameter tensor, two reads per parameter
-group and one more; ZeRO 1-3 one to four norm and overflow reads; and its throughput timer
-synchronizes the device at every forward and every engine.step() from its third step.
+group and one more; ZeRO 1-3 one to four norm and overflow reads. (Its throughput timer, which
+synchronized the device at every forward and step, is switched off in the JSON.)
 """
 from __future__ import annotations
 
