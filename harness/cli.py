@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -32,9 +33,38 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises HarnessError (one `error:` line, exit 2) instead of printing its
     usage block and exiting: bad flags read like every other bad input."""
 
+    argv: list[str] = []  # the command line parse_args was given (for _split_overrides)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        _Parser.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        split = _split_overrides(message, _Parser.argv)
+        if split:
+            raise HarnessError(split)
         raise HarnessError(f"{self.prog}: {' '.join(message.split())} (`{self.prog} --help` "
                            f"lists the arguments)")
+
+
+def _split_overrides(message: str, argv: list[str]) -> Optional[str]:
+    """argparse takes the overrides (key=value) as one run of positionals: a second run,
+    after an option, is 'unrecognized'. Says to keep them together, with the line reordered."""
+    prefix = "unrecognized arguments: "
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if not message.startswith(prefix) or command not in OVERRIDE_COMMANDS:
+        return None
+    stray = message[len(prefix):].split()
+    if not stray or not all("=" in a and not a.startswith("-") for a in stray):
+        return None
+    overrides = [a for a in argv[argv.index(command) + 1:] if "=" in a and not a.startswith("-")]
+    rest = [a for a in argv if a not in overrides]
+    return (f"harness {command}: {' '.join(stray)} comes after an option, apart from the "
+            f"other overrides: keep the overrides (key=value) together, after the options: "
+            f"harness {shlex.join([*rest, *overrides])}")
+
+
+OVERRIDE_COMMANDS = ("train", "config", "ds-config", "prepare-data", "submit", "plan", "monitor")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

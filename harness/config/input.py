@@ -205,25 +205,74 @@ def read_yaml(path: Path) -> Any:
                     else f"the value {short(repr(node.value), 40)}")
             raise HarnessError(f"{path}: the top level must be a mapping of sections (model:, "
                                f"train:, ...), not {what}")
-        _refuse_folded(node, path)
+        check_nodes(node, path)
         return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except HarnessError:
         raise
+    except RecursionError:  # PyYAML's scanner and composer recurse once per nesting level
+        raise HarnessError(f"{path}: brackets or indentation nested hundreds of levels deep: a "
+                           f"config is sections of keys (model: then n_layer: 12)") from None
     except (yaml.YAMLError, OmegaConfBaseException, ValueError, OSError) as err:
         first = " ".join(str(err).split())[:200]
         raise HarnessError(f"{path}: not valid YAML ({first})") from None
 
 
-def _refuse_folded(node: Any, path: Path, where: str = "") -> None:
+# values one config may expand to through YAML aliases: OmegaConf's own default limit
+# (max_yaml_expanded_nodes), checked here first so that the message names the key
+MAX_EXPANDED = 10_000
+
+
+def _children(node: Any, where: str) -> list[tuple[str, Any, bool]]:
+    """(path, child, is_key) of a composed node."""
+    if isinstance(node, yaml.MappingNode):
+        out = []
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            out += [(where, key, True), (f"{where}.{name}" if where else name, value, False)]
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"{where}[{i}]", value, False) for i, value in enumerate(node.value)]
+    return []
+
+
+def check_nodes(root: Any, path: Path | str, where: str = "") -> None:
+    """The composed document, before anything expands it: each node visited once (an alias
+    is its anchor's node, not a copy), so the work is the size of the text, whatever the
+    aliases multiply. Refuses an alias that refers to itself, aliases that expand to more
+    than MAX_EXPANDED values (an alias bomb: expanded, 11 nested levels of 9 are 9^11), and
+    values YAML would fold across lines."""
+    size: dict[int, int] = {}  # expanded values under each node, once it is done
+    open_: set[int] = set()  # nodes whose children are being walked
+    stack: list[tuple[Any, str, bool, bool]] = [(root, where, False, False)]
+    while stack:
+        node, where, is_key, done = stack.pop()
+        kids = _children(node, where)
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(child)] for _, child, _ in kids)
+            if size[id(node)] > MAX_EXPANDED:
+                raise HarnessError(
+                    f"{path}: {where or 'the document'} holds {size[id(node)]} values (each "
+                    f"YAML alias *name counted as the copy it stands for), more than the "
+                    f"{MAX_EXPANDED} a config may hold: write aliased values out once")
+            continue
+        if id(node) in size:
+            continue  # an alias of a node already checked
+        if id(node) in open_:
+            raise HarnessError(f"{path}: {where or 'the document'} is a YAML alias (*name) of "
+                               f"a value that contains it, which never ends: write the value "
+                               f"out")
+        if not is_key:
+            _refuse_folded(node, path, where)
+        open_.add(id(node))
+        stack.append((node, where, is_key, True))
+        stack += [(child, w, k, False) for w, child, k in reversed(kids)]
+
+
+def _refuse_folded(node: Any, path: Path | str, where: str) -> None:
     """A plain or quoted value written over several lines: YAML joins the lines with spaces,
     which for a path or a name is never what was meant. Folding on purpose (>-) is fine."""
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            _refuse_folded(value, path, f"{where}.{key.value}" if where else str(key.value))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            _refuse_folded(value, path, f"{where}[{i}]")
-    elif isinstance(node, yaml.ScalarNode) and node.style in (None, "'", '"') \
+    if isinstance(node, yaml.ScalarNode) and node.style in (None, "'", '"') \
             and node.end_mark.line > node.start_mark.line:
         raise HarnessError(
             f"{path}:{node.start_mark.line + 1}: the value of {where or 'the document'} spans "
@@ -251,7 +300,16 @@ def parse_override(item: str) -> dict:
         raise HarnessError(f"override '{key}=...': the value {short(repr(text))} holds a "
                            f"newline, tab or control character: write {key} on one line")
     try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        node = None  # OmegaConf's parse below says what is wrong, or takes it as a string
+    if node is not None:
+        check_nodes(node, f"override '{key}=...'", key)
+    try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    except RecursionError:
+        raise HarnessError(f"override '{short(item)}': brackets nested hundreds of levels "
+                           f"deep: write a single value or a flat list") from None
     except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
         if text.lstrip()[:1] in ("[", "{", "'", '"'):
             first = " ".join(str(err).split())[:120]

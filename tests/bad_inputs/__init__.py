@@ -6,7 +6,8 @@ exactly one stderr line that starts with "error:" (for exit 2) and contains ever
 one of `words`, no traceback anywhere, and leave every file named in `unchanged` byte for byte
 as `setup` made it. `check(tmp, out, err)` asserts anything else afterwards (what a case
 must have written, or must not say); `during(proc, tmp)` acts on a `process` case while it
-runs (a signal, a file cut short), before the runner waits for it.
+runs (a signal, a file cut short), before the runner waits for it. `timeout` (seconds): a case
+that once hung (or could) fails at once past it, rather than holding the suite for hours.
 """
 from __future__ import annotations
 
@@ -28,3 +29,4 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     check: Optional[Callable[[Path, str, str], None]] = None  # (tmp, stdout, stderr)
     during: Optional[Callable[[Any, Path], None]] = None  # (subprocess.Popen, tmp); process only
+    timeout: Optional[float] = None  # seconds; None: the runner's 600 s for process cases

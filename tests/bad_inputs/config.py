@@ -335,6 +335,44 @@ CASES += [
          unchanged=("c.yaml",)),
 ]
 
+
+def _alias_bomb(levels: int = 11, width: int = 9) -> str:
+    """Anchors nested `levels` deep, each a list of `width` aliases of the one before: width^levels
+    values once expanded (9^11 = 31e9), a few hundred bytes of text."""
+    lines = ["model:", f"  l0: &a0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+BOMB_OVERRIDE = "data.sources=[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefghij", "bcdefghijk")) + "]"
+# refused at once (a walk over every alias path hung for hours): a hang fails the case in 10 s
+CASES += [
+    Case("config-yaml-alias-bomb", ["ds-config", "--config", "c.yaml"], timeout=10,
+         words=("c.yaml", "model.l4", "more than the 10000", "write aliased values out"),
+         setup=_write("c.yaml", _alias_bomb()), unchanged=("c.yaml",)),
+    Case("config-yaml-alias-bomb-train", ["train", "--config", "c.yaml"], timeout=10,
+         words=("c.yaml", "model.l4"), setup=_write("c.yaml", _alias_bomb()),
+         unchanged=("c.yaml", *NOTHING_WRITTEN)),
+    Case("config-yaml-alias-of-itself", ["ds-config", "--config", "c.yaml"], timeout=10,
+         words=("c.yaml", "model.x[1]", "contains it"),
+         setup=_write("c.yaml", "model:\n  x: &a [1, *a]\n"), unchanged=("c.yaml",)),
+    Case("config-yaml-nested-deep", ["ds-config", "--config", "c.yaml"], timeout=10,
+         words=("c.yaml", "nested"),
+         setup=_write("c.yaml", "model:\n  x: " + "[" * 400 + "]" * 400 + "\n"),
+         unchanged=("c.yaml",)),
+    Case("config-override-alias-bomb", ["ds-config", BOMB_OVERRIDE], timeout=10,
+         words=("data.sources[4]", "more than the 10000")),
+    Case("config-overrides-split-around-option",
+         ["ds-config", "--config", "tiny", "a=1", "--world-size", "1", "b=2"],
+         words=("b=2", "keep the overrides (key=value) together",
+                "harness ds-config --config tiny --world-size 1 a=1 b=2")),
+    Case("config-overrides-split-around-flag-train",
+         ["train", "train.max_steps=1", "--show-config", "train.seed=3"],
+         words=("train.seed=3", "harness train --show-config train.max_steps=1 train.seed=3"),
+         unchanged=NOTHING_WRITTEN),
+]
+
 # ---- the commands' own arguments -------------------------------------------------------------
 CASES += [
     Case("config-plan-target-huge", ["plan", "--target-global-batch", "1000000000000"],

@@ -8,9 +8,11 @@ while it runs, `python -m harness.cli`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import pkgutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,30 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
+class CaseTimeout(BaseException):
+    """Past a case's timeout. A BaseException: the CLI's `except Exception` (the bug path)
+    must not turn a hang into an ordinary exit code."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """In-process cases: SIGALRM interrupts a Python loop that hangs (a YAML alias bomb)."""
+    if not seconds:
+        yield
+        return
+
+    def fire(*_):
+        raise CaseTimeout(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _run(case: Case, tmp: Path, capsys, monkeypatch) -> tuple[int, str, str]:
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     if case.process:
@@ -48,13 +74,15 @@ def _run(case: Case, tmp: Path, capsys, monkeypatch) -> tuple[int, str, str]:
         if case.during is None:  # a fork of a warm interpreter: the same process, 4 s sooner
             import forked_cli  # imports DeepSpeed: only when a process case runs
 
-            return forked_cli.run(argv, tmp, env)
+            code, out, err = forked_cli.run(argv, tmp, env, timeout=case.timeout or 600)
+            assert code is not None, f"still running after {case.timeout or 600} s: a hang"
+            return code, out, err
         with subprocess.Popen([sys.executable, "-m", "harness.cli", *argv], cwd=tmp, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
             try:
                 if case.during is not None:
                     case.during(proc, tmp)
-                out, err = proc.communicate(timeout=600)
+                out, err = proc.communicate(timeout=case.timeout or 600)
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -64,7 +92,8 @@ def _run(case: Case, tmp: Path, capsys, monkeypatch) -> tuple[int, str, str]:
     monkeypatch.chdir(tmp)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value.replace("{tmp}", str(tmp)))
-    code = main(argv)
+    with _deadline(case.timeout):
+        code = main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
