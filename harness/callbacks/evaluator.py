@@ -1,4 +1,5 @@
-"""Validation loss every `data.eval_every` steps on a fixed set of held-out sequences.
+"""Validation loss every `data.eval_every` steps, and at train.max_steps, on a fixed set of
+held-out sequences.
 
 The set is the first eval_batches x micro_batch x world_size sequences of the validation
 split (fewer when the split is smaller), so every evaluation sees the same tokens and the
@@ -76,7 +77,10 @@ class Evaluator(Callback):
         return (acc[0] / acc[1]).item()
 
     def on_step_end(self, trainer, step, metrics):
-        if self.every and step % self.every == 0:
+        # and at the last step, so the closing eval loss is the final model's, whatever
+        # max_steps is (every rank knows it is the last: the same config)
+        last = step == trainer.cfg.train.max_steps
+        if self.every and (step % self.every == 0 or last):
             loss = self.evaluate(trainer.engine, trainer.built.comm)
             metrics["eval/loss"] = loss
             if self.bytes_per_token:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from harness.common.callback import Callback
 from harness.common.jsonl import jsonable, read_lines
+from harness.monitor.events import describe
 
 
 def _step_of(record: dict[str, Any]) -> float:
@@ -63,9 +64,14 @@ class MetricsFile(Callback):
 class Console(Callback):
     """Where the run stands, on rank 0: a progress bar on a terminal, else one plain line every
     `every` steps (and at the last): step / max_steps, percent, elapsed and ETA (from this
-    process's pace), tokens seen, loss, gradient norm, clip, LR, tokens/s, and the eval loss
-    and bits per byte when measured. The first lines say where the run writes, the last ones
-    what it left and the commands that use it."""
+    process's pace), tokens seen, loss, gradient norm, how many of the steps since the last
+    line were clipped, LR, tokens/s, and the eval loss and bits per byte when measured.
+    Monitor events print as one sentence each (harness.monitor.events.describe). The first
+    lines say where the run writes, the last ones what it left and the commands that use it.
+
+    Clipping reads `clipped 3/10 steps`, a count over every step since the previous line:
+    the clip coefficient of the one step printed (1.000 when it was NOT clipped) read as
+    "100% clipped", and said nothing about the steps in between."""
 
     order = 101  # after the other loggers: W&B has started its run when the first lines print
 
@@ -74,6 +80,7 @@ class Console(Callback):
         self.bar: tqdm | None = None
         self._start: tuple[float, int] | None = None  # (time, step) when this process began
         self._eval: dict[str, Any] = {}
+        self._clipped = [0, 0]  # (clipped, steps) since the previous line
 
     def on_train_start(self, trainer):
         if not trainer.is_main:
@@ -92,6 +99,8 @@ class Console(Callback):
             self._eval = {"loss": metrics["eval/loss"], "bpb": metrics.get("eval/bpb"),
                           "step": step}
         loss, norm = metrics["train/loss"], metrics["optim/grad_norm_preclip"]
+        self._clipped[0] += bool(metrics["optim/clipped"])
+        self._clipped[1] += 1
         tps = metrics["throughput/tokens_per_s"]
         evals = ""
         if self._eval:
@@ -104,8 +113,10 @@ class Console(Callback):
                                      + evals.replace(" | ", " "))
             self.bar.update(1)
         elif step % self.every == 0 or step == trainer.cfg.train.max_steps:
+            clipped, steps = self._clipped
+            self._clipped = [0, 0]
             print(f"{self._progress(trainer, step, metrics)} | loss {loss:.4f} | grad_norm "
-                  f"{norm:.4f} | clip {metrics['optim/clip_coef']:.3f} | lr "
+                  f"{norm:.4f} | clipped {clipped}/{steps} steps | lr "
                   f"{metrics['optim/lr']:.2e} | tok/s {tps:,.0f}{evals}", flush=True)
 
     def _progress(self, trainer, step: int, metrics) -> str:
@@ -120,8 +131,11 @@ class Console(Callback):
 
     def on_event(self, trainer, step, event):
         if trainer.is_main:
-            text = f"[{event.get('event', 'event')}] step {step}: " + json.dumps(event)
-            (self.bar.write if self.bar is not None else print)(text)
+            text = describe({"step": step, **event})
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
 
     def on_train_end(self, trainer):
         if self.bar is not None:
@@ -163,18 +177,18 @@ def start_lines(trainer) -> list[str]:
 
 
 def end_lines(trainer) -> list[str]:
-    """What the run left, and the commands that use it."""
+    """What the run left, and the commands that use it. Not report.png: it is written after
+    these lines, and `harness train` names it once written (harness.train.run)."""
     run_dir = Path(trainer.cfg.train.run_dir)
     ckpt = next((cb for cb in trainer.callbacks if type(cb).__name__ == "Checkpointer"), None)
     saved = (ckpt.root / f"step{ckpt.last_saved_step:08d}"
              if ckpt is not None and ckpt.last_saved_step is not None else None)
     done = trainer.step >= trainer.cfg.train.max_steps
     lines = [f"checkpoint: {saved}" if saved else "checkpoint: none saved",
-             f"report: {run_dir / 'report.png'} (harness report {run_dir})",
              "resume: run the same `harness train` command again" + (
                  " with a larger train.max_steps to go on" if done else "")]
     if saved:
-        lines += [f"eval: harness eval {run_dir} --data HELD_OUT_TEXT",
+        lines += [f"eval: harness eval {run_dir} --split val",
                   f"sample: harness sample {run_dir} --prompt TEXT",
                   f"export: harness export {run_dir} --to hf OUT_DIR"]
     return lines

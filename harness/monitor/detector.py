@@ -54,13 +54,18 @@ wandb.alert and lr_cut / rollback / stop follow), "warning" for grad_spike (prec
 `skip` may act on; a metric and an event line otherwise).
 
 Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "action"):
-- grad_spike: a precursor crossed its threshold (rule "level", confirmed where it must be;
+- grad_spike: the one kind of every warning, whatever its signal (the name is kept: it is
+  what monitor.act_on and the monitor/grad_spike metric say); `signal` names the metric. A
+  precursor crossed its threshold (rule "level", confirmed where it must be;
   one event per excursion: the signal re-arms only once z falls below threshold / 2; fields
-  value, z, baseline, episode),
-  or its trend did (rule "trend"; fields value, growth, episode).
+  value, z, threshold, baseline, episode; a loss scale's z and threshold count halvings),
+  or its trend did (rule "trend"; fields value, growth, threshold (x per window), episode),
+  or a ceiling was reached (rule "ceiling"; fields value, ceiling, episode).
+  harness.monitor.events.describe says any event in one sentence.
 - loss_spike: the loss stayed >= loss_z for loss_persist consecutive observations (one hard
   batch is not a spike); re-arms like grad_spike. The first of those steps is a grad_spike
-  warning with signal = the loss (so `skip` can drop that batch's update at once); it joins
+  warning with signal = the loss and field persist = loss_persist (so `skip` can drop that
+  batch's update at once); it joins
   no episode, so lead_steps still measures the precursors' lead. `onset` is that first step;
   `warned_at` is the first warning of the open episode or None, `warned_by` its signals;
   lead_steps = onset - warned_at (0: same step; negative: the warning came after the loss
@@ -264,9 +269,11 @@ class SpikeDetector:
         if sig.hot:  # a precursor fires once per excursion (re-armed below threshold / 2)
             return None
         base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
-                "baseline": float(f"{math.exp(center):.6g}")}
+                "threshold": sig.threshold, "baseline": float(f"{math.exp(center):.6g}")}
         if is_loss and sig.run < self.cfg.loss_persist:  # its first step over: a warning
-            return dict(base, event="grad_spike", rule="level", episode=None)
+            # `persist`: the steps over that confirm a loss_spike (this is the first of them)
+            return dict(base, event="grad_spike", rule="level", episode=None,
+                        persist=self.cfg.loss_persist)
         if is_loss and self._warming:  # not confirmed in the LR warm-up: warnings only
             return None
         sig.hot = True
@@ -299,7 +306,7 @@ class SpikeDetector:
         sig.trend_at = step
         return {"event": "grad_spike", "rule": "trend", "step": step, "signal": name,
                 "value": x, "growth": round(math.exp(growth), 3),
-                "episode": self._touch_episode(step, name)}
+                "threshold": self.cfg.trend_growth, "episode": self._touch_episode(step, name)}
 
     def _ceiling(self, step: int, name: str, x: float,
                  sig: Signal) -> Optional[dict[str, Any]]:

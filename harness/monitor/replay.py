@@ -6,9 +6,9 @@ the strings "nan", "inf", "-inf" that the harness writes for non-finite values r
 the numbers they stand for, so a run that went NaN replays its events) or
 a CSV with a `step` column and any of loss, grad_norm, update_norm, clip_coef, loss_scale, lr,
 grad_norm_<group> (mapped to the namespaced keys; columns already namespaced pass through).
-The format is sniffed from the first character, not the file name (gzip is undone first). Each record is fed the way
-the trainer feeds a step: update norm, parameter norm and jump, update ratios after the step,
-everything else before it.
+The format is sniffed from the first character, not the file name (gzip is undone first).
+Each record is fed the way the trainer feeds a step: update norm, parameter norm and jump,
+update ratios after the step, everything else before it.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import csv
 import gzip
 import io
 import json
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,7 +123,12 @@ def _step(path: str | Path, lineno: int, value: Any) -> int:
 
 def replay(path: str | Path, cfg: MonitorConfig, detector: Optional[Any] = None) -> list[dict]:
     """Events that `detector` (default: SpikeDetector(cfg)) gives on the trace at `path`."""
-    records = read_trace(path)
+    return replay_trace(read_trace(path), cfg, detector)
+
+
+def replay_trace(records: Trace, cfg: MonitorConfig,
+                 detector: Optional[Any] = None) -> list[dict]:
+    """Events that `detector` (default: SpikeDetector(cfg)) gives on records of read_trace."""
     det = detector if detector is not None else SpikeDetector(cfg)
     events: list[dict] = []
     for step, signals in records:
@@ -133,11 +140,28 @@ def replay(path: str | Path, cfg: MonitorConfig, detector: Optional[Any] = None)
 
 
 def main(path: str | Path, cfg: MonitorConfig, warmup_from_trace: bool = False) -> int:
-    """CLI body: one JSON line per event on stdout. Bad input raises HarnessError.
+    """CLI body: one JSON line per event on stdout, then one line on stderr saying how many
+    steps were read and how many events they gave (so "no events" is said, not silent, and
+    stdout stays pure JSON lines for jq). Bad input raises HarnessError.
     warmup_from_trace: the end of the LR warm-up is read from the trace's own optim/lr where
     it has one (SpikeDetector with trend_after None), not taken from the config."""
-    if warmup_from_trace and any("optim/lr" in signals for _, signals in read_trace(path)):
+    records = read_trace(path)
+    if warmup_from_trace and any("optim/lr" in signals for _, signals in records):
         cfg.trend_after = None
-    for event in replay(path, cfg):
+    events = replay_trace(records, cfg)
+    for event in events:
         print(json.dumps(event))
+    print(summary_line(path, records, events), file=sys.stderr)
     return 0
+
+
+def summary_line(path: str | Path, records: Trace, events: list[dict]) -> str:
+    """`replayed 1,200 steps (1-1,200) of PATH: no events` or `...: 3 events (2 grad_spike,
+    1 loss_spike)`; steps counted once each (a rolled-back run logs some twice)."""
+    steps = sorted({step for step, _ in records})
+    text = f"replayed {len(steps):,} steps ({steps[0]:,}-{steps[-1]:,}) of {path}: "
+    if not events:
+        return text + "no events"
+    kinds = Counter(str(e.get("event")) for e in events)
+    return text + (f"{len(events):,} event{'s' * (len(events) != 1)} ("
+                   + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")")

@@ -1,8 +1,10 @@
 """`harness report RUN_DIR`: one picture and a few numbers from RUN_DIR/metrics.jsonl.
 
-report.png: the loss (top) and the pre-clip gradient norm (bottom, log scale) against the
-optimizer step, the clip threshold clip.max_norm (from config.yaml) as a horizontal line,
-clipped steps marked, monitor events as vertical lines, and the summary as text.
+report.png, against the optimizer step: the training loss with the validation loss
+(eval/loss, at each evaluation: one axis, so the gap between them reads directly); the
+pre-clip gradient norm (log scale) with the clip threshold clip.max_norm (from config.yaml) as
+a horizontal line and the clipped steps marked; the learning rate (optim/lr, as scheduled,
+monitor lr_cut included); monitor events as vertical lines; and the summary as text.
 
 After a rollback metrics.jsonl holds some steps twice; the later line is the trajectory the
 run kept, so it replaces the earlier one. Events are all kept.
@@ -81,7 +83,8 @@ def clip_threshold(run_dir: Path) -> Optional[float]:
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
-    """steps (the last one), tokens seen, final loss, clip rate, event count, mean tokens/s.
+    """steps (the last one), tokens seen, final loss, clip rate, event count, mean tokens/s,
+    and the last eval loss with its step (None, None without evaluations).
 
     The mean leaves out the first logged step when there are others: it pays for warm-up
     (allocation, kernel selection, JIT compilation) and would drag short runs down.
@@ -92,6 +95,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
 def _summarize(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[str, Any]:
     timed = rows[1:] or rows
     last = rows[-1]
+    evals = _evals(rows)
     return {
         "steps": int(last["step"]),
         "tokens": _int(last["train/tokens_seen"], f"step {last['step']}: train/tokens_seen"),
@@ -101,12 +105,22 @@ def _summarize(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
         "mean_tokens_per_s": sum(_num(r["throughput/tokens_per_s"],
                                       f"step {r['step']}: throughput/tokens_per_s")
                                  for r in timed) / len(timed),
+        "eval_loss": evals[-1][1] if evals else None,
+        "eval_step": evals[-1][0] if evals else None,
     }
 
 
+def _evals(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, eval/loss) of the steps that were evaluated."""
+    return [(int(r["step"]), _num(r["eval/loss"], f"step {r['step']}: eval/loss"))
+            for r in rows if "eval/loss" in r]
+
+
 def format_summary(s: dict[str, Any]) -> str:
+    evals = ("" if s.get("eval_loss") is None
+             else f"eval loss {s['eval_loss']:.4f} (step {s['eval_step']:,}) | ")
     return (f"steps {s['steps']:,} | tokens {s['tokens']:,} | final loss {s['final_loss']:.4f} | "
-            f"clip rate {s['clip_rate']:.1%} | events {s['events']} | "
+            f"{evals}clip rate {s['clip_rate']:.1%} | events {s['events']} | "
             f"{s['mean_tokens_per_s']:,.0f} tokens/s")
 
 
@@ -121,16 +135,20 @@ def _mark_events(axes, events: list[dict[str, Any]]) -> None:
         axes[0].plot([], [], color=colors[i % len(colors)], lw=1, label=kind)
 
 
-def _plot(run_dir: Path, rows, events, text: str) -> Path:
+def _figure(run_dir: Path, rows, events, text: str):
+    """The report's matplotlib Figure: loss + eval loss, gradient norm, LR (top to bottom)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
     steps = [int(r["step"]) for r in rows]
     norms = [_num(r["optim/grad_norm_preclip"], f"step {r['step']}: optim/grad_norm_preclip")
              for r in rows]
-    fig = Figure(figsize=(10, 7), layout="constrained")
-    ax_loss, ax_norm = fig.subplots(2, 1, sharex=True)
+    fig = Figure(figsize=(10, 9), layout="constrained")
+    ax_loss, ax_norm, ax_lr = fig.subplots(3, 1, sharex=True)
     ax_loss.plot(steps, [_num(r["train/loss"], f"step {r['step']}: train/loss") for r in rows],
                  lw=1, label="train/loss")
+    evals = _evals(rows)
+    if evals:
+        ax_loss.plot(*zip(*evals), marker="o", ms=3, lw=1, label="eval/loss")
     ax_norm.plot(steps, norms, lw=1, label="optim/grad_norm_preclip")
     ax_norm.set_yscale("log")
     max_norm = clip_threshold(run_dir)
@@ -140,14 +158,25 @@ def _plot(run_dir: Path, rows, events, text: str) -> Path:
     if clipped:
         ax_norm.scatter(*zip(*clipped), color="tab:orange", marker="x", s=16, zorder=3,
                         label=f"clipped ({len(clipped)})")
-    _mark_events((ax_loss, ax_norm), events)
+    lrs = [(int(r["step"]), _num(r["optim/lr"], f"step {r['step']}: optim/lr"))
+           for r in rows if "optim/lr" in r]
+    if lrs:
+        ax_lr.plot(*zip(*lrs), lw=1, label="optim/lr")
+    _mark_events((ax_loss, ax_norm, ax_lr), events)
     ax_loss.set_ylabel("loss")
     ax_norm.set_ylabel("pre-clip grad norm")
-    ax_norm.set_xlabel("optimizer step")
-    for ax in (ax_loss, ax_norm):
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    for ax in (ax_loss, ax_norm, ax_lr):
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{Path(run_dir).resolve().name}\n{text}", fontsize=10)
+    return fig
+
+
+def _plot(run_dir: Path, rows, events, text: str) -> Path:
+    fig = _figure(run_dir, rows, events, text)
     out = Path(run_dir) / "report.png"
     try:
         fig.savefig(out, dpi=100)

@@ -228,7 +228,7 @@ def test_report_png_and_summary(run, capsys):
     path = write_report(run.dir)
     assert path == run.dir / "report.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert matplotlib.image.imread(path).shape[:2] == (700, 1000)
+    assert matplotlib.image.imread(path).shape[:2] == (900, 1000)  # 3 panels
     s, rows = summary(run.dir), run.steps
     assert s["steps"] == STEPS and s["tokens"] == rows[-1]["train/tokens_seen"]
     assert s["final_loss"] == rows[-1]["train/loss"]
