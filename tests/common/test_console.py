@@ -20,5 +20,6 @@ def test_console_lines(tmp_path, shards_dir, capsys):
     assert steps[2].endswith("(step 2)") and "100.0%" in steps[3]
     tail = "\n".join(lines[-6:])
     assert f"checkpoint: {run}/checkpoints/step00000004" in tail
-    for cmd in ("harness eval", "harness sample", "harness export", "resume:", "report:"):
+    for cmd in ("harness eval", "harness sample", "harness export", "resume:"):  # report.png:
+        # named by harness.train.run once written (tests/callbacks/test_console.py)
         assert cmd in tail
