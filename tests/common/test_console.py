@@ -21,5 +21,5 @@ def test_console_lines(tmp_path, shards_dir, capsys):
     tail = "\n".join(lines[-6:])
     assert f"checkpoint: {run}/checkpoints/step00000004" in tail
     for cmd in ("harness eval", "harness sample", "harness export", "resume:"):  # report.png:
-        # named by harness.train.run once written (tests/callbacks/test_console.py)
+        # named by harness.train.run once written (tests/callbacks/test_run_console.py)
         assert cmd in tail

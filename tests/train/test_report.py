@@ -1,6 +1,6 @@
 """report.png's panels and the summary's eval loss, from a metrics.jsonl written here in the
 format of `harness train` (the real run's report: tests/callbacks/test_wandb.py and
-test_console.py): every curve drawn is the metrics file's own numbers."""
+test_run_console.py): every curve drawn is the metrics file's own numbers."""
 from __future__ import annotations
 
 import json
