@@ -18,6 +18,9 @@ class DataConfig:
     # text files (one document each), directories (recursive) and .jsonl files (one document
     # per line); empty means the built-in corpus: the Python standard library's .py sources
     sources: list[str] = field(default_factory=list)
+    # false: refuse the built-in corpus (data.sources empty) in prepare-data, train and submit;
+    # the large presets set it, their model and batch being sized for a real corpus
+    allow_toy_corpus: bool = True
     jsonl_text_field: str = "text"  # the JSON key holding each document of a .jsonl source
     out_dir: str = "data/stdlib"  # where the shards, the tokenizer and manifest.json go
     tokenizer_model: Optional[str] = None  # an existing sentencepiece .model; skips training
@@ -25,7 +28,9 @@ class DataConfig:
     # >= 259 (256 byte pieces, <unk>, </s> and one more) and at most MAX_VOCAB_SIZE; also at
     # least the distinct characters of the corpus (prepare-data says what fits)
     vocab_size: int = 512
-    val_fraction: float = 0.01  # of documents, picked by `seed`, in [0, 1)
+    # in [0, 1): of the documents, picked by `seed`; a one-document corpus holds out the
+    # last val_fraction of its tokens instead (harness/data/prepare.py)
+    val_fraction: float = 0.01
     seed: int = 1234  # 0 .. 2**32 - 1
     num_workers: int = 0  # 0: min(cpu_count, 4); workers are only used for inputs > 8 MB
     max_bytes: int = 0  # cap on the source bytes read; 0: no cap
@@ -33,6 +38,9 @@ class DataConfig:
     eval_batches: int = 4  # trainer: batches per validation
 
     def validate(self) -> None:
+        if not isinstance(self.allow_toy_corpus, bool):
+            raise HarnessError(f"data.allow_toy_corpus={self.allow_toy_corpus!r} must be true "
+                               "or false")
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise HarnessError(
                 f"data.tokenizer_type={self.tokenizer_type!r} is unknown; use one of "
@@ -72,3 +80,17 @@ class DataConfig:
                 raise HarnessError(f"data.sources[{i}] is empty: list files, directories or "
                                    f".jsonl files, e.g. data.sources=[corpus/,more.jsonl]")
             check_line(f"data.sources[{i}]", source)
+
+
+def check_corpus(cfg: DataConfig, prepared_from_builtin: bool | None = None) -> None:
+    """Refuse the built-in corpus where the config says it is not enough (allow_toy_corpus
+    false): prepare-data, train and submit all call this, so that they agree.
+    `prepared_from_builtin`: what data.out_dir already holds (None: nothing yet); shards of
+    other sources, trained on as prepared with data.sources empty, are not the toy corpus."""
+    if cfg.sources or cfg.allow_toy_corpus or prepared_from_builtin is False:
+        return
+    raise HarnessError(
+        "data.sources is empty, so this config would train on the built-in toy corpus (the "
+        "Python standard library's sources, ~10 MB), not the data its model is sized for: "
+        "set data.sources=[corpus/,more.jsonl] (your text files, directories, .jsonl; "
+        "docs/data.md), or data.allow_toy_corpus=true to try it on the toy corpus anyway")

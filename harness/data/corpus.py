@@ -21,6 +21,8 @@ from harness.common.errors import HarnessError
 log = logging.getLogger("harness")
 
 # not representative source code, or not the standard library itself
+# why a file inside a source directory is left out (named explicitly, a non-text file is refused)
+SKIP_REASONS = ("empty", "not UTF-8 text")
 STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__",
                     "encodings", "pydoc_data"}
 
@@ -59,16 +61,22 @@ def stat_key(files: list[tuple[Path, bool]], max_bytes: int) -> str:
 
 
 def scan_sources(paths: list[str], max_bytes: int = 0,
-                 files: Optional[list[tuple[Path, bool]]] = None) -> list[Source]:
+                 files: Optional[list[tuple[Path, bool]]] = None,
+                 skipped: Optional[dict[str, list[str]]] = None) -> list[Source]:
     """Sources in reading order, stopping where `max_bytes` (0: no cap) is reached;
-    `files`: source_files(paths), when the caller has it already."""
+    `files`: source_files(paths), when the caller has it already; `skipped`, when given,
+    receives the files left out by reason (SKIP_REASONS), in reading order."""
     budget = max_bytes if max_bytes > 0 else math.inf
     sources = []
     for path, explicit in (source_files(paths) if files is None else files):
         if path.suffix == ".jsonl":
-            source = _scan_jsonl(path, budget)
+            source, reason = _scan_jsonl(path, budget), None
         else:
-            source = _scan_text(path, explicit, budget)
+            source, reason = _scan_text(path, explicit, budget)
+        if source is not None and not source.documents and source.bytes_used == source.size:
+            reason = "empty"  # a JSONL file of blank lines
+        if reason and skipped is not None:
+            skipped.setdefault(reason, []).append(str(path))
         if source is None:
             continue
         if source.documents:
@@ -81,6 +89,21 @@ def scan_sources(paths: list[str], max_bytes: int = 0,
         raise HarnessError(f"data.sources: no documents found in {where}; add text files "
                            "or raise data.max_bytes")
     return sources
+
+
+def skipped_summary(skipped: dict[str, list[str]], most: int = 3) -> str:
+    """One line: how many files were left out, why, and the first few names of each reason;
+    empty when none was."""
+    if not skipped:
+        return ""
+    parts = []
+    for reason in SKIP_REASONS:
+        names = skipped.get(reason, [])
+        if names:
+            more = ", ..." if len(names) > most else ""
+            parts.append(f"{len(names)} {reason} ({', '.join(names[:most])}{more})")
+    total = sum(len(v) for v in skipped.values())
+    return f"data.sources: skipped {total} file{'s' if total > 1 else ''}: {'; '.join(parts)}"
 
 
 def iter_documents(sources: list[Source], text_field: str) -> Iterator[tuple[str, int]]:
@@ -152,17 +175,19 @@ def _read(path: Path) -> bytes:
                            "permissions or remove it") from None
 
 
-def _scan_text(path: Path, explicit: bool, budget: float) -> Source | None:
+def _scan_text(path: Path, explicit: bool, budget: float) -> tuple[Source | None, str | None]:
+    """(the source or None, why it is left out)."""
     data = _read(path)
     if not _is_text(data):
         if explicit:
             raise HarnessError(f"data.sources: {path} is not UTF-8 text; convert or remove it")
-        return None  # binary files inside a directory are expected (images, archives)
+        return None, "not UTF-8 text"  # binary files inside a directory: images, archives
     if not data:
-        return None
+        return None, "empty"
     if len(data) > budget:
-        return Source(str(path), "text", len(data), 0, "", 0)
-    return Source(str(path), "text", len(data), len(data), hashlib.sha256(data).hexdigest(), 1)
+        return Source(str(path), "text", len(data), 0, "", 0), None
+    digest = hashlib.sha256(data).hexdigest()
+    return Source(str(path), "text", len(data), len(data), digest, 1), None
 
 
 def _is_text(data: bytes) -> bool:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from harness.common.errors import HarnessError
-from harness.config.data import DataConfig
+from harness.config.data import DataConfig, check_corpus
 from harness.data.corpus import Source, scan_sources, source_files, stat_key, stdlib_dir
 from harness.data.shards import FORMAT_VERSION, MANIFEST, TOKENIZER_FILE, TokenShards, read_manifest
 from harness.data.tokenizer import Tokenizer
@@ -160,6 +160,7 @@ def check_prepared_from(cfg: DataConfig, out_dir: Path, read_sources: bool = Tru
     """
     manifest = read_manifest(out_dir)
     builtin = _prepared_from_builtin(manifest)
+    check_corpus(cfg, builtin)
     if not cfg.sources and not builtin:
         if read_sources:
             log.info("data.out_dir=%s: shards of %s (data.sources is empty: trained on as "
@@ -169,8 +170,10 @@ def check_prepared_from(cfg: DataConfig, out_dir: Path, read_sources: bool = Tru
     settings = prep_settings(cfg, given)
     if manifest.get("settings") != settings:
         raise mismatch_error(cfg, out_dir, manifest, settings)
-    if not cfg.sources:
-        return  # the built-in corpus; data.max_bytes only capped how much of it was prepared
+    if not cfg.sources:  # the built-in corpus: any slice of it (data.max_bytes) will do
+        if read_sources:
+            _note_slice(cfg, out_dir, manifest)
+        return
     if not read_sources:
         for raw in cfg.sources:
             if not Path(raw).expanduser().exists():
@@ -187,6 +190,37 @@ def check_prepared_from(cfg: DataConfig, out_dir: Path, read_sources: bool = Tru
                                                  "sources": source_keys(sources)}):
         raise mismatch_error(cfg, out_dir, manifest, settings)
     record_quick_key(out_dir, quick)
+
+
+def check_toy_corpus(cfg: DataConfig, out_dir: Path) -> None:
+    """check_corpus against what out_dir holds: the rule prepare-data, train and submit share."""
+    if cfg.sources or cfg.allow_toy_corpus:
+        return
+    held = (out_dir / MANIFEST).is_file()
+    check_corpus(cfg, _prepared_from_builtin(read_manifest(out_dir)) if held else None)
+
+
+def builtin_slice(cfg: DataConfig, out_dir: Path, settings: dict) -> bool:
+    """Whether out_dir holds intact shards of the built-in corpus with these settings, which
+    prepare-data then takes as they are, as train does: the built-in corpus is a toy, and any
+    slice of it (data.max_bytes, another Python's standard library) serves."""
+    if cfg.sources or not (out_dir / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(out_dir)
+    if not _prepared_from_builtin(manifest) or manifest.get("settings") != settings:
+        return False
+    TokenShards.open(out_dir, verify=True)
+    _note_slice(cfg, out_dir, manifest)
+    return True
+
+
+def _note_slice(cfg: DataConfig, out_dir: Path, manifest: dict) -> None:
+    saved = manifest.get("max_bytes", cfg.max_bytes)
+    if saved != cfg.max_bytes:
+        log.info("data.out_dir=%s holds %.1f MB of the built-in corpus (prepared with "
+                 "data.max_bytes=%s; this config says %s): used as it is; prepare into another "
+                 "data.out_dir for another slice", out_dir,
+                 manifest.get("source_bytes", 0) / 1e6, saved, cfg.max_bytes)
 
 
 def record_quick_key(out_dir: Path, quick: str) -> None:

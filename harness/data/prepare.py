@@ -23,15 +23,19 @@ from tqdm import tqdm
 from harness.common import lease
 from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
-from harness.data.corpus import Source, iter_documents, scan_sources, source_files, stat_key
-from harness.data.out_dir import (TMP_INFIX, absolute, check_out_dir, clean_stale_temp_dirs,
-                                  mismatch_error, owner_tag, prep_settings, record_quick_key,
-                                  sha256, source_keys, unwritable, up_to_date)
+from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
+                                 source_files, stat_key)
+from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_dir,
+                                  check_toy_corpus, clean_stale_temp_dirs, mismatch_error,
+                                  owner_tag, prep_settings, record_quick_key, sha256,
+                                  source_keys, unwritable, up_to_date)
 from harness.data.shards import TOKENIZER_FILE, ShardWriter, TokenShards, token_dtype
 from harness.data.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger("harness")
 
+# manifest["val_split"] when the validation split is the tail of a one-document corpus
+TOKEN_SPLIT = "tokens"
 # below this, starting workers (each imports numpy and sentencepiece) costs more than it saves
 PARALLEL_MIN_BYTES = 8 << 20
 
@@ -48,8 +52,10 @@ def main(cfg: DataConfig) -> int:
     seconds = time.perf_counter() - start
     m = TokenShards.open(out_dir).manifest
     train, val = m["splits"]["train"], m["splits"]["val"]
-    counts = (f"{train['tokens']:,} train + {val['tokens']:,} val tokens, "
-              f"{train['documents'] + val['documents']:,} documents, vocab {m['vocab_size']}")
+    docs = sum(s.get("documents", 0) for s in m.get("sources", []))
+    held = " (the last tokens of the one document)" if m.get("val_split") == TOKEN_SPLIT else ""
+    counts = (f"{train['tokens']:,} train + {val['tokens']:,} val tokens{held}, "
+              f"{docs:,} document{'s' * (docs != 1)}, vocab {m['vocab_size']}")
     if built:
         mb = m["source_bytes"] / 1e6
         print(f"prepared {out_dir}: {counts}; {mb:.1f} MB in {seconds:.1f} s "
@@ -64,11 +70,17 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir)
-    files = source_files(cfg.sources)
-    quick = stat_key(files, cfg.max_bytes)  # before reading: a file edited meanwhile shows
-    sources = scan_sources(cfg.sources, cfg.max_bytes, files)
+    check_toy_corpus(cfg, out_dir)
     given = Tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
     settings = prep_settings(cfg, given)
+    if builtin_slice(cfg, out_dir, settings):
+        return out_dir, False
+    files = source_files(cfg.sources)
+    quick = stat_key(files, cfg.max_bytes)  # before reading: a file edited meanwhile shows
+    skipped: dict[str, list[str]] = {}
+    sources = scan_sources(cfg.sources, cfg.max_bytes, files, skipped)
+    if skipped:  # expected in the built-in corpus (empty __init__.py), news in the user's
+        (log.warning if cfg.sources else log.info)(skipped_summary(skipped))
     inputs = sha256({"settings": settings, "sources": source_keys(sources)})
     if out_dir.parent.is_dir():
         clean_stale_temp_dirs(out_dir)
@@ -126,6 +138,7 @@ def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, sett
            inputs: str, tmp: Path, progress: bool, quick: str) -> None:
     total = sum(s.bytes_used for s in sources)
     is_val = _val_mask(sum(s.documents for s in sources), cfg.val_fraction, cfg.seed)
+    split = TOKEN_SPLIT if is_val is None else "documents"
     model_path = tmp / TOKENIZER_FILE
     if given:
         shutil.copyfile(given.path, model_path)
@@ -138,14 +151,16 @@ def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, sett
             tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
                  leave=False) as bar:
         for i, (tokens, nbytes) in enumerate(encoded):
-            writer.add("val" if is_val[i] else "train", tokens)
+            for name, part in _pieces(tokens, None if is_val is None else is_val[i],
+                                      cfg.val_fraction):
+                writer.add(name, part)
             bar.update(nbytes)
         fingerprint = sha256({"tokenizer_sha256": tokenizer.sha256, "settings": settings,
                                "sources": source_keys(sources)})
         writer.finish(fingerprint=fingerprint, inputs_sha256=inputs, settings=settings,
                       source_bytes=total, sources=[asdict(s) for s in sources],
                       sources_given=absolute(cfg.sources), max_bytes=cfg.max_bytes,
-                      sources_stat=quick)
+                      sources_stat=quick, val_split=split)
 
 
 def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
@@ -154,18 +169,32 @@ def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
     return cfg.num_workers or min(os.cpu_count() or 1, 4)
 
 
-def _val_mask(n_docs: int, fraction: float, seed: int) -> np.ndarray:
-    """Which documents go to the validation split: round(n * fraction), at least one."""
+def _val_mask(n_docs: int, fraction: float, seed: int) -> np.ndarray | None:
+    """Which documents go to the validation split: round(n * fraction), at least one and at
+    most n - 1. None for one document and fraction > 0: its tokens are split (_pieces)."""
     mask = np.zeros(n_docs, bool)
     if fraction == 0:
         return mask
     if n_docs < 2:
-        raise HarnessError(f"data.val_fraction={fraction} needs at least 2 documents, the "
-                           "corpus has 1; add documents or set data.val_fraction=0")
+        return None
     n_val = min(n_docs - 1, max(1, round(n_docs * fraction)))
     # legacy RandomState: its stream is frozen across numpy versions
     mask[np.random.RandomState(seed).choice(n_docs, n_val, replace=False)] = True
     return mask
+
+
+def _pieces(tokens: np.ndarray, is_val: bool | None,
+            fraction: float) -> list[tuple[str, np.ndarray]]:
+    """(split, tokens) for one document. is_val None (a one-document corpus): the last
+    round(n * fraction) tokens (at least 1, at most n - 1) are held out, the rest trained on,
+    as nanoGPT splits its one-file Shakespeare: disjoint, and the same at every run. The
+    training part has no EOS (the text goes on); the held-out part keeps the document's."""
+    if is_val is not None:
+        return [("val" if is_val else "train", tokens)]
+    n_val = min(len(tokens) - 1, max(1, round(len(tokens) * fraction)))
+    cut = len(tokens) - n_val
+    return [(name, part) for name, part in (("train", tokens[:cut]), ("val", tokens[cut:]))
+            if len(part)]
 
 
 def _encode_all(tokenizer: Tokenizer, sources: list[Source], text_field: str,

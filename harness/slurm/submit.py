@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.config import Config, to_yaml
+from harness.data.out_dir import check_toy_corpus
 from harness.slurm.sbatch import render_sbatch, submit
 from harness.train.run_dir import check_paths, check_run_dir_free, claim_run_dir
 
@@ -42,7 +43,9 @@ def absolute_paths(cfg: Config) -> Config:
 
 def submit_job(cfg: Config, dry_run: bool = False) -> int:
     cfg = absolute_paths(cfg)
-    # refused now, on the login node, rather than in the job's log an hour later
+    # refused now, on the login node, rather than in the job's log an hour later: the data
+    # (prepare-data and train refuse the toy corpus by the same rule) and the paths
+    check_toy_corpus(cfg.data, Path(cfg.data.out_dir))
     check_paths(cfg)
     # a job running there: its job_config.yaml and train.sbatch must not be replaced either
     check_run_dir_free(cfg)
