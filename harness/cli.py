@@ -93,14 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="render the sbatch script and submit it")
     _config_args(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    plan = sub.add_parser("plan", help="per-GPU memory; micro batch / checkpointing that fit")
+    plan = sub.add_parser("plan", help="per-GPU memory, estimated time per step; micro batch "
+                                       "/ checkpointing that fit")
     _config_args(plan)
-    plan.add_argument("--world-size", default="1", help="data-parallel GPUs (default 1)")
-    plan.add_argument("--gpu-memory", default="80GB",
-                      help="per GPU: 80GB, 80GiB, 24G (default 80GB)")
-    plan.add_argument("--target-global-batch", default=None,
-                      help="samples per step (default: the config's)")
-    plan.add_argument("--top", default="10", help="recommendations shown (default 10)")
+    from harness.plan.flags import add_arguments  # torch-free: the planner loads on use
+
+    add_arguments(plan)
     report = sub.add_parser("report", help="plot and summarise RUN_DIR/metrics.jsonl")
     report.add_argument("run_dir")
     monitor = sub.add_parser("monitor", help="spike monitor tools")

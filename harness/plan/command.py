@@ -1,93 +1,61 @@
-"""`harness plan`'s command line: the flags (sizes such as 80GB or 80GiB), and the printed
-breakdown, policy table and recommendations.
+"""`harness plan`'s command line: the printed breakdown, time estimate, policy table and
+recommendations (the flags: harness/plan/flags.py; the time model: harness/plan/speed.py).
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from harness.common.errors import HarnessError
 from harness.config import Config, load_config
+from harness.model.flops import flops_per_token
 from harness.parallel.batch import make_plan
+from harness.plan.flags import (MAX_GLOBAL_BATCH, MAX_PEAK_TFLOPS, MAX_TOP, World,
+                                add_arguments, float_flag, int_flag, parse_size, parse_world)
 from harness.plan.planner import (GB, SEARCH_POLICIES, activation_bytes, param_counts,
                                   predict_memory, recommend, recompute_share)
+from harness.plan.speed import Speed, duration, speed_for, step_seconds
 
-
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-MAX_GPU_MEMORY = 2**50  # 1 PiB per GPU: beyond that a size is a typo
-MAX_WORLD_SIZE = 2**20
-MAX_GLOBAL_BATCH = 2**31 - 1  # as train.global_batch_size
-MAX_TOP = 10**6
-
-
-def parse_size(text: str, flag: str = "--gpu-memory") -> float:
-    """'80GB' = 80e9 bytes, '80GiB' and '24G' (Slurm's --mem style) binary, plain bytes."""
-    match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise HarnessError(f"{flag}='{text}' is not a size: write e.g. 80GB, 80GiB or 24G")
-    size = float(match.group(1)) * _UNITS[unit]
-    if not size <= MAX_GPU_MEMORY:
-        raise HarnessError(f"{flag}='{text}' is more than 1 PiB per GPU: write the memory of "
-                           f"one GPU, e.g. 80GB, 80GiB or 24G")
-    return size
-
-
-def _int_flag(text: object, flag: str, high: int, fix: str) -> int:
-    """A whole number in 1..high written with ASCII digits; one line naming the flag if not."""
-    text = str(text).strip()
-    if not re.fullmatch(r"[0-9]{1,30}", text) or not 1 <= int(text) <= high:
-        raise HarnessError(f"{flag}='{text}' must be a whole number in 1..{high}: {fix}")
-    return int(text)
-
-
-def _positive_int(text: str, flag: str) -> int:
-    return _int_flag(text, flag, MAX_GLOBAL_BATCH, "e.g. 8")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The plan-specific flags (the CLI adds --config and the overrides itself)."""
-    p.add_argument("--world-size", default="1",
-                   help="GPUs in all: tensor-parallel x data-parallel (default 1)")
-    p.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default 80GB)")
-    p.add_argument("--target-global-batch", default=None,
-                   help="global batch in samples (default: the config's)")
-    p.add_argument("--top", default="10", help="recommendations shown (default 10)")
+__all__ = ["add_arguments", "parse_size", "run", "main"]
 
 
 def run(args: argparse.Namespace) -> int:
-    world = _int_flag(args.world_size, "--world-size", MAX_WORLD_SIZE,
-                      "the number of GPUs, e.g. --world-size 8")
     gpu = parse_size(args.gpu_memory)
-    top = _int_flag(args.top, "--top", MAX_TOP, "how many recommendations to show, e.g. 10")
+    top = int_flag(args.top, "--top", MAX_TOP, "how many recommendations to show, e.g. 10")
     target = None
     if args.target_global_batch is not None:
-        target = _int_flag(args.target_global_batch, "--target-global-batch", MAX_GLOBAL_BATCH,
-                           "samples per optimizer step, e.g. 512")
+        target = int_flag(args.target_global_batch, "--target-global-batch", MAX_GLOBAL_BATCH,
+                          "samples per optimizer step, e.g. 512")
+    mfu = peak = None
+    if args.mfu is not None:
+        mfu = float_flag(args.mfu, "--mfu", 0, 1, "the assumed fraction of peak, e.g. 0.4")
+    if args.peak_tflops is not None:
+        peak = float_flag(args.peak_tflops, "--peak-tflops", 0, MAX_PEAK_TFLOPS,
+                          "one GPU's dense TFLOP/s at train.precision, e.g. 989")
     cfg = load_config(args.config, args.overrides)
+    world = parse_world(args, cfg.parallel.tp_size)
     if target is None:
         target = cfg.train.global_batch_size  # range-checked by the config
     if target is None:
         try:
-            target = make_plan(cfg, world).batch.global_batch
+            target = make_plan(cfg, world.size).batch.global_batch
         except HarnessError as err:
             raise HarnessError(f"pass --target-global-batch ({err})") from None
-    mem = predict_memory(cfg, world, gpu_memory_bytes=gpu)
+    speed = speed_for(args.gpu_type, cfg.train.precision, mfu, peak)
+    mem = predict_memory(cfg, world.size, gpu_memory_bytes=gpu)
     _print_breakdown(cfg, world, mem)
+    _print_time(cfg, world.size, mem, speed)
     _print_policies(cfg, mem)
-    _print_recommendations(recommend(cfg, world, gpu, target), world, gpu, target, top)
+    _print_recommendations(recommend(cfg, world.size, gpu, target, speed), world, gpu, target,
+                           top, speed, cfg)
     return 0
 
 
-def _print_breakdown(cfg: Config, world: int, mem: dict) -> None:
+def _print_breakdown(cfg: Config, world: World, mem: dict) -> None:
     t, z = cfg.train, cfg.zero
     print(f"{mem['n_params'] / 1e6:,.1f}M parameters, {t.precision}, ZeRO {z.stage}"
-          f"{' + optimizer offload' if z.offload_optimizer else ''}, world size {world}, "
+          f"{' + optimizer offload' if z.offload_optimizer else ''}, "
+          f"{world.describe(cfg.parallel.tp_size)}, "
           f"micro batch {mem['micro_batch']} x {cfg.model.block_size} tokens, "
           f"checkpointing {mem['policy']} (GB = 1e9 bytes, per GPU)")
     rows = [("parameters", "parameters"), ("gradients", "gradients"),
@@ -114,19 +82,46 @@ def _print_policies(cfg: Config, mem: dict) -> None:
         print(f"  {policy:<12}{act / GB:>15.2f}{recompute_share(cfg, policy, counts):>13.0%}")
 
 
-def _print_recommendations(found: list[dict], world: int, gpu: float, target: int,
-                           top: int) -> None:
-    print(f"\nfastest configurations for global batch {target} on {world} x {gpu / GB:.1f} GB "
-          f"(time per sample relative to the fastest):")
+def _print_time(cfg: Config, world: int, mem: dict, speed: Speed) -> None:
+    """The config as given: seconds per step, tokens per second, and train.max_steps."""
+    print("\ntime per step, an estimate (not a measurement):")
+    print(f"  {speed.describe(cfg.train.precision)}")
+    if not speed.absolute:
+        return
+    try:
+        plan = make_plan(cfg, world)
+    except HarnessError as err:
+        print(f"  not for this config at this world size: {err}")
+        return
+    counts = param_counts(cfg)
+    step = step_seconds(plan.tokens_per_step, flops_per_token(cfg.model, counts["total"]),
+                        recompute_share(cfg, mem["policy"], counts), plan.batch.grad_accum,
+                        world, speed)
+    total = step * cfg.train.max_steps
+    print(f"  {step:.3g} s per step of {plan.tokens_per_step:,} tokens "
+          f"({plan.tokens_per_step / step:,.0f} tokens/s); train.max_steps="
+          f"{cfg.train.max_steps:,}: {duration(total)} ({total * world / 3600:,.0f} GPU-hours)")
+
+
+def _print_recommendations(found: list[dict], world: World, gpu: float, target: int,
+                           top: int, speed: Speed, cfg: Config) -> None:
+    unit = "estimated seconds per step, and" if speed.absolute else "time per step"
+    print(f"\nfastest configurations for global batch {target} on {world.size} x "
+          f"{gpu / GB:.1f} GB ({unit} relative to the fastest):")
     if not found:
         print("  none fits: raise the ZeRO stage, offload the optimizer or add GPUs")
         return
-    print(f"  {'micro':>5} {'accum':>5}  {'policy':<12}{'time':>6}  why")
+    print(f"  {'micro':>5} {'accum':>5}  {'policy':<12}{'s/step':>8}{'relative':>9}  why")
     for c in found[:top]:
-        print(f"  {c['micro_batch']:>5} {c['grad_accum']:>5}  {c['policy']:<12}"
-              f"{c['relative']:>6.2f}  {c['why']}")
+        step = f"{c['step_s']:.3g}" if speed.absolute else "-"
+        print(f"  {c['micro_batch']:>5} {c['grad_accum']:>5}  {c['policy']:<12}{step:>8}"
+              f"{c['relative']:>9.2f}  {c['why']}")
     if len(found) > top:
         print(f"  ... {len(found) - top} more fit (--top N shows them)")
+    if speed.absolute:
+        total = found[0]["step_s"] * cfg.train.max_steps
+        print(f"  the fastest: train.max_steps={cfg.train.max_steps:,} in about "
+              f"{duration(total)} (an estimate)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,15 +41,13 @@ from harness.model.flops import flops_per_token
 from harness.model.memory import block_parts, checkpoint_kept, head_bytes, predict_peak
 from harness.parallel.batch import checkpoint_segments, make_plan
 from harness.parallel.tensor_parallel import spec_of
+from harness.plan.speed import MICRO_STEP_OVERHEAD_S, Speed, step_seconds
 from harness.train.ds_config import overlap_comm
 from harness.train.engine import resolve_device
 
 GB = 1e9
 MARGIN = 0.10  # allocator fragmentation and what the model does not see
 GPU_FIXED_BYTES = 2 * GB  # CUDA context, cuBLAS workspace, NCCL buffers
-# cost model: a micro-step has a fixed cost (launches, hooks, Python) of about 5 ms, which
-# at an assumed 400 TFLOP/s (40% of an H100) is worth this many FLOPs of real work
-MICRO_STEP_OVERHEAD_FLOPS = 5e-3 * 400e12
 SEARCH_POLICIES = ("none", "attention", "mlp", "every_k", "sqrt", "every_layer")
 
 
@@ -221,18 +219,21 @@ def predict_memory(cfg: Config, world_size: int, micro_batch: int | None = None,
 
 
 def recommend(cfg: Config, world_size: int, gpu_memory_bytes: float,
-              target_global_batch: int) -> list[dict]:
+              target_global_batch: int, speed: Speed | None = None) -> list[dict]:
     """Every (micro_batch, grad_accum, policy) that reaches the global batch and fits, fastest
-    first. Relative time per sample = (1 + recompute share) x (1 + overhead / micro tokens):
-    recompute costs its FLOPs; each micro-step also pays a fixed cost, so small micro
-    batches waste more of it (ZeRO 2/3 gradient traffic per micro-step is not modelled)."""
+    first, each with its estimated seconds per step (`step_s`, harness.plan.speed: the
+    FLOPs, recompute included, at the assumed speed, plus a fixed cost per micro-step, so
+    small micro batches waste more; ZeRO 2/3 gradient traffic per micro-step is not
+    modelled) and `relative` to the fastest."""
+    speed = speed or Speed(None)
     dp = world_size // cfg.parallel.tp_size  # make_plan refuses a world tp does not divide
     if target_global_batch < 1 or target_global_batch % dp:
         raise HarnessError(f"--target-global-batch={target_global_batch} must be a positive "
                            f"multiple of the data-parallel size {dp} (world size {world_size} "
                            f"/ tensor-parallel {cfg.parallel.tp_size})")
     counts = param_counts(cfg)
-    overhead_tokens = MICRO_STEP_OVERHEAD_FLOPS / flops_per_token(cfg.model, counts["total"])
+    flops = flops_per_token(cfg.model, counts["total"])
+    tokens = target_global_batch * cfg.model.block_size
     policies = SEARCH_POLICIES + (("count",) if cfg.activation_checkpointing.number_checkpoints
                                   else ())
     per_rank, found = target_global_batch // dp, []
@@ -244,11 +245,13 @@ def recommend(cfg: Config, world_size: int, gpu_memory_bytes: float,
                 continue
             fits_any = True
             share = recompute_share(cfg, policy, counts)
-            waste = overhead_tokens / (micro * cfg.model.block_size)
-            found.append({"micro_batch": micro, "grad_accum": per_rank // micro,
-                          "policy": policy, "cost": (1 + share) * (1 + waste),
-                          "required": mem["required"], "peak": mem["peak"],
-                          "why": _why(policy, share, micro, waste, mem, gpu_memory_bytes)})
+            accum = per_rank // micro
+            step = step_seconds(tokens, flops, share, accum, world_size, speed)
+            fixed = accum * MICRO_STEP_OVERHEAD_S / (step - accum * MICRO_STEP_OVERHEAD_S)
+            found.append({"micro_batch": micro, "grad_accum": accum, "policy": policy,
+                          "cost": step, "step_s": step, "required": mem["required"],
+                          "peak": mem["peak"],
+                          "why": _why(policy, share, micro, fixed, mem, gpu_memory_bytes)})
         if not fits_any:  # memory grows with the micro batch: no larger one fits either
             break
     found.sort(key=lambda c: (c["cost"], c["required"]))
