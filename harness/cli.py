@@ -113,10 +113,15 @@ def _parser() -> argparse.ArgumentParser:
 def _after_training_args(sub) -> None:
     """eval, sample, export: a trained run (its newest complete checkpoint) or a step dir."""
     what = "run directory (its newest complete checkpoint) or RUN_DIR/checkpoints/stepN"
-    ev = sub.add_parser("eval", help="loss, perplexity, bits per byte on text (one JSON line)")
+    ev = sub.add_parser("eval", help="loss, perplexity, bits per byte on text or on the run's "
+                                     "validation split (one JSON line)")
     ev.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=what)
-    ev.add_argument("--data", nargs="+", required=True,
+    on = ev.add_mutually_exclusive_group(required=True)
+    on.add_argument("--data", nargs="+",
                     help="text files, directories, .jsonl files (the run's text field)")
+    on.add_argument("--split", choices=("val", "train"),
+                    help="the run's own token shards (data.out_dir in its config.yaml), cut into "
+                         "the trainer's windows: val gives the trainer's eval/loss")
     ev.add_argument("--max-tokens", type=int, default=None, help="stop after N tokens")
     ev.add_argument("--stride", type=int, default=None,
                     help="tokens scored per window after the first (default block_size: "
@@ -214,11 +219,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from harness.after.evaluate_split import evaluate_split
     from harness.after.evaluate_text import evaluate
 
     _run_dir[:] = [Path(args.source)]
-    print(json.dumps(evaluate(args.source, args.data, args.max_tokens, args.stride,
-                              args.batch_size, args.device)))
+    if args.split:
+        out = evaluate_split(args.source, args.split, args.max_tokens, args.stride,
+                             args.batch_size, args.device)
+    else:
+        out = evaluate(args.source, args.data, args.max_tokens, args.stride, args.batch_size,
+                       args.device)
+    print(json.dumps(out))
     return 0
 
 

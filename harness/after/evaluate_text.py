@@ -86,10 +86,15 @@ class Scorer:
         self.doc_nats: dict[int, float] = {}
 
     def add(self, doc: int, ids: list[int]) -> None:
-        s = [self.eos] + ids
+        self.add_stream(doc, [self.eos] + ids)
+
+    def add_stream(self, doc: int, s) -> None:
+        """Scores s[1:], each token from the tokens before it (a list or a numpy array)."""
         self.doc_nats.setdefault(doc, 0.0)
-        for a, t0, t1 in windows(len(ids), self.block, self.stride):
-            self._pending.append((doc, s[a:t1], t0 - a - 1, t1 - t0))
+        for a, t0, t1 in windows(len(s) - 1, self.block, self.stride):
+            row = s[a:t1]  # a memory-mapped shard's slice: read one window at a time
+            self._pending.append((doc, row.tolist() if hasattr(row, "tolist") else row,
+                                  t0 - a - 1, t1 - t0))
             if len(self._pending) >= self.batch_size:
                 self.flush()
 
@@ -123,10 +128,19 @@ def _cut(tokenizer, text: str, ids: list[int], keep: int) -> tuple[list[int], st
     return [], ""
 
 
+def check_options(max_tokens: Optional[int], stride: Optional[int], batch_size: int) -> None:
+    """The numbers `harness eval` takes, before any checkpoint is read."""
+    for flag, value in (("--max-tokens", max_tokens), ("--stride", stride)):
+        if value is not None and value < 1:
+            raise HarnessError(f"{flag} {value} must be >= 1 (leave {flag} out for the default)")
+    if batch_size < 1:
+        raise HarnessError(f"--batch-size {batch_size} must be >= 1")
+
+
 def score_texts(model, tokenizer, texts: Iterable[str], block: int, stride: Optional[int] = None,
                 max_tokens: Optional[int] = None, batch_size: int = 8,
                 device: str | torch.device = "cpu") -> Totals:
-    stride = stride or block
+    stride = block if stride is None else stride
     scorer = Scorer(model, block, stride, tokenizer.eos_id, batch_size, device)
     totals = Totals()
     was_training = model.training
@@ -157,10 +171,7 @@ def evaluate(source: str, data: list[str], max_tokens: Optional[int] = None,
     """The JSON record `harness eval` prints."""
     from harness.checkpoint import io as checkpoint_io
 
-    if max_tokens is not None and max_tokens < 1:
-        raise HarnessError(f"--max-tokens {max_tokens} must be >= 1")
-    if batch_size < 1:
-        raise HarnessError(f"--batch-size {batch_size} must be >= 1")
+    check_options(max_tokens, stride, batch_size)
     loaded = checkpoint_io.load(source)
     tokenizer = checkpoint_io.load_tokenizer(loaded.cfg, loaded.run_dir)
     block = loaded.cfg.model.block_size

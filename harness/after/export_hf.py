@@ -26,10 +26,29 @@ log = logging.getLogger("harness")
 TARGETS = ("hf",)
 
 
-def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise HarnessError(f"{out_dir} is not an empty directory: export into a new or empty "
-                           f"one (nothing is ever overwritten)")
+def check_out_dir(out_dir: Path, example: str = "mine") -> None:
+    """OUT_DIR is new or an empty directory, under a directory (not a file)."""
+    try:
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise HarnessError(f"{out_dir} is not an empty directory: export into a new or "
+                               f"empty one (nothing is ever overwritten)")
+        above = out_dir.parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+    except OSError as err:  # a directory we may not list
+        raise HarnessError(f"--to hf {out_dir}: cannot look there ({err.strerror or err}): "
+                           f"export into a directory of yours") from None
+    if not above.is_dir():
+        raise HarnessError(f"--to hf {out_dir}: {above} is a file, not a directory: export into "
+                           f"a new or empty directory, e.g. --to hf hf/{example}")
+
+
+def _file_mode() -> int:
+    """rw for whom the umask allows (0644 under 022). safetensors writes 0600, unreadable to
+    the rest of a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _need_hf_packages() -> None:
@@ -46,7 +65,7 @@ def export(source: str | Path, out_dir: str | Path, to: str = "hf") -> dict[str,
     if to not in TARGETS:
         raise HarnessError(f"--to {to}: the only export target is hf (Hugging Face)")
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, Path(source).resolve().name)
     _need_hf_packages()
     t0 = time.perf_counter()
     run_dir, step_dir = checkpoint_io.find_checkpoint(source)
@@ -56,10 +75,16 @@ def export(source: str | Path, out_dir: str | Path, to: str = "hf") -> dict[str,
     state = checkpoint_io.state_dict(step_dir)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write(tmp, state, cfg, spm_file, run_dir, step_dir)
+        for path in tmp.iterdir():
+            path.chmod(_file_mode())
         os.replace(tmp, out_dir)  # an empty OUT_DIR is replaced as a whole
+    except OSError as err:  # a read-only place, a full disk: nothing is left behind
+        where = err.filename or out_dir
+        raise HarnessError(f"--to hf {out_dir}: cannot write {where} ({err.strerror or err}): "
+                           f"export into a writable directory with room") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"export": str(out_dir), "checkpoint": str(step_dir), "format": "hf",

@@ -11,9 +11,17 @@ literal "</s>" in the text would turn into EOS. Here instead:
     the next space; the first word starts the text), which no piece crosses;
   - merges are every split of every piece into two pieces, ranked by the merged piece's score
     (sentencepiece's BPE merges the adjacent pair whose result scores highest);
-  - the special tokens keep their ids but are never matched inside text (split_special_tokens).
-Equality with sentencepiece is tested on hard strings and on a corpus
-(tests/after/test_export_hf.py).
+  - </s> and <unk> are in the vocabulary (their ids) but not in tokenizer.json's
+    added_tokens: the `tokenizers` library matches every added token in raw text before the
+    model sees it (its encode_special_tokens switch is not saved in the file), so a literal
+    "</s>" in text would become EOS. Left out, text is only ever text, as in sentencepiece.
+    transformers adds them back as special tokens from tokenizer_config.json, with
+    split_special_tokens so that they are not matched in text there either.
+Equality with sentencepiece is tested on hard strings and on a corpus, through transformers and
+through `tokenizers` alone (tests/after/test_export_hf.py). One difference stays, in decoding
+with `tokenizers` alone: </s> decodes as the text "</s>" where sentencepiece writes nothing
+(it does not know which ids are special); transformers' decode(..., skip_special_tokens=True)
+drops it.
 """
 from __future__ import annotations
 
@@ -60,9 +68,7 @@ def build(model_file: Path):
     # sentencepiece's words: the first starts the text, every other one at a run of spaces
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" +[^ ]*|[^ ]+"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    specials = [p.piece for p in proto.pieces if p.type in (UNKNOWN, CONTROL)]
-    tok.add_special_tokens(specials)
-    return tok
+    return tok  # no added tokens: see the module docstring
 
 
 def _merges(scores: dict[str, float], vocab: dict[str, int]) -> list[tuple[str, str]]:

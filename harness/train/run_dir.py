@@ -2,11 +2,12 @@
 
 The paths are checked first (a file where a directory should be, nothing writable there).
 Then the run directory is claimed: `harness train` writes only into a new or empty directory,
-or into this run's own (a checkpoint to resume, the same config, or a start that never logged
-a step). Anything else, say another run's metrics or a folder of the user's files, is refused
-unless the user asks to replace it (train.overwrite=true: the previous run's files are then
-moved to RUN_DIR/replaced-TIME/, never deleted). A config.yaml that `harness train` did not
-write (CONFIG_HEADER tells them apart) is never replaced.
+or into this run's own (a checkpoint of this model to resume, the same config, or a start that
+never logged a step), which it continues. Anything else, say another run's metrics, a checkpoint
+of another model or a folder of the user's files, is refused unless the user asks to replace it
+(train.overwrite=true: the previous run's files are then moved to RUN_DIR/replaced-TIME/, never
+deleted). A config.yaml that `harness train` did not write (CONFIG_HEADER tells them apart) is
+never replaced.
 
 One writer at a time: rank 0 takes the run directory's lease (harness/common/lease.py) before the
 claim, so nothing is moved, cleaned or written while another `harness train` works there; the
@@ -240,36 +241,67 @@ def _has_metrics(run_dir: Path) -> bool:
         return False
 
 
-def claim_run_dir(cfg: Config, rank: Optional[int]) -> None:
+def _not_ours(cfg: Config, state: str, checkpoints: list[Path]) -> HarnessError:
+    """A config.yaml that is not valid YAML, or not the harness's: never replaced. Beside
+    intact checkpoints it is most likely this run's own, damaged: the fix keeps them."""
+    what = "is not valid YAML" if state == "broken" else "was not written by `harness train`"
+    path = Path(cfg.train.run_dir) / RUN_CONFIG
+    if checkpoints:
+        return HarnessError(
+            f"train.run_dir={cfg.train.run_dir} holds a {RUN_CONFIG} that {what}, beside "
+            f"{len(checkpoints)} complete checkpoint(s) (newest {checkpoints[-1].name}): if it "
+            f"is this run's own, damaged, move {path} away (the run writes it again) or restore "
+            f"it, and the same command resumes the checkpoints; else choose another "
+            f"train.run_dir")
+    return HarnessError(
+        f"train.run_dir={cfg.train.run_dir} holds a {RUN_CONFIG} that {what} (your own "
+        f"config?): the run would replace it with its resolved config, and never replaces "
+        f"a file it did not write: choose a train.run_dir of its own, e.g. "
+        f"train.run_dir={os.path.join(cfg.train.run_dir, 'run')}")
+
+
+def _other_model(saved: Optional[dict[str, Any]], cfg: Config) -> Optional[str]:
+    """`model.KEY=saved, not now` for the first model key the saved run differs in."""
+    model = (saved or {}).get("model")
+    if not isinstance(model, dict):
+        return None
+    for key, value in to_dict(cfg)["model"].items():
+        if key in model and model[key] != value:
+            return f"model.{key}={model[key]}, not {value}"
+    return None
+
+
+def claim_run_dir(cfg: Config, rank: Optional[int]) -> bool:
     """Refuse a run directory that is not this run's (see the module docstring); on rank 0,
     move the previous run aside when the user asked to overwrite it. rank None: only check
-    (`harness submit`: the job moves the files when it starts)."""
+    (`harness submit`: the job moves the files when it starts). True: this start begins anew
+    over a run that is (or, off rank 0, is being) moved aside.
+
+    train.overwrite never moves a run this start continues (its checkpoint, this model): a
+    rerun after Ctrl-C, or a requeued Slurm job, with the same command must resume. It moves
+    what would otherwise be refused: another config with no checkpoint to resume, a
+    checkpoint of another model shape, a run under checkpoint.resume=never."""
     run_dir = Path(cfg.train.run_dir)
     if not run_dir.is_dir():
-        return  # new
+        return False  # new
     state, saved = _saved_config(run_dir)
+    checkpoints = complete_checkpoints(checkpoint_root(cfg))
     if state in ("foreign", "broken"):
-        what = "is not valid YAML" if state == "broken" else "was not written by `harness train`"
-        raise HarnessError(
-            f"train.run_dir={cfg.train.run_dir} holds a {RUN_CONFIG} that {what} (your own "
-            f"config?): the run would replace it with its resolved config, and never replaces "
-            f"a file it did not write: choose a train.run_dir of its own, e.g. "
-            f"train.run_dir={os.path.join(cfg.train.run_dir, 'run')}")
+        raise _not_ours(cfg, state, checkpoints)
     names = sorted(p.name for p in run_dir.iterdir())
     outputs = [n for n in names if n in RUN_OUTPUTS]
     allowed = _before_start_names(cfg)
     others = [n for n in names if n not in RUN_OUTPUTS and
               not any(fnmatch.fnmatch(n, pat) for pat in allowed)]
-    checkpoints = complete_checkpoints(checkpoint_root(cfg))
     is_run = state == "ours" or bool(checkpoints) or "metrics.jsonl" in outputs
     if not is_run:
         # a report.png or ds_config.json with no run beside it is not known to be ours
         others += [n for n in outputs if n not in ("checkpoints", "wandb")]
         if not others:
-            return  # empty, or only what `harness submit` and Slurm put there first
+            return False  # empty, or only what `harness submit` and Slurm put there first
         if cfg.train.overwrite:
             _move_aside(cfg, run_dir, outputs, rank)
-            return  # written beside the user's files, none of which is touched
+            return True  # written beside the user's files, none of which is touched
         shown = ", ".join(others[:4]) + (f", ... ({len(others)} in all)" if len(others) > 4 else "")
         raise HarnessError(
             f"train.run_dir={cfg.train.run_dir} is not empty and holds no run: {shown}: choose "
@@ -281,9 +313,22 @@ def claim_run_dir(cfg: Config, rank: Optional[int]) -> None:
         resume not in ("auto", "never") and root in Path(resume).resolve().parents)
     same = saved is not None and saved == yaml.safe_load(to_yaml(cfg))
     trained = bool(checkpoints) or _has_metrics(run_dir)
-    if resumable or (same and resume != "never") or not trained:
-        return  # this run's, or a start that never logged a step: nothing to lose
-    if resume == "never":
+    # resume=auto onto a checkpoint of another model: refused here, where overwrite can act
+    # (a named checkpoint of another shape: prepare_run refuses it, naming it)
+    other_model = _other_model(saved, cfg) if resume == "auto" and checkpoints else None
+    if resumable and other_model is None:
+        if cfg.train.overwrite and rank in (0, None):
+            log.warning("train.run_dir=%s holds a run this config continues (checkpoint %s): "
+                        "it resumes and nothing is moved (%s moves only a run this start "
+                        "cannot continue); to start anew instead, also set "
+                        "checkpoint.resume=never", cfg.train.run_dir,
+                        checkpoints[-1].name if checkpoints else resume, OVERWRITE_KEY)
+        return False
+    if other_model is None and ((same and resume != "never") or not trained):
+        return False  # this run's, or a start that never logged a step: nothing to lose
+    if other_model is not None:
+        why = f"its newest checkpoint, {checkpoints[-1].name}, is of {other_model}"
+    elif resume == "never":
         why = ("checkpoint.resume=never, and it holds a run already (checkpoint.resume=auto "
                "continues it)")
     elif saved is None:
@@ -294,7 +339,7 @@ def claim_run_dir(cfg: Config, rank: Optional[int]) -> None:
         why = f"no checkpoint to resume, and its config differs: {'; '.join(diffs[:2])}{more}"
     if cfg.train.overwrite:
         _move_aside(cfg, run_dir, outputs, rank)
-        return
+        return True
     raise HarnessError(
         f"train.run_dir={cfg.train.run_dir} holds another run ({why}): choose another "
         f"train.run_dir, or set {OVERWRITE_KEY} to move its files to "
@@ -326,22 +371,14 @@ def _move_aside(cfg: Config, run_dir: Path, outputs: list[str], rank: Optional[i
                 cfg.train.run_dir, OVERWRITE_KEY, dest)
 
 
-def _check_same_model(run_dir: Path, cfg: Config, step_dir: Optional[Path] = None) -> None:
-    """A checkpoint of another model shape would fail deep inside DeepSpeed's loader.
-    `step_dir`: checkpoint.resume named a checkpoint of the run in `run_dir`."""
-    _, saved = _saved_config(run_dir)
-    model = (saved or {}).get("model")
-    if not isinstance(model, dict):
-        return
-    for key, value in to_dict(cfg)["model"].items():
-        if key in model and model[key] != value:
-            if step_dir is not None:
-                raise HarnessError(f"checkpoint.resume={step_dir} is a checkpoint of a run "
-                                   f"with model.{key}={model[key]}, not {value}: resume a "
-                                   f"checkpoint of this model, or set model.{key}={model[key]}")
-            raise HarnessError(f"train.run_dir={run_dir} holds a run with model.{key}="
-                               f"{model[key]}, not {value}: choose another train.run_dir "
-                               f"(or checkpoint.resume=never with a new one)")
+def _check_same_model(run_dir: Path, cfg: Config, step_dir: Path) -> None:
+    """checkpoint.resume names `step_dir`, a checkpoint of the run in `run_dir`: one of another
+    model shape would fail deep inside DeepSpeed's loader (resume=auto: claim_run_dir)."""
+    other = _other_model(_saved_config(run_dir)[1], cfg)
+    if other is not None:
+        key, was = other.split(", not ")[0].split("=", 1)
+        raise HarnessError(f"checkpoint.resume={step_dir} is a checkpoint of a run with "
+                           f"{other}: resume a checkpoint of this model, or set {key}={was}")
 
 
 def prepare_run(cfg: Config) -> None:
@@ -354,10 +391,10 @@ def prepare_run(cfg: Config) -> None:
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     rank_number = int(rank) if rank.strip().isdigit() else 0
     hold_run_dir(cfg, rank_number)  # before anything in it is moved, cleaned or written
-    claim_run_dir(cfg, rank_number)
+    if claim_run_dir(cfg, rank_number):
+        return  # anew: what was there is moved aside (rank 0 moves it; others may still see it)
     resumed = resumed_run_dir(cfg)
-    if resumed is not None:
-        named = cfg.checkpoint.resume not in ("auto", "never")
-        _check_same_model(resumed, cfg, Path(cfg.checkpoint.resume) if named else None)
+    if resumed is not None and cfg.checkpoint.resume not in ("auto", "never"):
+        _check_same_model(resumed, cfg, Path(cfg.checkpoint.resume))
 
 

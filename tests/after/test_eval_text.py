@@ -121,6 +121,28 @@ def test_eval_bpb_in_training_metrics(run, shards_dir):
         rec["eval/loss"] / math.log(2) * len(targets) / decoded, rel=1e-3)
 
 
+def test_eval_split_val_equals_the_trainers_eval_loss(run, shards_dir, capsys):
+    """`harness eval RUN --split val` over the windows the trainer evaluated (the first
+    eval_batches x micro batch sequences, one rank) gives the trainer's own eval/loss and
+    eval/bpb at the checkpoint's step; by default it scores the whole split."""
+    from harness.data.shards import TokenShards
+
+    cfg = checkpoint_io.load_config_of(run)
+    block = cfg.model.block_size
+    rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = [x for x in rec if "eval/loss" in x][-1]
+    val = TokenShards.open(shards_dir).sequences("val", block)
+    total = min(len(val), cfg.data.eval_batches * cfg.train.micro_batch_size)
+    out = _eval(capsys, run, "--split", "val", "--max-tokens", total * block)
+    assert out["step"] == rec["step"] == cfg.train.max_steps
+    assert out["windows"] == total and out["tokens"] == total * block
+    assert out["loss"] == pytest.approx(rec["eval/loss"], rel=1e-6)
+    assert out["bits_per_byte"] == pytest.approx(rec["eval/bpb"], rel=1e-6)
+    whole = _eval(capsys, run, "--split", "val", "--batch-size", 64)
+    assert whole["tokens"] == whole["split_tokens"] - 1 == len(val.tokens) - 1
+    assert whole["windows"] == -(-whole["tokens"] // block)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero3_checkpoint_loads_the_trained_weights(tmp_path, shards_dir, capsys, precision):
     """ZeRO 3 keeps only placeholders in the module file: the weights come from the

@@ -77,6 +77,39 @@ def test_tokenizer_ids_identical(runs, variant):
         assert theirs.encode(text, add_special_tokens=False) == ours.encode(text), f
 
 
+def test_tokenizers_library_alone_gives_the_same_ids(runs):
+    """tokenizer.json read by `tokenizers` directly (no transformers, no split_special_tokens):
+    a literal "</s>" or "<unk>" in text is text, as in sentencepiece (issue 24: it became the
+    special id). The one documented difference: decoding the EOS id writes "</s>", where
+    sentencepiece writes nothing."""
+    from tokenizers import Tokenizer
+
+    run, hf = runs["gpt2"]
+    ours = checkpoint_io.load_tokenizer(checkpoint_io.load_config_of(run), run)
+    theirs = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    code = 'if tag == "</s>" or tok == "<unk>":\n    return "<s></s>" + x</s>y<unk>\n'
+    for text in [*HARD, code, "</s>" * 5, "<unk></s><s>"]:
+        ids = theirs.encode(text).ids
+        assert ids == ours.encode(text), repr(text)
+        assert theirs.decode(ids) == ours.decode(ids) == text, repr(text)
+    assert ours.eos_id not in theirs.encode(code).ids
+    x = ours.encode("ab")
+    assert ours.decode([*x, ours.eos_id]) == "ab"
+    assert theirs.decode([*x, ours.eos_id]) == "ab</s>"  # as docs/after-training.md says
+
+
+def test_export_files_are_readable_as_the_umask_allows(runs):
+    """Every file 0666 & ~umask (0644 under 022), as `cp` or `open` would make them:
+    safetensors writes 0600, which the rest of a shared cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    _, hf = runs["gpt2"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in hf.iterdir()}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert hf.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_generate_equals_harness_sample(runs, variant, capsys):
     run, hf = runs[variant]

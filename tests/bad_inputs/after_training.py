@@ -36,6 +36,11 @@ def _incomplete(tmp: Path) -> None:
     (tmp / STEP3 / "meta.json").unlink()
 
 
+def _nothing_beside(tmp: Path) -> None:
+    """No half-written export, no temporary directory left."""
+    assert sorted(p.name for p in tmp.iterdir()) == ["run", "shards", "some_file"]
+
+
 def _full_out(tmp: Path) -> None:
     (tmp / "out").mkdir()
     (tmp / "out" / "mine.txt").write_text("keep me\n")
@@ -48,8 +53,14 @@ def _hf_dir(tmp: Path, **config) -> None:
     (tmp / "hf" / "config.json").write_text(json.dumps({**base, **config}))
 
 
+def _file_in_the_way(tmp: Path) -> None:
+    _copy(tmp, 0)
+    (tmp / "some_file").write_text("mine\n")
+
+
 TRAIN = ["train", "--config", "tiny", "train.run_dir={tmp}/new", "data.out_dir={tmp}/data",
          "wandb.mode=disabled"]
+EVAL_TEXT = ["--data", "{tmp}/run/config.yaml"]
 
 CASES = [
     Case("eval-missing-run", ["eval", "{tmp}/nope", "--data", "{tmp}"], ("nope", "does not exist")),
@@ -77,6 +88,28 @@ CASES = [
          ("--data", "missing.txt"), setup=_run, slow=True),
     Case("eval-max-tokens-zero", ["eval", "{tmp}/run", "--data", "{tmp}", "--max-tokens", "0"],
          ("--max-tokens",)),
+    # issue 24: an OUT_DIR under a file went the "unexpected error" way (exit 1)
+    Case("export-under-a-file", ["export", "{tmp}/run", "--to", "hf", "{tmp}/some_file/hf"],
+         ("some_file", "is a file, not a directory", "--to hf"), setup=_file_in_the_way,
+         unchanged=("some_file", f"{STEP3}/meta.json"), slow=True,
+         check=lambda tmp, out, err: _nothing_beside(tmp)),
+    # --stride 0 ran silently at block_size: refused before the checkpoint is read
+    Case("eval-stride-zero", ["eval", "{tmp}/run", *EVAL_TEXT, "--stride", "0"],
+         ("--stride 0", ">= 1")),
+    Case("eval-stride-negative", ["eval", "{tmp}/run", *EVAL_TEXT, "--stride=-4"],
+         ("--stride -4", ">= 1")),
+    Case("eval-stride-over-block", ["eval", "{tmp}/run", *EVAL_TEXT, "--stride", "33"],
+         ("--stride 33", "block_size (32)"), setup=_run, slow=True),
+    Case("eval-split-val-stride-zero", ["eval", "{tmp}/run", "--split", "val", "--stride", "0"],
+         ("--stride 0", ">= 1")),
+    Case("eval-split-and-data", ["eval", "{tmp}/run", "--split", "val", *EVAL_TEXT],
+         ("--data", "--split", "not allowed")),
+    Case("eval-split-unknown", ["eval", "{tmp}/run", "--split", "test"],
+         ("--split", "'test'", "val")),
+    Case("eval-neither-data-nor-split", ["eval", "{tmp}/run"], ("--data", "--split")),
+    Case("eval-split-shards-gone", ["eval", "{tmp}/run", "--split", "val"],
+         ("--split", "data.out_dir=gone", "--data"), setup=_edit_config("out_dir", "gone"),
+         slow=True),
     Case("sample-negative-temperature", ["sample", "{tmp}/run", "--temperature", "-1"],
          ("--temperature",)),
     Case("init-from-no-config", [*TRAIN, "model.init_from={tmp}"],

@@ -178,7 +178,69 @@ def _only_step1(tmp: Path) -> None:
         shutil.rmtree(tmp / CK / f"step{step:08d}")
 
 
+def _config(fn: Callable[[Path], None]) -> Callable[[Path], None]:
+    """The template run, then `fn` on its config.yaml."""
+    def do(tmp: Path) -> None:
+        _copy(tmp, 0)
+        fn(tmp / "run" / "config.yaml")
+    return do
+
+
+def _garble(path: Path) -> None:
+    """A few bytes overwritten in the middle: no longer YAML (a disk, an editor, a bad copy)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 6] = b"\x00: [{"
+    path.write_bytes(bytes(data))
+
+
+def _says(*words: str) -> Callable[[Path, str, str], None]:
+    def check(tmp: Path, out: str, err: str) -> None:
+        for word in words:
+            assert word in err, (word, err[-3000:])
+    return check
+
+
+def _moved_aside(tmp: Path, out: str, err: str) -> None:
+    """The old run's files under run/replaced-TIME/, a new run beside them."""
+    old = list((tmp / "run").glob("replaced-*"))
+    assert len(old) == 1, sorted(p.name for p in (tmp / "run").iterdir())
+    assert (old[0] / "checkpoints" / "step00000003" / "meta.json").is_file()
+    assert (old[0] / "config.yaml").is_file() and (old[0] / "metrics.jsonl").is_file()
+    assert (tmp / CK / "step00000001" / "meta.json").is_file()
+    assert "moved to" in err
+
+
+OVERWRITE = "train.overwrite=true"
+OTHER_SHAPE = "model.d_model=64"  # the template's is 32
+
 CASES = [
+    # issue 24: a damaged config.yaml beside intact checkpoints: the fix offered keeps them
+    Case("ckpt-config-yaml-garbled", train(), slow=True, setup=_config(_garble),
+         words=("config.yaml", "not valid YAML", "3 complete checkpoint(s)", "step00000003",
+                "move", "resumes the checkpoints"),
+         unchanged=(*step_files(1, 2, 3), "run/config.yaml", "run/metrics.jsonl")),
+    Case("ckpt-config-yaml-not-a-mapping", train(), slow=True,
+         setup=_config(lambda p: p.write_text("just a line\n")),
+         words=("config.yaml", "not written by `harness train`", "resumes the checkpoints"),
+         unchanged=(*step_files(1, 2, 3), "run/config.yaml")),
+    # ... and the fix works: without it, the same command resumes the newest checkpoint
+    Case("ckpt-config-yaml-removed-resumes", train("train.max_steps=4"), exit_code=0, slow=True,
+         process=True, setup=_config(lambda p: p.unlink()), unchanged=step_files(2, 3),
+         check=_says("resumed from", "step00000003 at step 3")),
+    # train.overwrite=true: a checkpoint of another model is moved aside, not refused
+    Case("ckpt-other-shape-refused", train(OTHER_SHAPE), slow=True, setup=setup({}),
+         words=("model.d_model=32, not 64", "step00000003", OVERWRITE, "replaced-TIME"),
+         unchanged=(*step_files(1, 2, 3), "run/config.yaml", "run/metrics.jsonl")),
+    Case("ckpt-other-shape-overwrite-moves-aside", train(OTHER_SHAPE, OVERWRITE), exit_code=0,
+         slow=True, process=True, setup=setup({}), check=_moved_aside),
+    # ... a run this config continues is continued, and the line says how to start anew
+    Case("ckpt-overwrite-continues-its-own-run", train(OVERWRITE), exit_code=0, slow=True,
+         process=True, setup=setup({}),
+         unchanged=(*step_files(1, 2, 3), "run/metrics.jsonl"),
+         check=_says("holds a run this config continues", "checkpoint.resume=never",
+                     "nothing to do")),
+    Case("ckpt-overwrite-resume-never-starts-anew", train(OVERWRITE, "checkpoint.resume=never"),
+         exit_code=0, slow=True, process=True, setup=setup({}), check=_moved_aside),
     # checkpoint.resume=auto: the newest is damaged, the run goes on from an older one
     falls_back("ckpt-model-states-truncated", {3: [truncate(MS)]}),
     falls_back("ckpt-model-states-bit-flipped", {3: [flip(MS)]}),

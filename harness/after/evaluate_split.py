@@ -1,0 +1,107 @@
+"""`harness eval RUN_DIR_OR_CHECKPOINT --split val`: the run's own validation split, from the
+token shards its training read (data.out_dir of RUN_DIR/config.yaml), scored as the trainer's
+evaluation scores it.
+
+The split is one stream of tokens, documents joined by </s> as in training. At the default
+stride (block_size) it is cut into the trainer's sequences: window i holds tokens
+[i x block_size, (i + 1) x block_size] and scores every token after its first from the tokens
+before it in the window (context crosses document boundaries, as in training). So over the same
+windows the loss equals the trainer's eval/loss at the checkpoint's step: the trainer scores
+the first data.eval_batches x micro batch x data-parallel ranks sequences
+(tests/after/test_eval_text.py checks equality); `--max-tokens` takes the first N tokens
+scored (N = windows x block_size for whole windows), the default is the whole split. A smaller
+`--stride` gives every window block_size - stride tokens of context before the ones it scores.
+
+bits_per_byte counts each target's decoded UTF-8 bytes (</s> counts none), as eval/bpb does.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from harness.after.evaluate_text import Scorer, Totals, check_options
+from harness.common.errors import HarnessError
+
+log = logging.getLogger("harness")
+SPLITS = ("val", "train")
+
+
+def open_run_shards(cfg, run_dir: Path):
+    """The run's token shards: data.out_dir as written in its config.yaml (relative paths: from
+    the current directory, else from the run directory's parent, as the tokenizer is found)."""
+    from harness.data.shards import MANIFEST, TokenShards
+
+    out_dir = Path(cfg.data.out_dir)
+    if not (out_dir / MANIFEST).is_file() and not out_dir.is_absolute():
+        beside = run_dir.parent / out_dir
+        out_dir = beside if (beside / MANIFEST).is_file() else out_dir
+    if not (out_dir / MANIFEST).is_file():
+        raise HarnessError(f"--split: no token shards in data.out_dir={cfg.data.out_dir} (from "
+                           f"{run_dir}/config.yaml): run from the directory the run was "
+                           f"trained in, prepare them again (harness prepare-data --config "
+                           f"{run_dir}/config.yaml), or score text files with --data")
+    return TokenShards.open(out_dir)
+
+
+def score_split(model, tokens: np.ndarray, block: int, eos_id: int,
+                stride: Optional[int] = None, max_tokens: Optional[int] = None,
+                batch_size: int = 8, device: str = "cpu") -> tuple[Totals, int]:
+    """(totals, windows) over tokens[1 : n + 1], n = min(len - 1, max_tokens)."""
+    stride = block if stride is None else stride
+    n = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
+    scorer = Scorer(model, block, stride, eos_id, batch_size, device)
+    was_training = model.training
+    model.eval()
+    try:
+        scorer.add_stream(0, tokens[:n + 1])
+        scorer.flush()
+    finally:
+        model.train(was_training)
+    totals = Totals(nats=float(scorer.doc_nats.get(0, 0.0)), tokens=n)
+    totals.per_document = [totals.nats]
+    n_windows = 0 if n == 0 else 1 + max(0, -(-(n - block) // stride))  # as windows() cuts
+    return totals, n_windows
+
+
+def evaluate_split(source: str, split: str, max_tokens: Optional[int] = None,
+                   stride: Optional[int] = None, batch_size: int = 8,
+                   device: str = "cpu") -> dict:
+    """The JSON record `harness eval --split` prints."""
+    from harness.checkpoint import io as checkpoint_io
+    from harness.data.tokenizer import piece_bytes
+
+    check_options(max_tokens, stride, batch_size)
+    if split not in SPLITS:
+        raise HarnessError(f"--split {split}: choose val (the run's validation split) or train")
+    loaded = checkpoint_io.load(source)
+    shards = open_run_shards(loaded.cfg, loaded.run_dir)
+    block = loaded.cfg.model.block_size
+    tokens = getattr(shards, split)
+    if len(tokens) < 2:
+        raise HarnessError(f"{shards.directory}: the {split} split holds {len(tokens)} tokens, "
+                           f"none to score: score text files with --data")
+    if shards.vocab_size > loaded.cfg.model.vocab_size:
+        raise HarnessError(f"{shards.directory}: its tokenizer has {shards.vocab_size} pieces, "
+                           f"more than the model's {loaded.cfg.model.vocab_size}: not this "
+                           f"run's shards; score text files with --data")
+    trained_on = loaded.meta.get("data_fingerprint")
+    if trained_on is not None and trained_on != shards.fingerprint:
+        log.warning("%s: data fingerprint %s, not the %s this checkpoint was trained on: the "
+                    "shards were prepared again since (another split?)", shards.directory,
+                    shards.fingerprint[:12], str(trained_on)[:12])
+    t0 = time.perf_counter()
+    totals, n_windows = score_split(loaded.model.to(device), tokens, block, shards.eos_id,
+                                    stride, max_tokens, batch_size, device)
+    seconds = time.perf_counter() - t0
+    table = piece_bytes(shards.tokenizer_path)
+    totals.bytes = int(table[np.asarray(tokens[1:totals.tokens + 1], dtype=np.int64)].sum())
+    offsets = shards.offsets(split)
+    totals.documents = int(np.searchsorted(offsets[:-1], totals.tokens, side="right"))
+    return {**checkpoint_io.describe(loaded), "split": split, "shards": str(shards.directory),
+            **totals.summary(), "windows": n_windows, "window": block,
+            "stride": stride or block, "split_tokens": int(len(tokens)),
+            "seconds": round(seconds, 3), "tokens_per_s": round(totals.tokens / seconds, 1)}
