@@ -76,6 +76,18 @@ def import_deepspeed(device: str):
     return deepspeed
 
 
+def skip_shm_comm_op(deepspeed) -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory op
+    (deepspeed_shm_comm) in init_distributed: 1-2 minutes of silence on 2 cores with a cold
+    extension cache, then rebuilt whenever another venv used that cache. Training never calls
+    it: it serves only inference_all_reduce (DeepSpeed's inference-mode tensor-parallel
+    layers), which without it falls back to the process group's all_reduce. DeepSpeed reads
+    whether the op is compatible from one dict it keeps (deepspeed.ops.__compatible_ops__)."""
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def configure_checkpointing(deepspeed, cfg: Config, plan: Plan, ds: dict[str, Any], model: nn.Module,
                             dist: distributed.DistEnv) -> None:
     if not plan.segments:
@@ -127,6 +139,8 @@ def build(cfg: Config, dist: distributed.DistEnv | None = None) -> Built:
     if device == "cuda":  # fp32 matmuls (fp32 runs, the fp32 loss) on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device == "cpu":
+        skip_shm_comm_op(deepspeed)
     deepspeed.init_distributed(
         dist_backend="gloo" if device == "cpu" else "nccl",
         timeout=datetime.timedelta(seconds=cfg.parallel.collective_timeout_s))

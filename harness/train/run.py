@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,10 +32,10 @@ from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards
 from harness.data.sources import TrainData
 from harness.data.tokenizer import piece_bytes
-from harness.parallel import peers
+from harness.parallel import distributed, peers
 from harness.parallel.collectives import Collectives
 from harness.parallel.tp_layout import check_tp_hosts
-from harness.train.engine import Built, build
+from harness.train.engine import Built, build, resolve_device
 from harness.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopSignals
 from harness.train.report import write_report
 from harness.train.run_dir import (RunDirLease, confirm_run_dir, prepare_run, release_run_dir,
@@ -42,6 +44,53 @@ from harness.train.trainer import Trainer
 
 log = logging.getLogger("harness")
 MONITOR_STOP_EXIT_CODE = 3  # the spike monitor ended the run: a person should look
+
+
+def announce(rank: int, line: str) -> None:
+    """One start-up phase on rank 0's console, as the Console writes its lines: each phase
+    that can take more than a moment says what it starts, then what it took."""
+    if rank == 0:
+        print(line, flush=True)
+
+
+def build_announced(cfg: Config, dist: distributed.DistEnv) -> Built:
+    """The engine, announced: the first line `harness train` prints (after the imports)."""
+    start = time.perf_counter()
+    announce(dist.rank, f"engine: building the {cfg.model.arch} model and the DeepSpeed engine "
+                        f"(ZeRO {cfg.zero.stage}, {cfg.train.precision}, {dist.world_size} "
+                        f"rank{'s' * (dist.world_size != 1)} on {resolve_device(cfg)})"
+                        f"{_summed_in(cfg)}")
+    built = build(cfg, dist)
+    compiled = (": train.compile compiles the model during the first step"
+                if cfg.train.compile else "")
+    announce(dist.rank, f"engine: {built.n_params / 1e6:.2f}M parameters, ready in "
+                        f"{time.perf_counter() - start:.1f} s{compiled}")
+    return built
+
+
+def _summed_in(cfg: Config) -> str:
+    """Under bf16/fp16, where gradients are summed: train.grad_accum_dtype null resolves to the
+    precision's own at ZeRO 0 (harness/config/train.py), said once, here."""
+    t = cfg.train
+    if t.precision == "fp32":
+        return ""
+    line = f"; gradients summed in {t.grad_accum_dtype}"
+    if cfg.zero.stage == 0 and t.grad_accum_dtype != "fp32":
+        line += " (zero.stage=1 sums them in fp32, with the same gradient memory)"
+    return line
+
+
+def prepare_announced(cfg: Config) -> None:
+    """A single process's first run prepares the token shards itself (seconds for the
+    built-in corpus, minutes to hours for a large one): said before and after."""
+    start = time.perf_counter()
+    what = ", ".join(cfg.data.sources) or "the built-in corpus (the Python standard library)"
+    announce(0, f"data: preparing {cfg.data.out_dir} from {what}: a tokenizer, then token "
+                f"shards (once; `harness prepare-data` does it ahead)")
+    out_dir = prepare_data(cfg.data, progress=sys.stderr.isatty())
+    splits = TokenShards.open(out_dir).manifest["splits"]
+    announce(0, f"data: {out_dir} ready in {time.perf_counter() - start:.1f} s: "
+                f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens")
 
 
 def open_shards(cfg: Config, built: Built) -> TokenShards:
@@ -74,7 +123,7 @@ def open_shards(cfg: Config, built: Built) -> TokenShards:
                 f"data.out_dir={out_dir} holds no token shards, and {built.dist.world_size} "
                 f"ranks cannot wait for one to prepare them: run `harness prepare-data` with "
                 f"the same --config and overrides first (or train on one process once)")
-        prepare_data(cfg.data, progress=False)
+        prepare_announced(cfg)
     shards = TokenShards.open(out_dir)
     if shards.vocab_size > cfg.model.vocab_size:
         raise HarnessError(f"{out_dir}/manifest.json: the tokenizer has {shards.vocab_size} "
@@ -114,9 +163,10 @@ def make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
 
 def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     run_dir = Path(cfg.train.run_dir)
+    dist = distributed.detect()
     prepare_run(cfg)  # rank 0 holds the run directory's lease from here on
                       # (harness/common/lease.py)
-    built = build(cfg)
+    built = build_announced(cfg, dist)
     confirm_run_dir(cfg, built)  # every rank: the lease is this job's, before any write
     # the launcher's real rank numbering, which the config cannot see: refused before data
     check_tp_hosts(built.hosts, built.plan)
