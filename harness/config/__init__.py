@@ -62,6 +62,9 @@ def load_config(source: str = "tiny", overrides: list[str] | None = None) -> Con
     except OmegaConfBaseException as err:
         raise explain(err, f"{path} + overrides" if overrides else str(path), raw) from None
     validate(cfg)
+    t = cfg.train
+    if t.grad_accum_dtype is None and t.precision != "fp32":  # what null means (TrainConfig)
+        t.grad_accum_dtype = "fp32" if cfg.zero.stage >= 1 else t.precision
     if cfg.monitor.trend_after is None:  # the update norm rises by design until the LR peaks
         cfg.monitor.trend_after = cfg.optim.warmup_steps
     return cfg
@@ -112,7 +115,8 @@ def validate(cfg: Config) -> None:
         raise HarnessError(
             f"zero.stage=0 with train.precision={t.precision} cannot accumulate gradients in "
             f"fp32 (DeepSpeed does that only with ZeRO): use zero.stage=1 (same gradient "
-            f"memory at stage 0 and 1), or train.grad_accum_dtype={t.precision}")
+            f"memory at stage 0 and 1), or train.grad_accum_dtype={t.precision} (or null, "
+            f"which means it at stage 0)")
     if cfg.clip.value is not None and cfg.zero.stage != 0:
         raise HarnessError("clip.value (elementwise clipping) needs zero.stage=0: ZeRO shards "
                            "the gradients")

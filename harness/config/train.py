@@ -63,8 +63,11 @@ class TrainConfig:
     log_every: int = 10  # console line cadence when stdout is not a terminal
     device: str = "auto"  # auto | cpu | cuda
     # under bf16/fp16: the dtype micro-batch gradients are summed in, and the dtype of the
-    # gradient all-reduce; fp32 as in Megatron, torchtitan and OLMo-core, or the precision's own
-    grad_accum_dtype: str = "fp32"
+    # gradient all-reduce; fp32 as in Megatron, torchtitan and OLMo-core, or the precision's own.
+    # grad_accum_dtype null: fp32 at zero.stage >= 1, the precision's own at stage 0 (DeepSpeed
+    # 0.19.8 sums low-precision gradients in fp32 only inside its ZeRO optimizers), resolved by
+    # load_config, so that train.precision=bf16 works on every preset as given
+    grad_accum_dtype: Optional[str] = None
     reduce_dtype: str = "fp32"
     # a train.run_dir that holds another run, or files of the user's: move the old run's files
     # to RUN_DIR/replaced-TIME/ (nothing deleted) and start anew; refused otherwise
@@ -100,6 +103,8 @@ class TrainConfig:
                      fix="e.g. 4096; 0 computes the full logits")
         for key in ("grad_accum_dtype", "reduce_dtype"):
             value = getattr(self, key)
+            if value is None and key == "grad_accum_dtype":
+                continue
             if not (value in ("fp32", self.precision)
                     or self.precision == "fp32" and value in PRECISIONS):
                 raise HarnessError(f"train.{key}={value} must be fp32 or train.precision "
