@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="render the sbatch script and submit it")
     _config_args(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    # no abbreviations: --gpus would silently be --gpus-per-node
     plan = sub.add_parser("plan", help="per-GPU memory, estimated time per step; micro batch "
-                                       "/ checkpointing that fit")
+                                       "/ checkpointing that fit", allow_abbrev=False)
     _config_args(plan)
     from harness.plan.flags import add_arguments  # torch-free: the planner loads on use
 

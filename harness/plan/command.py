@@ -125,7 +125,8 @@ def _print_recommendations(found: list[dict], world: World, gpu: float, target: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="harness plan", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="harness plan", description=__doc__.splitlines()[0],
+                                allow_abbrev=False)
     p.add_argument("--config", default="tiny", help="preset name or YAML file (default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. zero.stage=2")
     add_arguments(p)

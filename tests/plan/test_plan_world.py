@@ -138,3 +138,10 @@ def test_large_presets_checkpoint_as_the_plan_ranks_first(preset):
     assert cfg.activation_checkpointing.policy == found[0]["policy"]
     assert (cfg.train.micro_batch_size, cfg.activation_checkpointing.policy) in {
         (c["micro_batch"], c["policy"]) for c in found}
+
+
+def test_a_flag_prefix_is_not_taken_for_another_flag(capsys):
+    """argparse would read --gpus as --gpus-per-node, its only completion: refused instead."""
+    assert cli.main(["plan", "--gpus", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --gpus" in err and err.count("\n") == 1
