@@ -21,7 +21,6 @@ import numpy as np
 from tqdm import tqdm
 
 from harness.common import lease
-from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
 from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
                                  source_files, stat_key)
@@ -79,8 +78,8 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     quick = stat_key(files, cfg.max_bytes)  # before reading: a file edited meanwhile shows
     skipped: dict[str, list[str]] = {}
     sources = scan_sources(cfg.sources, cfg.max_bytes, files, skipped)
-    if skipped:  # expected in the built-in corpus (empty __init__.py), news in the user's
-        (log.warning if cfg.sources else log.info)(skipped_summary(skipped))
+    if skipped:  # news in the user's corpus; in the built-in one, a few empty __init__.py
+        (log.warning if cfg.sources else log.debug)(skipped_summary(skipped))
     inputs = sha256({"settings": settings, "sources": source_keys(sources)})
     if out_dir.parent.is_dir():
         clean_stale_temp_dirs(out_dir)
