@@ -28,6 +28,7 @@ def measure(preset: str, shards: str, tmp: str, rounds: int) -> list:
     cfg = load_config(preset, [f"data.out_dir={shards}", f"train.run_dir={tmp}/{preset}",
                                "train.global_batch_size=1", "train.micro_batch_size=1",
                                "train.max_steps=2", "optim.warmup_steps=1", "train.device=cpu",
+                               "data.vocab_size=512", "data.allow_toy_corpus=true",
                                "checkpoint.every=0", "checkpoint.keep_last=1",
                                "data.eval_every=0", "monitor.enabled=false"])
     trainer, ckpt = make_trainer(cfg)

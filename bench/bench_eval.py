@@ -35,6 +35,7 @@ def _trained_run(preset: str, shards: str, tmp: str) -> Path:
     cfg = load_config(preset, [f"data.out_dir={shards}", f"train.run_dir={run_dir}",
                                "train.global_batch_size=1", "train.micro_batch_size=1",
                                "train.max_steps=2", "optim.warmup_steps=1", "train.device=cpu",
+                               "data.vocab_size=512", "data.allow_toy_corpus=true",
                                "checkpoint.every=0", "data.eval_every=0",
                                "monitor.enabled=false", "wandb.mode=disabled"])
     trainer, _ = make_trainer(cfg)

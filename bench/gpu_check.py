@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = [f"train.device={device}", f"data.out_dir={out / 'data'}", "data.vocab_size=512",
               f"data.max_bytes={300_000 if args.quick else 4_000_000}", "wandb.mode=disabled",
-              "checkpoint.every=0", "train.log_every=1"]
+              "checkpoint.every=0", "train.log_every=1",
+              "data.allow_toy_corpus=true"]  # the built-in corpus, for gpt2-small and gpt-1.3b
     t0 = time.perf_counter()
     if device == "cuda":
         torch.set_num_threads(os.cpu_count() or 1)  # the references build big models on the CPU

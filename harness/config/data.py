@@ -34,7 +34,7 @@ class DataConfig:
     seed: int = 1234  # 0 .. 2**32 - 1
     num_workers: int = 0  # 0: min(cpu_count, 4); workers are only used for inputs > 8 MB
     max_bytes: int = 0  # cap on the source bytes read; 0: no cap
-    eval_every: int = 0  # trainer: validation loss every N steps; 0: never
+    eval_every: int = 0  # trainer: validation loss every N steps and at the last; 0: never
     eval_batches: int = 4  # trainer: batches per validation
 
     def validate(self) -> None:
