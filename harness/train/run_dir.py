@@ -32,7 +32,7 @@ from harness.common import lease
 from harness.common.callback import Callback
 from harness.common.errors import HarnessError
 from harness.config import Config, ModelConfig, to_dict, to_yaml
-from harness.data.out_dir import check_out_dir, check_prepared_from
+from harness.data.out_dir import check_out_dir, check_prepared_from, check_toy_corpus
 from harness.data.shards import MANIFEST
 from harness.train.ds_config import dumps
 
@@ -104,6 +104,7 @@ def check_paths(cfg: Config) -> None:
         check_dir("wandb.dir", cfg.wandb.dir, "the run directory (the default: unset)")
     out_dir = Path(cfg.data.out_dir)
     check_out_dir(out_dir, contents=True)
+    check_toy_corpus(cfg.data, out_dir)  # the large presets' data, before any engine
     if (out_dir / MANIFEST).is_file():
         # what needs neither reading nor walking the sources: the manifest and the settings
         # (rank 0 compares the sources themselves in open_shards)

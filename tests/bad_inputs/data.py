@@ -59,6 +59,17 @@ def _put(path: Path, text: str | bytes) -> None:
         path.write_text(text)
 
 
+def _absent(*names: str):
+    def check(tmp: Path, out: str, err: str) -> None:
+        assert not [n for n in names if (tmp / n).exists()], "written before the refusal"
+    return check
+
+
+def _held_out_tail(tmp: Path, out: str, err: str) -> None:
+    assert "(the last tokens of the one document), 1 document," in out, out
+    assert (tmp / "out" / "val.bin").stat().st_size > 0
+
+
 def _file(name: str, text: str | bytes):
     return lambda tmp: _put(tmp / name, text)
 
@@ -353,9 +364,15 @@ CASES: list[Case] = [
                                            "data.out_dir={tmp}/out", "data.vocab_size=5000",
                                            "data.val_fraction=0.0"],
          ("data.vocab_size=5000", "<="), setup=_file("a.txt", "tiny text " * 50)),
+    # a large preset names the data it needs: refused before any engine or directory exists
+    Case("data-large-preset-toy-corpus", ["train", "--config", "gpt2-small",
+                                          "train.run_dir={tmp}/run", "data.out_dir={tmp}/d"],
+         ("data.sources", "data.allow_toy_corpus=true"), check=_absent("run", "d")),
+    # a one-document corpus holds out the last tokens of that document (nanoGPT's split)
     Case("data-val-fraction-one-document", ["prepare-data", "data.sources=[{tmp}/a.txt]",
                                             "data.out_dir={tmp}/out", "data.vocab_size=300"],
-         ("data.val_fraction", "at least 2 documents"), setup=_file("a.txt", _words())),
+         exit_code=0, setup=_file("a.txt", _words()), unchanged=("a.txt",),
+         check=_held_out_tail),
 
     # ---- prepare-data: data.out_dir -----------------------------------------------------------
     Case("data-out-dir-is-file", [*PREP, "data.sources=[{tmp}/a.txt]", "data.out_dir={tmp}/f"],
