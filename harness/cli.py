@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("trace")
     _config_args(replay)
     _after_training_args(sub)
+    smoke = sub.add_parser("smoke", help="the CI smoke test: train, resume, export and reload a "
+                                         "tiny model; one PASS/FAIL line per check")
+    smoke.add_argument("--dir", default="build/smoke",
+                       help="the smoke's own directory (default build/smoke)")
+    smoke.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto (default): cuda when torch sees a GPU, else cpu")
     return parser
 
 
@@ -252,10 +258,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from harness.smoke.command import main
+
+    _run_dir[:] = [Path(args.dir)]
+    return main(args.dir, args.device)
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "ds-config": cmd_ds_config,
             "prepare-data": cmd_prepare_data, "submit": cmd_submit, "monitor": cmd_monitor,
             "report": cmd_report, "plan": cmd_plan, "eval": cmd_eval, "sample": cmd_sample,
-            "export": cmd_export}
+            "export": cmd_export, "smoke": cmd_smoke}
 
 
 def _save_traceback(text: str) -> Optional[Path]:

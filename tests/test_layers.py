@@ -19,6 +19,7 @@ LAYERS = [
     ["callbacks"],  # loggers, W&B, evaluator, spike monitor, throughput
     ["train"],  # DeepSpeed JSON, engine, loop, run directory, `harness train`
     ["after", "plan", "slurm"],  # eval, sample, export; `harness plan`; sbatch and submit
+    ["smoke"],  # `harness smoke`: train, resume, export and reload, checked (CI)
     ["cli"],  # the `harness` command
 ]
 RANK = {pkg: i for i, row in enumerate(LAYERS) for pkg in row}
