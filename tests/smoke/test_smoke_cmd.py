@@ -38,9 +38,9 @@ def status(line: str) -> tuple[str, str]:
     return verdict, detail
 
 
-def small(tmp_path, capsys) -> tuple[int, dict[str, str]]:
+def small(tmp_path, capsys, *extra: str) -> tuple[int, dict[str, str]]:
     """A small smoke through command.main: (exit code, check name -> its line)."""
-    code = command.main(str(tmp_path / "smoke"), "cpu", SMALL, SMALL_MODEL)
+    code = command.main(str(tmp_path / "smoke"), "cpu", SMALL, [*SMALL_MODEL, *extra])
     lines = capsys.readouterr().out.splitlines()
     return code, {line.split()[1]: line for line in lines[:-1]}
 
@@ -115,9 +115,17 @@ def test_missing_transformers_is_one_line_naming_the_extra(smoke, tmp_path, monk
     assert check.status == "FAIL" and check.line().endswith("pip install -e .[hf]")
 
 
-def test_a_nonfinite_loss_fails_the_finite_check(tmp_path, capsys, monkeypatch):
+def test_a_nonfinite_loss_fails_and_bf16_passes_the_rest(tmp_path, capsys, monkeypatch):
+    """A NaN train/loss at step 3 (the logged value only): the finite check names it, the
+    monitor's alarm and the loss check fail too, exit 1. The run is in bf16, what the GPU job
+    trains (--device cuda picks it: the config is read here), so the checks that do not depend
+    on the model's size show the GPU precision on this CPU: the step-1 norm within the bf16
+    bound, the resume bit for bit, the export of BF16_Optimizer's fp32 masters. Unproven until
+    the GPU job runs: CUDA kernels, NCCL, the GPU's rounding against checks.RESUME_TOL."""
     from harness.train.trainer import Trainer
 
+    gpu = command.smoke_config(tmp_path, "cuda", Sizes())
+    assert (gpu.train.device, gpu.train.precision, gpu.zero.stage) == ("cuda", "bf16", 1)
     real = Trainer._reduced_scalars
 
     def nan_at_3(self, stats):
@@ -127,10 +135,16 @@ def test_a_nonfinite_loss_fails_the_finite_check(tmp_path, capsys, monkeypatch):
         return signals
 
     monkeypatch.setattr(Trainer, "_reduced_scalars", nan_at_3)
-    code, by = small(tmp_path, capsys)
+    code, by = small(tmp_path, capsys, "train.precision=bf16")
     assert code == 1
     assert status(by["finite"]) == ("FAIL", "train/loss=nan at step 3 of the uninterrupted run's "
                                             "metrics.jsonl")
+    assert status(by["monitor"]) == ("FAIL", "1 events, 1 alarms: first nonfinite on "
+                                             "train/loss at step 3")
+    assert status(by["loss"])[0] == "FAIL"
+    assert "bf16" in by["train"] and "tolerance 0.02" in by["norm"]
+    assert [status(by[n])[0] for n in ("train", "norm", "resume", "export")] == ["PASS"] * 4
+    assert "(bitwise)" in by["resume"]
 
 
 def test_a_perturbed_resume_fails_the_resume_check(tmp_path, capsys, monkeypatch):
@@ -152,3 +166,4 @@ def test_a_perturbed_resume_fails_the_resume_check(tmp_path, capsys, monkeypatch
     assert verdict == "FAIL" and detail.startswith("from step 4, steps 5-6 against the "
                                                    "uninterrupted run (bitwise)")
     assert all(status(by[n])[0] == "PASS" for n in ("data", "train", "norm", "finite"))
+
