@@ -262,7 +262,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from harness.smoke.command import main
 
     _run_dir[:] = [Path(args.dir)]
-    return main(args.dir, args.device)
+    try:
+        return main(args.dir, args.device)
+    finally:  # its runs' process group, left before exit as `harness train` leaves it
+        _close_process_group()
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "ds-config": cmd_ds_config,

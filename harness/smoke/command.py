@@ -271,7 +271,8 @@ def run_smoke(root: Path, device: str = "auto", sizes: Sizes = Sizes(),
     if trained:
         add(monitor_check(run_dir))
         add(checks.loss_falls(metrics(run_dir)))
-        first = next(iter(metrics(run_dir)), {}).get("optim/grad_norm_preclip")
+        first = next((r for r in metrics(run_dir) if r["step"] == 1), {}).get(
+            "optim/grad_norm_preclip")
         ref, failed = phase("norm", lambda: reference.step1_norm(cfg, device))
         add(failed or checks.step1_norm(first, ref, cfg.train.precision))
         add(resume_check(root, device, sizes, extra, phase))

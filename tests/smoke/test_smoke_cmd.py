@@ -48,7 +48,10 @@ def small(tmp_path, capsys, *extra: str) -> tuple[int, dict[str, str]]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke") / "dir"
-    code, lines, err = run_cli("--dir", str(root), "--device", "cpu")
+    with pytest.MonkeyPatch.context() as mp:  # as conftest's autouse fixture does per test:
+        # the CLI leaves the process group at the end, which later tests' engines share
+        mp.setattr("harness.parallel.distributed.close_process_group", lambda: None)
+        code, lines, err = run_cli("--dir", str(root), "--device", "cpu")
     return root, code, lines, err
 
 
