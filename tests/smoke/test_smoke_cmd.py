@@ -170,3 +170,12 @@ def test_a_perturbed_resume_fails_the_resume_check(tmp_path, capsys, monkeypatch
                                                    "uninterrupted run (bitwise)")
     assert all(status(by[n])[0] == "PASS" for n in ("data", "train", "norm", "finite"))
 
+
+
+def test_a_phase_that_raises_is_a_fail_line_with_its_traceback_in_the_log(tmp_path, capsys):
+    log = tmp_path / "smoke.log"
+    result, failed = command.Phase(log)("export", lambda: print("chatter") or 1 / 0)
+    assert result is None and capsys.readouterr().out == ""  # its output went to the log
+    assert failed.line() == (f"FAIL export  ZeroDivisionError: division by zero (traceback in "
+                             f"{log})")
+    assert "chatter" in log.read_text() and "Traceback" in log.read_text()
