@@ -106,8 +106,7 @@ def check_paths(cfg: Config) -> None:
     check_out_dir(out_dir, contents=True)
     check_toy_corpus(cfg.data, out_dir)  # the large presets' data, before any engine
     if (out_dir / MANIFEST).is_file():
-        # what needs neither reading nor walking the sources: the manifest and the settings
-        # (rank 0 compares the sources themselves in open_shards)
+        # the manifest and the settings only (rank 0 compares the sources in open_shards)
         check_prepared_from(cfg.data, out_dir, read_sources=False)
     else:  # shards to prepare on first use: somewhere to write them
         check_dir("data.out_dir", cfg.data.out_dir, "data/mine")
