@@ -22,6 +22,10 @@ Later steps start from weights that differ by such rounding; Adam turns it into 
 moves (see engine_utils.ROUNDING_TOL), so steps 2-3 are compared at 10x the tolerance, and
 under bf16 at 1e-2: a master-weight difference that flips a bf16 rounding of the weights moves
 their gradients by up to 2^-8 relative (measured 1.9e-3 with optimizer offload at ZeRO 2).
+The attention-logit bounds of ZeRO 0's bf16-summed llama case at steps 2-3: rel 3e-2. They
+are maxima over products of bf16 weights, whose rounding flips with the summation order;
+measured 0.9% alone and 2.1% inside the whole suite (another summation order), since ZeRO 0 takes
+Adam's full first step (it took 0.735 of it before harness.train.engine.start_optimizer_fresh).
 """
 from pathlib import Path
 
@@ -119,7 +123,9 @@ def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(two_rank_runs, stage,
         assert len(update) == 2 + (0 if stage == 3 else len(plain_groups))  # ZeRO 3: mixed
         for key in [*norm_keys(single), "optim/clip_coef", "train/loss", "optim/lr", *update,
                     *forward]:
-            assert two[key] == pytest.approx(single[key], rel=tol), (step, key)
+            # a maximum over the attention of bf16 weights: see the docstring
+            at = 3e-2 if bf16_sum and step and key.startswith("model/attn_logit_bound") else tol
+            assert two[key] == pytest.approx(single[key], rel=at), (step, key)
         if step:  # nothing wrote the weights between steps: rounding only, on both
             assert max(two["optim/param_jump"], single["optim/param_jump"]) < 1e-6, step
         for key in ("optim/clipped", "optim/clip_rate", "optim/skipped", "train/tokens_seen"):
