@@ -37,7 +37,7 @@ BAD = [  # (overrides, the key the message must name)
     (["model.dropout=1.5"], "model.dropout"),
     ([f"{AC}.policy=every_k", f"{AC}.every_k=9"], f"{AC}.every_k"),
     # fp32 accumulation of bf16 gradients exists only in DeepSpeed's ZeRO optimizers
-    (["train.precision=bf16"], "train.grad_accum_dtype"),
+    (["train.precision=bf16", "train.grad_accum_dtype=fp32"], "train.grad_accum_dtype"),  # ZeRO 0
     (["train.precision=bf16", "zero.stage=1", "train.grad_accum_dtype=fp16"], "train.grad_accum_dtype"),
     (["train.precision=bf16", "zero.stage=1", "train.reduce_dtype=int8"], "train.reduce_dtype"),
     # DeepSpeed's ZeRO-0 fp16 optimizers ignore hysteresis; ZeRO 1 uses its DynamicLossScaler
