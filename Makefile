@@ -12,7 +12,7 @@ TORCH_INSTALLED = $(PY) -c 'from importlib.metadata import version as v; print(v
 # in turn (each build is keyed by its venv's paths)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install train test ds-configs bench clean-runs
+.PHONY: install train test smoke ds-configs bench clean-runs
 
 # pip -q is silent for minutes: each step says what it installs before it starts
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,11 @@ train: install
 # --durations=25: every run ends with its 25 slowest tests (ARGS may override it)
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(ARGS)
+
+# the CI smoke test (docs/ci.md): train, resume, export and reload a tiny model in
+# build/smoke/, one PASS/FAIL line per check; ARGS e.g. --device cpu or --dir DIR
+smoke: install
+	$(VENV)/bin/harness smoke $(ARGS)
 
 ds-configs: install
 	$(PY) -m harness.train.ds_config ds_configs

@@ -68,10 +68,13 @@ def made(tmp_path_factory):
                             capture_output=True, text=True, check=True).stdout.split()
     assert recipe == [f"{HARNESS}", "train"], recipe  # what the stand-in below runs
     home = tmp_path_factory.mktemp("checkout")
-    runs = [subprocess.run([sys.executable, "-m", "harness.cli", "train"], cwd=home,
-                           capture_output=True, text=True, timeout=900, env=child_env())
-            for _ in range(2)]
-    return home, runs
+    runs, texts = [], []
+    for _ in range(2):
+        runs.append(subprocess.run([sys.executable, "-m", "harness.cli", "train"], cwd=home,
+                                   capture_output=True, text=True, timeout=900, env=child_env()))
+        metrics = home / "runs" / "tiny" / "metrics.jsonl"
+        texts.append(metrics.read_text() if metrics.is_file() else None)
+    return home, runs, texts
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -83,7 +86,7 @@ def check_make_train(made, capsys):
     """The tiny preset, 60 steps into runs/tiny on the built-in corpus (prepared into
     data/stdlib with a 512-piece tokenizer), every phase announced in order; the same command
     again finds the run complete and changes nothing."""
-    home, (first, again) = made
+    home, (first, again), (after_first, after_again) = made
     assert first.returncode == 0, first.stderr[-3000:]
     heads = [ln.split()[0].rstrip(":") for ln in first.stdout.splitlines() if ln.strip()]
     phases = [h for i, h in enumerate(heads) if h in ("engine", "data", "run", "step", "checkpoint")
@@ -99,10 +102,15 @@ def check_make_train(made, capsys):
     manifest = json.loads((home / "data" / "stdlib" / "manifest.json").read_text())
     assert manifest["vocab_size"] == 512 and manifest["splits"]["train"]["tokens"] > 10**6
     assert (run / "checkpoints" / "step00000060").is_dir()
+    evals = [(m["step"], m["eval/loss"]) for m in steps if "eval/loss" in m]
+    assert [s for s, _ in evals] == [20, 40, 60] and evals[-1][1] < evals[0][1]  # eval_every 20
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 60
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     # "Running it again finds the run complete and does nothing"
     assert again.returncode == 0, again.stderr[-3000:]
     assert "complete at step 60: nothing to do" in again.stdout + again.stderr
-    assert len(_metrics(run)) == 60
+    assert len(_metrics(run)) == 60 and after_again == after_first  # changed nothing
 
 
 # ---- the commands that read the run, in-process --------------------------------------------

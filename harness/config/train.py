@@ -69,8 +69,9 @@ class TrainConfig:
     # load_config, so that train.precision=bf16 works on every preset as given
     grad_accum_dtype: Optional[str] = None
     reduce_dtype: str = "fp32"
-    # a train.run_dir that holds another run, or files of the user's: move the old run's files
-    # to RUN_DIR/replaced-TIME/ (nothing deleted) and start anew; refused otherwise
+    # a train.run_dir that holds a run this config cannot continue (another config, another
+    # model, checkpoint.resume=never) or files of the user's: move the old run's files to
+    # RUN_DIR/replaced-TIME/ (nothing deleted) and start anew; a run it continues is continued
     overwrite: bool = False
     # PaLM's z-loss: z_loss x mean log(Z)^2 added to the training loss (1e-4 in PaLM and
     # OLMo 2); train/z_loss logs mean log(Z)^2 every step, whatever the coefficient
