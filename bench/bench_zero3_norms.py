@@ -47,6 +47,7 @@ def main() -> None:
     rows, payload = [], {}
     for offload in (False, True):
         cfg = load_config("tiny", [f"model.n_layer={layers}", "zero.stage=3", "train.max_steps=20",
+                                   "optim.warmup_steps=1",
                                    "train.global_batch_size=8", "train.micro_batch_size=8",
                                    f"zero.offload_optimizer={str(offload).lower()}",
                                    *args.overrides])

@@ -51,8 +51,10 @@ FINAL_EVAL_SEQS = 64
 
 # small enough that the suite's 60 runs of 300 steps take ~5 minutes on 2 cores
 LR_WARMUP = 20
+# the learning rate the suite was measured and tuned at (the tiny preset's until it moved to
+# 2e-3): pinned, so that a preset change does not move the suite's numbers
 MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.block_size=64",
-         "train.global_batch_size=16", "train.micro_batch_size=16",
+         "train.global_batch_size=16", "train.micro_batch_size=16", "optim.lr=3e-3",
          f"optim.warmup_steps={LR_WARMUP}"]
 # short runs: the monitor arms after 50 steps and 32 values, with 64-step windows (the
 # defaults, 100 and 128, would leave little of a 300-step run to score)
