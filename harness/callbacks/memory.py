@@ -14,7 +14,6 @@ on_step_end (callbacks after this one) counts in the next report.
 from __future__ import annotations
 
 import resource
-from typing import Any
 
 import torch
 

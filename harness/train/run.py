@@ -175,8 +175,8 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     checkpointer.clean_partial(built.dist.rank)
     resume = checkpointer.find_resume(built.comm)
     metrics_file = MetricsFile(run_dir)
-    callbacks = [checkpointer, Throughput(), PeakMemory(), metrics_file, Console(cfg.train.log_every),
-                 WandbLogger(cfg.wandb), RunDirLease(cfg)]
+    callbacks = [checkpointer, Throughput(), PeakMemory(), metrics_file,
+                 Console(cfg.train.log_every), WandbLogger(cfg.wandb), RunDirLease(cfg)]
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
     if cfg.data.eval_every:

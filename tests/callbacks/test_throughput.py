@@ -1,8 +1,6 @@
 """Throughput's FLOPs per token come from the model as defined, whatever ZeRO did to it."""
 from types import SimpleNamespace
 
-import torch
-
 from engine_utils import small_cfg
 
 from harness.callbacks.throughput import Throughput
