@@ -76,18 +76,3 @@ def reference_run(cfg, device: str, steps: int, keep_params: bool) -> Reference:
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
-
-
-def update_error(initial: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                 trained: dict[str, torch.Tensor]) -> float:
-    """|| (trained - initial) - (reference - initial) || / || reference - initial ||: 0 when
-    the run's updates are the reference's, 1 when they never reached the weights, ~1 or more
-    for a doubled or a wrong-signed update; inf when the run lacks a parameter."""
-    diff = ref = 0.0
-    for name, w0 in initial.items():
-        if name not in trained:
-            return math.inf
-        r = reference[name] - w0
-        diff += float((trained[name].float() - w0 - r).pow(2).sum())
-        ref += float(r.pow(2).sum())
-    return math.sqrt(diff / ref) if ref else math.inf

@@ -15,13 +15,14 @@ import torch
 from batched import run_cases
 from engine_utils import run_harness, small_cfg
 
+from harness.callbacks.memory import PeakMemory
 from harness.callbacks.throughput import Throughput
 from harness.train.run import leave_together
 
 
 def train(out: Path, overrides: list[str]) -> None:
     cfg = small_cfg(*overrides)
-    params, metrics, built = run_harness(cfg, torch.float32, callbacks=[Throughput()])
+    params, metrics, built = run_harness(cfg, torch.float32, callbacks=[Throughput(), PeakMemory()])
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"metrics": metrics, "params": params, "calls": built.comm.calls},
                out / f"rank{built.dist.rank}.pt")

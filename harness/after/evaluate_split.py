@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from harness.after.evaluate_text import Scorer, Totals, check_options
+from harness.after.evaluate_text import Scorer, Totals, check_options, windows
 from harness.common.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -63,8 +63,7 @@ def score_split(model, tokens: np.ndarray, block: int, eos_id: int,
         model.train(was_training)
     totals = Totals(nats=float(scorer.doc_nats.get(0, 0.0)), tokens=n)
     totals.per_document = [totals.nats]
-    n_windows = 0 if n == 0 else 1 + max(0, -(-(n - block) // stride))  # as windows() cuts
-    return totals, n_windows
+    return totals, sum(1 for _ in windows(n, block, stride))
 
 
 def evaluate_split(source: str, split: str, max_tokens: Optional[int] = None,

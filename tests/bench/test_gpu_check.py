@@ -16,7 +16,9 @@ from harness.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 import gpu_check  # noqa: E402
 import gpu_judge  # noqa: E402
-from gpu_reference import Reference, update_error  # noqa: E402
+from gpu_reference import Reference  # noqa: E402
+
+from harness.smoke.checks import update_error  # noqa: E402
 
 W0 = {"w": torch.zeros(4), "b": torch.ones(2)}
 W3 = {"w": torch.tensor([0.1, -0.1, 0.1, 0.0]), "b": torch.tensor([1.0, 0.9])}  # the reference

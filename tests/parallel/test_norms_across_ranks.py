@@ -34,6 +34,7 @@ import pytest
 import torch
 from engine_utils import child_env, plain_grads, precision_args, run_harness, small_cfg, torchrun
 
+from harness.callbacks.memory import PeakMemory
 from harness.callbacks.throughput import Throughput
 from harness.model import layer_group
 
@@ -106,11 +107,13 @@ def test_two_ranks_log_what_one_rank_and_plain_pytorch_log(two_rank_runs, stage,
     rel = 4e-3 if bf16_sum else 1e-4
     d = two_rank_runs.dir(case_id(stage, precision, offload, extra))
     r0, r1 = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    _, one, built = run_harness(small_cfg(*args, *ONE), callbacks=[Throughput()])
+    _, one, built = run_harness(small_cfg(*args, *ONE), callbacks=[Throughput(), PeakMemory()])
     # every rank logs the same numbers, and makes as many collectives as a single rank
     assert [norm_keys(m) for m in r0["metrics"]] == [norm_keys(m) for m in one]
     # (memory too: the largest peak over ranks)
     assert [same_everywhere(m) for m in r0["metrics"]] == [same_everywhere(m) for m in r1["metrics"]]
+    # PeakMemory's all-reduce: on its report steps (first, last), every rank logs the max
+    assert "memory/cpu_rss_gb" in r0["metrics"][0] and "memory/cpu_rss_gb" in one[0]
     assert r0["calls"] == r1["calls"] == built.comm.calls
     plain_groups = [k for k in one[0] if k.startswith("grad_norm/")]
     for step, (two, single) in enumerate(zip(r0["metrics"], one)):
