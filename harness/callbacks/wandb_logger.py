@@ -147,9 +147,7 @@ class WandbLogger(Callback):
             resume="allow",
             config={"harness": to_dict(trainer.cfg), "deepspeed": trainer.built.ds_config})
         try:
-            settings = (wandb.Settings(init_timeout=float(self.cfg.init_timeout_s))
-                        if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT") else None)
-            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+            self.run = wandb.init(mode=mode, settings=self._settings(wandb, mode), **kwargs)
         except wandb.errors.Error as err:
             if mode != "online" or isinstance(err, (wandb.errors.AuthenticationError,
                                                     wandb.errors.UsageError)):
@@ -161,7 +159,19 @@ class WandbLogger(Callback):
         self._init = (mode, kwargs)
         self._metrics_from = _size(self._metrics_path(trainer))  # where this process's lines start
         self._call("define_metric", self._define_metrics)
-        log.info("W&B run %s (%s) in %s", self.run_id, mode, where)
+        url = getattr(self.run, "url", None) if mode == "online" else None
+        log.info("W&B run %s (%s) in %s%s", self.run_id, mode, where, f": {url}" if url else "")
+
+    def _settings(self, wandb, mode: str) -> Any:
+        """Online: wait wandb.init_timeout_s for the server, and no more. wandb's logged-in
+        message looks the user name up with its own retries first (about 10 s with no route
+        to the server, whatever init_timeout says), so it is skipped (silent); the run's URL
+        is in our own line instead."""
+        if mode != "online":
+            return None
+        timeout = ({} if os.environ.get("WANDB_INIT_TIMEOUT")
+                   else {"init_timeout": float(self.cfg.init_timeout_s)})
+        return wandb.Settings(silent=True, **timeout)
 
     def _define_metrics(self) -> None:
         self.run.define_metric("train/step")
