@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.common.errors import HarnessError
 from harness.config.data import DataConfig, check_corpus
-from harness.data.corpus import Source, scan_sources, source_files, stat_key, stdlib_dir
+from harness.data.corpus import Source, stdlib_dir
 from harness.data.shards import FORMAT_VERSION, MANIFEST, TOKENIZER_FILE, TokenShards, read_manifest
 from harness.data.tokenizer import Tokenizer
 
@@ -27,6 +27,9 @@ TMP_INFIX = ".tmp-"  # .NAME.tmp-HEX-PID@HOST beside out_dir, renamed to out_dir
 # a temp directory of another host is only known dead when nothing in it changed for this long
 # (tokenizing writes continuously; training the tokenizer on its sample takes minutes)
 STALE_AFTER_S = 24 * 3600
+# the trainer stats at most this many source files (plus the paths data.sources names), never
+# the whole corpus: a start-up cost that does not grow with it
+STAT_SAMPLE = 256
 
 
 def check_out_dir(out_dir: Path, contents: bool = False) -> None:
@@ -143,20 +146,23 @@ def up_to_date(out_dir: Path, inputs: str, mismatch=None) -> bool:
 
 
 def check_prepared_from(cfg: DataConfig, out_dir: Path, read_sources: bool = True) -> None:
-    """The trainer's check that the shards in out_dir are the ones the config describes.
+    """The trainer's check that the shards in out_dir are the ones the config describes, at a
+    cost that does not grow with the corpus: the manifest, and at most STAT_SAMPLE stats.
 
-    With data.sources set, the shards must come from those sources with these settings, as
-    prepare-data requires; a quick check of the files' paths, sizes and times decides without
-    reading them, and only when it differs (files touched or moved, an older manifest) are
-    the sources read and hashed. With data.sources empty the config names no corpus of its
-    own: shards of the built-in corpus must have this config's tokenizer settings, and shards
-    prepared from other sources (`harness prepare-data data.sources=... data.out_dir=D`, then
-    `harness train data.out_dir=D`) are trained on as they are.
+    With data.sources set, the shards must come from those sources (the paths prepare-data
+    recorded) with these settings. The sources' content is trusted to be what prepare-data
+    hashed: re-reading them here would keep every rank waiting for hours at terabytes. Only a
+    fixed sample of them is looked at (sizes and times, never the bytes): when that changed,
+    this refuses, and `harness prepare-data`, run with the same config, compares the files by
+    content and records them again when their bytes are the same. With data.sources empty the
+    config names no corpus of its own: shards of the built-in corpus must have this config's
+    tokenizer settings, and shards prepared from other sources (`harness prepare-data
+    data.sources=... data.out_dir=D`, then `harness train data.out_dir=D`) are trained on as
+    they are.
 
-    `read_sources=False` (every rank, before the engine is built): only the manifest, the
-    settings and that each named source exists, no walk of the source directories (64 ranks
-    stat-ing a corpus of many files on a shared filesystem): a refusal is certain, a pass may
-    still be refused by rank 0's full check.
+    `read_sources=False` (every rank, before the engine is built): the manifest and that each
+    named source exists, no stat of the sample (ranks on other nodes may see other times):
+    a refusal is certain, a pass may still be refused by rank 0's check.
     """
     manifest = read_manifest(out_dir)
     builtin = _prepared_from_builtin(manifest)
@@ -174,22 +180,49 @@ def check_prepared_from(cfg: DataConfig, out_dir: Path, read_sources: bool = Tru
         if read_sources:
             _note_slice(cfg, out_dir, manifest)
         return
-    if not read_sources:
-        for raw in cfg.sources:
-            if not Path(raw).expanduser().exists():
-                raise HarnessError(f"data.sources: {raw} does not exist; fix or remove the path")
-        return
-    files = source_files(cfg.sources)
-    quick = stat_key(files, cfg.max_bytes)
-    if manifest.get("sources_stat") == quick:
-        return
-    log.info("data.sources changed on disk since %s was prepared, or it predates quick "
-             "checks: reading them to compare", out_dir)
-    sources = scan_sources(cfg.sources, cfg.max_bytes, files)
-    if manifest.get("inputs_sha256") != sha256({"settings": settings,
-                                                 "sources": source_keys(sources)}):
+    for raw in cfg.sources:
+        if not Path(raw).expanduser().exists():
+            raise HarnessError(f"data.sources: {raw} does not exist; fix or remove the path")
+    if (manifest.get("sources_given") != absolute(cfg.sources)
+            or manifest.get("max_bytes", cfg.max_bytes) != cfg.max_bytes):
         raise mismatch_error(cfg, out_dir, manifest, settings)
-    record_quick_key(out_dir, quick)
+    if read_sources:
+        _check_stat_sample(cfg, out_dir, manifest)
+
+
+def stat_sample(sources_given: list[str], files: list[tuple[Path, bool]]) -> list[list]:
+    """[path, size, mtime_ns] of the paths named in data.sources (a directory's time changes
+    when a file is added or removed in it) and of at most STAT_SAMPLE files evenly spread over
+    the corpus, first and last included: what the trainer stats instead of every file."""
+    paths = [Path(p) for p in absolute(sources_given)]
+    n = len(files)
+    picks = sorted({round(i * (n - 1) / (STAT_SAMPLE - 1)) for i in range(STAT_SAMPLE)}) \
+        if n > STAT_SAMPLE else range(n)
+    paths += [Path(os.path.abspath(files[i][0])) for i in picks]
+    seen: set[Path] = set()
+    return [_stat_row(p) for p in paths if not (p in seen or seen.add(p))]
+
+
+def _stat_row(path: Path) -> list:
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), -1, -1]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _check_stat_sample(cfg: DataConfig, out_dir: Path, manifest: dict) -> None:
+    sample = manifest.get("stat_sample")
+    if not isinstance(sample, list):  # an older manifest: the whole corpus's key, not a sample
+        changed = ["(the manifest predates the trainer's quick check)"]
+    else:
+        changed = [row[0] for row in sample if _stat_row(Path(row[0])) != list(row)]
+    if changed:
+        raise HarnessError(
+            f"data.sources={_short_list(cfg.sources)}: {_short_list(changed)} changed size or "
+            f"time since data.out_dir={out_dir} was prepared: run `harness prepare-data` with "
+            f"the same config to compare the files by content (it keeps the shards if the "
+            f"bytes are the same), or prepare into another data.out_dir")
 
 
 def check_toy_corpus(cfg: DataConfig, out_dir: Path) -> None:
@@ -223,15 +256,19 @@ def _note_slice(cfg: DataConfig, out_dir: Path, manifest: dict) -> None:
                  manifest.get("source_bytes", 0) / 1e6, saved, cfg.max_bytes)
 
 
-def record_quick_key(out_dir: Path, quick: str) -> None:
-    """Remember the files' quick key once their content has been found equal (best effort:
-    a read-only data directory keeps being compared by content)."""
+def record_sources_checked(out_dir: Path, sample: list[list], sources_given: list[str]) -> None:
+    """Remember the files' sample of stats, and the paths they were named by, once their
+    content has been found equal (they may have been touched, copied or moved; best effort: a
+    read-only data directory keeps being refused by the trainer's quick check until
+    prepared again)."""
     path = out_dir / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-        if manifest.get("sources_stat") == quick:
+        given = absolute(sources_given)
+        if manifest.get("stat_sample") == sample and manifest.get("sources_given") == given:
             return
-        manifest["sources_stat"] = quick
+        manifest.pop("sources_stat", None)  # the whole corpus's key of older manifests
+        manifest.update(stat_sample=sample, sources_given=given)
         tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, path)
@@ -303,7 +340,8 @@ def mismatch_error(cfg: DataConfig, out_dir: Path, manifest: dict, settings: dic
     return HarnessError(
         f"data.sources={_short_list(cfg.sources)} but data.out_dir={out_dir} holds shards of "
         f"{prepared}: run `harness prepare-data` with these data.sources into another "
-        f"data.out_dir and train on that, or point data.sources back")
+        f"data.out_dir and train on that (into this one if they are those files moved: it "
+        f"compares them by content), or point data.sources back")
 
 
 def _setting_differs(name: str, ours, theirs, out_dir: Path, fix: str) -> HarnessError:

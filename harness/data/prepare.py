@@ -23,11 +23,11 @@ from tqdm import tqdm
 from harness.common import lease
 from harness.config.data import DataConfig
 from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
-                                 source_files, stat_key)
+                                 source_files)
 from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_dir,
                                   check_toy_corpus, clean_stale_temp_dirs, mismatch_error,
-                                  owner_tag, prep_settings, record_quick_key, sha256,
-                                  source_keys, unwritable, up_to_date)
+                                  owner_tag, prep_settings, record_sources_checked, sha256,
+                                  source_keys, stat_sample, unwritable, up_to_date)
 from harness.data.shards import TOKENIZER_FILE, ShardWriter, TokenShards, token_dtype
 from harness.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -75,7 +75,8 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     if builtin_slice(cfg, out_dir, settings):
         return out_dir, False
     files = source_files(cfg.sources)
-    quick = stat_key(files, cfg.max_bytes)  # before reading: a file edited meanwhile shows
+    # what the trainer will stat, taken before reading: a file edited meanwhile shows
+    sample = stat_sample(cfg.sources, files)
     skipped: dict[str, list[str]] = {}
     sources = scan_sources(cfg.sources, cfg.max_bytes, files, skipped)
     if skipped:  # news in the user's corpus; in the built-in one, a few empty __init__.py
@@ -84,7 +85,7 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     if out_dir.parent.is_dir():
         clean_stale_temp_dirs(out_dir)
     if up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
-        record_quick_key(out_dir, quick)
+        record_sources_checked(out_dir, sample, cfg.sources)
         return out_dir, False
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -94,16 +95,16 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     try:
         # prepared by another preparer between our check and our lease: nothing to do
         if up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
-            record_quick_key(out_dir, quick)
+            record_sources_checked(out_dir, sample, cfg.sources)
             return out_dir, False
-        _build_out_dir(cfg, out_dir, sources, given, settings, inputs, progress, quick)
+        _build_out_dir(cfg, out_dir, sources, given, settings, inputs, progress, sample)
         return out_dir, True
     finally:
         held.release()
 
 
 def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], given, settings: dict,
-                   inputs: str, progress: bool, quick: str) -> None:
+                   inputs: str, progress: bool, sample: list) -> None:
     """Build the shards in a temp directory beside out_dir, then rename it into place."""
     tmp = out_dir.parent / f".{out_dir.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}-{owner_tag()}"
     try:
@@ -111,7 +112,7 @@ def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], given,
     except OSError as e:
         raise unwritable(out_dir, out_dir.parent, e) from None
     try:
-        _build(cfg, sources, given, settings, inputs, tmp, progress, quick)
+        _build(cfg, sources, given, settings, inputs, tmp, progress, sample)
         _fsync_files(tmp)
         try:
             tmp.rename(out_dir)  # atomic; replaces only a missing or empty out_dir
@@ -134,7 +135,7 @@ def _lease_args(out_dir: Path) -> tuple[Path, str, Path, str]:
 
 
 def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, settings: dict,
-           inputs: str, tmp: Path, progress: bool, quick: str) -> None:
+           inputs: str, tmp: Path, progress: bool, sample: list) -> None:
     total = sum(s.bytes_used for s in sources)
     is_val = _val_mask(sum(s.documents for s in sources), cfg.val_fraction, cfg.seed)
     split = TOKEN_SPLIT if is_val is None else "documents"
@@ -159,7 +160,7 @@ def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, sett
         writer.finish(fingerprint=fingerprint, inputs_sha256=inputs, settings=settings,
                       source_bytes=total, sources=[asdict(s) for s in sources],
                       sources_given=absolute(cfg.sources), max_bytes=cfg.max_bytes,
-                      sources_stat=quick, val_split=split)
+                      stat_sample=sample, val_split=split)
 
 
 def _num_workers(cfg: DataConfig, total_bytes: int) -> int:

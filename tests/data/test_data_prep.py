@@ -1,7 +1,9 @@
 """Data preparation: lossless tokenizer, shard layout, validation errors, atomic output."""
 from __future__ import annotations
 
+import builtins
 import hashlib
+import io
 import json
 import os
 import re
@@ -358,29 +360,48 @@ def _words_cfg(tmp_path, **kw) -> DataConfig:
 
 
 def test_train_check_reads_no_source_while_the_files_look_the_same(tmp_path, monkeypatch):
+    """The trainer trusts the manifest and stats a bounded sample; reading the sources to
+    compare them by content is prepare-data's job (moved there from the trainer's rank 0:
+    issue 30 item 1): touched files are refused by the trainer until prepare-data has found
+    them equal and recorded them; other bytes are refused by both."""
     cfg = _words_cfg(tmp_path)
     out = prep.prepare_data(cfg, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources_given"] == [str(tmp_path / "words.txt")]
-    real_scan = data_out_dir.scan_sources
-    monkeypatch.setattr(data_out_dir, "scan_sources",
-                        lambda *a, **kw: pytest.fail("read the sources"))
+    real_open = io.open
+
+    def no_source(file, *a, **kw):
+        assert "words.txt" not in str(file), "read the sources"
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(io, "open", no_source)  # Path.open and read_bytes go through it
+    monkeypatch.setattr(builtins, "open", no_source)
     data_out_dir.check_prepared_from(cfg, out)  # paths, sizes and times as recorded: no reading
-    # the same bytes touched (a copy, a checkout): read once, found equal, remembered
+    monkeypatch.undo()
+    # the same bytes touched (a copy, a checkout): the trainer refuses without reading,
+    # prepare-data reads them once, finds them equal and remembers; then the trainer goes on
     os.utime(tmp_path / "words.txt", (1, 1))
+    with pytest.raises(HarnessError, match=r"words.txt\] changed size or time since .*run "
+                                           r"`harness prepare-data` with the same config"):
+        data_out_dir.check_prepared_from(cfg, out)
     reads = []
-    monkeypatch.setattr(data_out_dir, "scan_sources",
-                        lambda *a, **kw: reads.append(1) or real_scan(*a, **kw))
+    real_scan = prep.scan_sources
+    monkeypatch.setattr(prep, "scan_sources", lambda *a, **kw: reads.append(1) or
+                        real_scan(*a, **kw))
+    prep.prepare_data(cfg, progress=False)
     data_out_dir.check_prepared_from(cfg, out)
     data_out_dir.check_prepared_from(cfg, out)
     assert reads == [1]
     after = json.loads((out / "manifest.json").read_text())
-    assert after.pop("sources_stat") != manifest.pop("sources_stat") and after == manifest
-    # other bytes: refused, naming the files and both ways out
+    assert after.pop("stat_sample") != manifest.pop("stat_sample") and after == manifest
+    # other bytes: refused by the trainer (sizes differ) and by prepare-data, which names
+    # the files and both ways out
     (tmp_path / "words.txt").write_text("other text\n" * 3000)
+    with pytest.raises(HarnessError, match=r"words.txt\] changed size or time"):
+        data_out_dir.check_prepared_from(cfg, out)
     with pytest.raises(HarnessError, match=r"files of data.sources=.*words.txt\] changed since "
                                            r"data.out_dir=.* was prepared .*prepare-data"):
-        data_out_dir.check_prepared_from(cfg, out)
+        prep.prepare_data(cfg, progress=False)
 
 
 def test_train_check_names_both_sources_and_settings(tmp_path):
