@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "install: 3/3 this package and its dependencies (deepspeed, sentencepiece, wandb,"\
 	      "transformers, lm-eval, pytest)"
 	# the hf extra (transformers, lm-eval) never moves torch: the pin is already installed
-	$(PY) -m pip install -q -e ".[dev,hf]" "torch==$$($(TORCH_INSTALLED))"
+	$(PY) -m pip install -q -e ".[dev,hf,data]" "torch==$$($(TORCH_INSTALLED))"
 	touch $@
 	@echo "install: done ($(VENV)); make skips this step until pyproject.toml changes"
 

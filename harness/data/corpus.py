@@ -1,11 +1,14 @@
-"""Documents from the configured sources: text files, directories, JSONL, or the stdlib.
+"""Documents from the configured sources: text files, JSON lines (plain, gzip, zstd), Parquet,
+directories of them, or the stdlib (the formats and their readers: harness/data/formats.py).
 
 Two passes: `scan_sources` lists, hashes and counts the documents (the split and the manifest
-need the count and hashes before tokenizing); `iter_documents` then yields them in order.
+need the count and hashes before tokenizing); `iter_documents` then yields them in order. Both
+stream every file (a part, a line or a batch at a time).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -16,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
+
 from harness.common.errors import HarnessError
+from harness.data import formats
+from harness.data.formats import LINE_KINDS, TextDigest, kind_of
 
 log = logging.getLogger("harness")
 
@@ -30,10 +37,14 @@ STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"
 @dataclass(frozen=True)
 class Source:
     path: str
-    kind: str  # "text" (the whole file is one document) or "jsonl" (one per line)
-    size: int  # bytes in the file
-    bytes_used: int  # less than size only where max_bytes cut a JSONL file
-    sha256: str  # of the bytes used
+    # "text" (one document, or one per part of a file over formats.TEXT_PART_BYTES), "jsonl",
+    # "jsonl.gz", "jsonl.zst" (one per line) or "parquet" (one per row)
+    kind: str
+    # bytes the documents come from: the file's (text, .jsonl), decompressed (.gz, .zst), the
+    # text column's UTF-8 (Parquet)
+    size: int
+    bytes_used: int  # less than size only where max_bytes cut the file
+    sha256: str  # of the bytes used (Parquet: of the texts and their lengths, formats.TextDigest)
     documents: int
 
 
@@ -62,15 +73,20 @@ def stat_key(files: list[tuple[Path, bool]], max_bytes: int) -> str:
 
 def scan_sources(paths: list[str], max_bytes: int = 0,
                  files: Optional[list[tuple[Path, bool]]] = None,
-                 skipped: Optional[dict[str, list[str]]] = None) -> list[Source]:
+                 skipped: Optional[dict[str, list[str]]] = None,
+                 text_field: str = "text") -> list[Source]:
     """Sources in reading order, stopping where `max_bytes` (0: no cap) is reached;
     `files`: source_files(paths), when the caller has it already; `skipped`, when given,
-    receives the files left out by reason (SKIP_REASONS), in reading order."""
+    receives the files left out by reason (SKIP_REASONS), in reading order; `text_field`: the
+    Parquet column of the text (data.jsonl_text_field), checked here."""
     budget = max_bytes if max_bytes > 0 else math.inf
     sources = []
     for path, explicit in (source_files(paths) if files is None else files):
-        if path.suffix == ".jsonl":
-            source, reason = _scan_jsonl(path, budget), None
+        kind = kind_of(path)
+        if kind in LINE_KINDS:
+            source, reason = _scan_jsonl(path, kind, budget), None
+        elif kind == "parquet":
+            source, reason = _scan_parquet(path, text_field, budget), None
         else:
             source, reason = _scan_text(path, explicit, budget)
         if source is not None and not source.documents and source.bytes_used == source.size:
@@ -110,8 +126,9 @@ def iter_documents(sources: list[Source], text_field: str) -> Iterator[tuple[str
     """(text, source bytes) for every document of `sources`, in order."""
     for source in sources:
         if source.kind == "text":
-            data = _read(Path(source.path))
-            yield data.decode("utf-8"), len(data)
+            yield from _text_documents(source)
+        elif source.kind == "parquet":
+            yield from _parquet_documents(source, text_field)
         else:
             yield from _jsonl_documents(source, text_field)
 
@@ -167,64 +184,77 @@ def _kind(path: Path) -> str:
     return "not a regular file"
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise HarnessError(f"data.sources: cannot read {path} ({e.strerror or e}); fix its "
-                           "permissions or remove it") from None
+def _unreadable(path, e: OSError) -> HarnessError:
+    return HarnessError(f"data.sources: cannot read {path} ({e.strerror or e}); fix its "
+                        "permissions or remove it")
 
 
 def _scan_text(path: Path, explicit: bool, budget: float) -> tuple[Source | None, str | None]:
-    """(the source or None, why it is left out)."""
-    data = _read(path)
-    if not _is_text(data):
-        if explicit:
-            raise HarnessError(f"data.sources: {path} is not UTF-8 text; convert or remove it")
-        return None, "not UTF-8 text"  # binary files inside a directory: images, archives
-    if not data:
-        return None, "empty"
-    if len(data) > budget:
-        return Source(str(path), "text", len(data), 0, "", 0), None
-    digest = hashlib.sha256(data).hexdigest()
-    return Source(str(path), "text", len(data), len(data), digest, 1), None
-
-
-def _is_text(data: bytes) -> bool:
-    if b"\0" in data:
-        return False
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _scan_jsonl(path: Path, budget: float) -> Source:
+    """(the source or None, why it is left out). Read a part at a time: a file of at most
+    formats.TEXT_PART_BYTES is one document, as it always was."""
     digest, used, docs = hashlib.sha256(), 0, 0
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
-            for line in f:
-                if used + len(line) > budget:
+            for part in formats.text_parts(f):
+                if not formats.is_text(part):
+                    if explicit:
+                        raise HarnessError(f"data.sources: {path} is not UTF-8 text; convert "
+                                           "or remove it")
+                    return None, "not UTF-8 text"  # binary files in a directory: images, ...
+                if used + len(part) > budget:
                     break
+                digest.update(part)
+                used += len(part)
+                docs += 1
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    if not size:
+        return None, "empty"
+    return Source(str(path), "text", size, used, digest.hexdigest() if docs else "", docs), None
+
+
+def _text_documents(source: Source) -> Iterator[tuple[str, int]]:
+    try:
+        with open(source.path, "rb") as f:
+            for part in itertools.islice(formats.text_parts(f), source.documents):
+                yield part.decode("utf-8"), len(part)
+    except OSError as e:
+        raise _unreadable(source.path, e) from None
+
+
+def _scan_jsonl(path: Path, kind: str, budget: float) -> Source:
+    digest, used, docs, size = hashlib.sha256(), 0, 0, 0
+    try:
+        with formats.open_lines(path, kind) as lines:
+            for line in lines:
+                if used + len(line) > budget:
+                    if kind == "jsonl":
+                        break
+                    size += len(line)  # decompressed: count the rest for `size`
+                    budget = -1
+                    continue
                 digest.update(line)
                 used += len(line)
                 docs += bool(line.strip())
+        size = path.stat().st_size if kind == "jsonl" else used + size
     except OSError as e:
-        raise HarnessError(f"data.sources: cannot read {path} ({e.strerror or e}); fix its "
-                           "permissions or remove it") from None
-    return Source(str(path), "jsonl", path.stat().st_size, used, digest.hexdigest(), docs)
+        raise _unreadable(path, e) from None
+    return Source(str(path), kind, size, used, digest.hexdigest(), docs)
 
 
 def _jsonl_documents(source: Source, text_field: str) -> Iterator[tuple[str, int]]:
     used = 0
-    with open(source.path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            used += len(line)
-            if used > source.bytes_used:
-                return
-            if line.strip():
-                yield _jsonl_text(line, text_field, f"{source.path}:{lineno}"), len(line)
+    try:
+        with formats.open_lines(Path(source.path), source.kind) as lines:
+            for lineno, line in enumerate(lines, 1):
+                used += len(line)
+                if used > source.bytes_used:
+                    return
+                if line.strip():
+                    yield _jsonl_text(line, text_field, f"{source.path}:{lineno}"), len(line)
+    except OSError as e:
+        raise _unreadable(source.path, e) from None
 
 
 def _jsonl_text(line: bytes, text_field: str, where: str) -> str:
@@ -232,8 +262,34 @@ def _jsonl_text(line: bytes, text_field: str, where: str) -> str:
         record = json.loads(line)
     except ValueError as e:
         raise HarnessError(f"{where}: not a JSON line ({e}); fix or remove the line") from None
-    text = record.get(text_field) if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        raise HarnessError(f"{where}: no string field {text_field!r}; set data.jsonl_text_field "
-                           "to the key that holds the text")
-    return text
+    return formats.json_text(record, text_field, where)
+
+
+def _scan_parquet(path: Path, column: str, budget: float) -> Source:
+    """Reads the text column once: its byte count, digest and rows (a null or a corrupt page
+    is found here, before any tokenizing)."""
+    digest, used, docs, size = TextDigest(), 0, 0, 0
+    for array in formats.parquet_batches(path, column):
+        offsets = formats.string_offsets(array)
+        lengths = np.diff(offsets)
+        size += int(offsets[-1] - offsets[0])
+        if budget < 0:
+            continue  # cut already: count the rest for `size`
+        fits = int(np.searchsorted(np.cumsum(lengths), budget - used, side="right"))
+        digest.update(lengths[:fits], formats.string_data(array, offsets[:fits + 1]))
+        used += int(lengths[:fits].sum())
+        docs += fits
+        if fits < len(array):
+            budget = -1
+    return Source(str(path), "parquet", size, used, digest.hexdigest(), docs)
+
+
+def _parquet_documents(source: Source, column: str) -> Iterator[tuple[str, int]]:
+    left = source.documents
+    for array in formats.parquet_batches(Path(source.path), column):
+        if left <= 0:
+            return
+        array = array.slice(0, left)
+        left -= len(array)
+        lengths = np.diff(formats.string_offsets(array)).tolist()
+        yield from zip(array.to_pylist(), lengths)
