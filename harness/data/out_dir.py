@@ -280,7 +280,7 @@ def _prepared_from_builtin(manifest: dict) -> bool:
     if "sources_given" in manifest:
         return not manifest["sources_given"]
     root = str(stdlib_dir())  # manifests written before sources_given: by their paths
-    paths = [str(s.get("path", "")) for s in manifest.get("sources", [])]
+    paths = [str(s.get("path", "")) for s in _legacy_list(manifest)]
     return bool(paths) and all(p.startswith(root + os.sep) for p in paths)
 
 
@@ -294,7 +294,13 @@ def _prepared_sources(manifest: dict) -> str:
         return "the built-in corpus (data.sources=[])"
     if "sources_given" in manifest:
         return f"data.sources={_short_list(manifest['sources_given'])}"
-    return f"the files {_short_list([s.get('path', '?') for s in manifest.get('sources', [])])}"
+    return f"the files {_short_list([s.get('path', '?') for s in _legacy_list(manifest)])}"
+
+
+def _legacy_list(manifest: dict) -> list[dict]:
+    """The per-file list that manifests held before sources.jsonl (and sources_given)."""
+    sources = manifest.get("sources")
+    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
 
 
 def absolute(paths: list[str]) -> list[str]:

@@ -13,7 +13,6 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +28,7 @@ from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_
                                   owner_tag, prep_settings, record_sources_checked, sha256,
                                   source_keys, stat_sample, unwritable, up_to_date)
 from harness.data.shards import TOKENIZER_FILE, ShardWriter, TokenShards, token_dtype
+from harness.data.source_list import source_summary, write_source_list
 from harness.data.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger("harness")
@@ -51,7 +51,7 @@ def main(cfg: DataConfig) -> int:
     seconds = time.perf_counter() - start
     m = TokenShards.open(out_dir).manifest
     train, val = m["splits"]["train"], m["splits"]["val"]
-    docs = sum(s.get("documents", 0) for s in m.get("sources", []))
+    docs = source_summary(m)["documents"]
     held = " (the last tokens of the one document)" if m.get("val_split") == TOKEN_SPLIT else ""
     counts = (f"{train['tokens']:,} train + {val['tokens']:,} val tokens{held}, "
               f"{docs:,} document{'s' * (docs != 1)}, vocab {m['vocab_size']}")
@@ -97,14 +97,15 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
         if up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
             record_sources_checked(out_dir, sample, cfg.sources)
             return out_dir, False
-        _build_out_dir(cfg, out_dir, sources, given, settings, inputs, progress, sample)
+        _build_out_dir(cfg, out_dir, sources, skipped, given, settings, inputs, progress,
+                       sample)
         return out_dir, True
     finally:
         held.release()
 
 
-def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], given, settings: dict,
-                   inputs: str, progress: bool, sample: list) -> None:
+def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], skipped: dict,
+                   given, settings: dict, inputs: str, progress: bool, sample: list) -> None:
     """Build the shards in a temp directory beside out_dir, then rename it into place."""
     tmp = out_dir.parent / f".{out_dir.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}-{owner_tag()}"
     try:
@@ -112,7 +113,7 @@ def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], given,
     except OSError as e:
         raise unwritable(out_dir, out_dir.parent, e) from None
     try:
-        _build(cfg, sources, given, settings, inputs, tmp, progress, sample)
+        _build(cfg, sources, skipped, given, settings, inputs, tmp, progress, sample)
         _fsync_files(tmp)
         try:
             tmp.rename(out_dir)  # atomic; replaces only a missing or empty out_dir
@@ -134,8 +135,8 @@ def _lease_args(out_dir: Path) -> tuple[Path, str, Path, str]:
             "the shards ready)")
 
 
-def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, settings: dict,
-           inputs: str, tmp: Path, progress: bool, sample: list) -> None:
+def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokenizer | None,
+           settings: dict, inputs: str, tmp: Path, progress: bool, sample: list) -> None:
     total = sum(s.bytes_used for s in sources)
     is_val = _val_mask(sum(s.documents for s in sources), cfg.val_fraction, cfg.seed)
     split = TOKEN_SPLIT if is_val is None else "documents"
@@ -155,10 +156,12 @@ def _build(cfg: DataConfig, sources: list[Source], given: Tokenizer | None, sett
                                       cfg.val_fraction):
                 writer.add(name, part)
             bar.update(nbytes)
+        keys = source_keys(sources)
         fingerprint = sha256({"tokenizer_sha256": tokenizer.sha256, "settings": settings,
-                               "sources": source_keys(sources)})
+                              "sources": keys})
+        summary = write_source_list(tmp, sources, skipped, sha256(keys))
         writer.finish(fingerprint=fingerprint, inputs_sha256=inputs, settings=settings,
-                      source_bytes=total, sources=[asdict(s) for s in sources],
+                      source_bytes=total, sources=summary,
                       sources_given=absolute(cfg.sources), max_bytes=cfg.max_bytes,
                       stat_sample=sample, val_split=split)
 

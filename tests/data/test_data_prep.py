@@ -19,6 +19,7 @@ from harness.data import out_dir as data_out_dir
 from harness.data import prepare as prep
 from harness.data.corpus import iter_documents, scan_sources, stdlib_dir
 from harness.data.shards import ShardWriter, TokenShards, token_dtype
+from harness.data.source_list import read_source_list
 from harness.data.tokenizer import Tokenizer, train_tokenizer
 
 TRICKY = ["def f(x):\n\tif x:\n\t\treturn  x \n    pass\n", "é 中文 🙂", "  leading\r\n\n\n",
@@ -94,8 +95,9 @@ def test_shards_hold_each_document_then_eos(prepared, corpus):
     m = shards.manifest
     assert m["dtype"] == "uint16" and m["vocab_size"] == 400
     assert m["splits"]["train"]["tokens"] == len(shards.train)
-    assert {Path(s["path"]).name for s in m["sources"]} >= {"prose.txt", "rows.jsonl"}
-    assert not {"image.bin", "HEAD"} & {Path(s["path"]).name for s in m["sources"]}
+    rows = read_source_list(prepared, m)
+    used = {Path(s["path"]).name for s in rows if "skipped" not in s}
+    assert used >= {"prose.txt", "rows.jsonl"} and not {"image.bin", "HEAD"} & used
 
 
 def test_token_dtype_and_uint32_shards(tmp_path):

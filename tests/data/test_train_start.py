@@ -4,6 +4,7 @@ manifest, whose size is bounded too (the per-file list lies beside it, in source
 Corpora of a few hundred tiny files, prepared in-process."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
 from harness.data import out_dir as data_out_dir
 from harness.data import prepare as prep
+from harness.data.source_list import SOURCES_FILE, read_source_list
 
 
 def _corpus(root: Path, files: int) -> Path:
@@ -91,3 +93,29 @@ def test_moved_sources_are_refused_then_recorded_by_prepare_data(tmp_path):
         data_out_dir.check_prepared_from(cfg, out)
     prep.prepare_data(cfg, progress=False)
     data_out_dir.check_prepared_from(cfg, out)
+
+
+def _prepare_files(root: Path, files: int) -> tuple[dict, list[dict]]:
+    root.mkdir()
+    cfg = _cfg(_corpus(root / "src", files), root / "out")
+    out = prep.prepare_data(cfg, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    return manifest, read_source_list(out, manifest)
+
+
+def test_the_manifest_summarises_the_sources_and_lists_them_beside_it(tmp_path, monkeypatch):
+    """The manifest's size does not depend on the number of files (the trainer's stat sample
+    shrunk to 16 so that both corpora fill it); sources.jsonl has a line per file, whose
+    counts add up to the summary's."""
+    monkeypatch.setattr(data_out_dir, "STAT_SAMPLE", 16)
+    small, small_rows = _prepare_files(tmp_path / "a", 40)
+    large, large_rows = _prepare_files(tmp_path / "b", 400)
+    size = [len(json.dumps(m, indent=1)) for m in (small, large)]
+    assert abs(size[0] - size[1]) < 200, size  # digits of counts, not 360 more rows
+    for manifest, rows, files in ((small, small_rows, 40), (large, large_rows, 400)):
+        summary = manifest["sources"]
+        assert summary["file"] == SOURCES_FILE and len(rows) == summary["files"] == files
+        assert summary["documents"] == sum(r["documents"] for r in rows) == files
+        assert summary["bytes"] == sum(r["bytes_used"] for r in rows) == manifest["source_bytes"]
+        keys = [[r["kind"], r["sha256"], r["bytes_used"]] for r in rows]
+        assert summary["sha256"] == data_out_dir.sha256(keys)
