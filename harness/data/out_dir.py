@@ -30,6 +30,10 @@ STALE_AFTER_S = 24 * 3600
 # the trainer stats at most this many source files (plus the paths data.sources names), never
 # the whole corpus: a start-up cost that does not grow with it
 STAT_SAMPLE = 256
+# what prepare-data does with the same inputs: 2 chooses validation documents by a hash of
+# their id (val_split.py), where 1 drew a permutation; part of the settings, so shards of
+# another version are never taken for these
+PREP_VERSION = 2
 
 
 def check_out_dir(out_dir: Path, contents: bool = False) -> None:
@@ -114,7 +118,8 @@ def prep_settings(cfg: DataConfig, given: Tokenizer | None) -> dict:
     the sources it selects)."""
     tokenizer = ({"sha256": given.sha256} if given else
                  {"type": cfg.tokenizer_type, "vocab_size": cfg.vocab_size})
-    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer,
+    return {"format_version": FORMAT_VERSION, "prep_version": PREP_VERSION,
+            "tokenizer": tokenizer,
             "val_fraction": cfg.val_fraction, "seed": cfg.seed,
             "jsonl_text_field": cfg.jsonl_text_field}
 
@@ -312,7 +317,8 @@ def mismatch_error(cfg: DataConfig, out_dir: Path, manifest: dict, settings: dic
     fix = ("run `harness prepare-data` with these data settings into another data.out_dir "
            "and train on that, or")
     saved = manifest.get("settings") or {}
-    if saved.get("format_version") != settings["format_version"]:
+    if (saved.get("format_version"), saved.get("prep_version")) != \
+            (settings["format_version"], settings["prep_version"]):
         return HarnessError(f"data.out_dir={out_dir} was prepared by another version of the "
                             f"harness: run `harness prepare-data` into another data.out_dir")
     ours, theirs = settings["tokenizer"], saved.get("tokenizer") or {}

@@ -6,6 +6,7 @@ from the same inputs and settings, and is never overwritten when it was not.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -28,8 +29,9 @@ from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_
                                   owner_tag, prep_settings, record_sources_checked, sha256,
                                   source_keys, stat_sample, unwritable, up_to_date)
 from harness.data.shards import TOKENIZER_FILE, ShardWriter, TokenShards, token_dtype
-from harness.data.source_list import source_summary, write_source_list
+from harness.data.source_list import SOURCES_FILE, source_summary, write_source_list
 from harness.data.tokenizer import Tokenizer, train_tokenizer
+from harness.data.val_split import ValSplit
 
 log = logging.getLogger("harness")
 
@@ -51,10 +53,12 @@ def main(cfg: DataConfig) -> int:
     seconds = time.perf_counter() - start
     m = TokenShards.open(out_dir).manifest
     train, val = m["splits"]["train"], m["splits"]["val"]
-    docs = source_summary(m)["documents"]
+    summary = source_summary(m)
+    docs = summary["documents"]
     held = " (the last tokens of the one document)" if m.get("val_split") == TOKEN_SPLIT else ""
     counts = (f"{train['tokens']:,} train + {val['tokens']:,} val tokens{held}, "
-              f"{docs:,} document{'s' * (docs != 1)}, vocab {m['vocab_size']}")
+              f"{docs:,} document{'s' * (docs != 1)}{_skipped(out_dir, summary)}, "
+              f"vocab {m['vocab_size']}")
     if built:
         mb = m["source_bytes"] / 1e6
         print(f"prepared {out_dir}: {counts}; {mb:.1f} MB in {seconds:.1f} s "
@@ -62,6 +66,17 @@ def main(cfg: DataConfig) -> int:
     else:
         print(f"{out_dir} is up to date: {counts}; fingerprint {m['fingerprint'][:12]}")
     return 0
+
+
+def _skipped(out_dir: Path, summary: dict) -> str:
+    """' (skipped 7 files: 5 empty, 2 not UTF-8 text; listed in OUT/sources.jsonl)', or ''."""
+    counts = summary.get("skipped") or {}
+    total = sum(counts.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+    return (f" (skipped {total} file{'s' * (total != 1)}: {reasons}; listed in "
+            f"{out_dir / summary.get('file', SOURCES_FILE)})")
 
 
 def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
@@ -138,8 +153,11 @@ def _lease_args(out_dir: Path) -> tuple[Path, str, Path, str]:
 def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokenizer | None,
            settings: dict, inputs: str, tmp: Path, progress: bool, sample: list) -> None:
     total = sum(s.bytes_used for s in sources)
-    is_val = _val_mask(sum(s.documents for s in sources), cfg.val_fraction, cfg.seed)
-    split = TOKEN_SPLIT if is_val is None else "documents"
+    val_split = ValSplit.of(sources, cfg.val_fraction, cfg.seed)
+    split = TOKEN_SPLIT if val_split is None else "documents"
+    # None for each document of a one-document corpus: its tokens are split (_pieces)
+    is_val = (itertools.repeat(None) if val_split is None else
+              itertools.chain.from_iterable(val_split.flags(s) for s in sources))
     model_path = tmp / TOKENIZER_FILE
     if given:
         shutil.copyfile(given.path, model_path)
@@ -151,9 +169,8 @@ def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokeniz
     with ShardWriter(tmp, tokenizer) as writer, \
             tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
                  leave=False) as bar:
-        for i, (tokens, nbytes) in enumerate(encoded):
-            for name, part in _pieces(tokens, None if is_val is None else is_val[i],
-                                      cfg.val_fraction):
+        for (tokens, nbytes), held in zip(encoded, is_val):
+            for name, part in _pieces(tokens, held, cfg.val_fraction):
                 writer.add(name, part)
             bar.update(nbytes)
         keys = source_keys(sources)
@@ -170,20 +187,6 @@ def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
     if total_bytes < PARALLEL_MIN_BYTES:
         return 1
     return cfg.num_workers or min(os.cpu_count() or 1, 4)
-
-
-def _val_mask(n_docs: int, fraction: float, seed: int) -> np.ndarray | None:
-    """Which documents go to the validation split: round(n * fraction), at least one and at
-    most n - 1. None for one document and fraction > 0: its tokens are split (_pieces)."""
-    mask = np.zeros(n_docs, bool)
-    if fraction == 0:
-        return mask
-    if n_docs < 2:
-        return None
-    n_val = min(n_docs - 1, max(1, round(n_docs * fraction)))
-    # legacy RandomState: its stream is frozen across numpy versions
-    mask[np.random.RandomState(seed).choice(n_docs, n_val, replace=False)] = True
-    return mask
 
 
 def _pieces(tokens: np.ndarray, is_val: bool | None,

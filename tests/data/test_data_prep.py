@@ -21,6 +21,7 @@ from harness.data.corpus import iter_documents, scan_sources, stdlib_dir
 from harness.data.shards import ShardWriter, TokenShards, token_dtype
 from harness.data.source_list import read_source_list
 from harness.data.tokenizer import Tokenizer, train_tokenizer
+from val_reference import reference_flags
 
 TRICKY = ["def f(x):\n\tif x:\n\t\treturn  x \n    pass\n", "é 中文 🙂", "  leading\r\n\n\n",
           "trailing   \t", "\u2581 literal mark\u2581\u2581", "", "\x00\x7f\u00a0\u3000"]
@@ -91,7 +92,9 @@ def test_shards_hold_each_document_then_eos(prepared, corpus):
         # each split keeps corpus order
         assert got[split] == [t for t in texts if t in set(got[split])]
     assert sorted(got["train"] + got["val"]) == sorted(texts)
-    assert len(got["val"]) == round(0.2 * len(texts))
+    # held out: the documents whose id hashes below 0.2 (test_val_split.py's reference)
+    want = [t for t, held in zip(texts, reference_flags(sources, 0.2, 1234)) if held]
+    assert got["val"] == want and 0 < len(want) < len(texts)
     m = shards.manifest
     assert m["dtype"] == "uint16" and m["vocab_size"] == 400
     assert m["splits"]["train"]["tokens"] == len(shards.train)
