@@ -32,10 +32,16 @@ class DataConfig:
     # last val_fraction of its tokens instead (harness/data/prepare.py)
     val_fraction: float = 0.01
     seed: int = 1234  # 0 .. 2**32 - 1
-    num_workers: int = 0  # 0: min(cpu_count, 4); workers are only used for inputs > 8 MB
+    # prepare-data's tokenizing processes; 0: the cores this process may use (affinity,
+    # SLURM_CPUS_PER_TASK, cgroup quota); inputs under 8 MB are tokenized in-process
+    num_workers: int = 0
     max_bytes: int = 0  # cap on the source bytes read; 0: no cap
     eval_every: int = 0  # trainer: validation loss every N steps and at the last; 0: never
-    eval_batches: int = 4  # trainer: batches per validation
+    # the validation set: this many sequences, spread evenly over the val split, the same at
+    # every data-parallel size (harness/callbacks/evaluator.py); 0: eval_batches x
+    # train.micro_batch_size (x global_batch_size where the micro batch is not set)
+    eval_sequences: int = 0
+    eval_batches: int = 4  # trainer: the set's size when eval_sequences is 0 (see above)
 
     def validate(self) -> None:
         if not isinstance(self.allow_toy_corpus, bool):
@@ -59,13 +65,15 @@ class DataConfig:
                      fix="e.g. 0.01; 0 holds nothing out")
         check_number("data.seed", self.seed, 0, 2**32 - 1, integer=True)
         check_number("data.num_workers", self.num_workers, 0, 1024, integer=True,
-                     fix="0 picks min(cpu_count, 4)")
+                     fix="0 uses every core this process may run on")
         check_number("data.max_bytes", self.max_bytes, 0, 2**63 - 1, integer=True,
                      fix="0 reads everything")
         check_number("data.eval_every", self.eval_every, 0, 2**31 - 1, integer=True,
                      fix="0 turns evaluation off")
         check_number("data.eval_batches", self.eval_batches, 1, 2**31 - 1, integer=True,
                      fix="e.g. 4")
+        check_number("data.eval_sequences", self.eval_sequences, 0, 2**31 - 1, integer=True,
+                     fix="e.g. 256; 0 takes eval_batches x train.micro_batch_size")
         if not self.out_dir or not str(self.out_dir).strip():
             raise HarnessError("data.out_dir is empty; set it to a directory path")
         check_line("data.out_dir", self.out_dir)

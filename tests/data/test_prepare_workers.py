@@ -1,0 +1,50 @@
+"""prepare-data's workers default to the cores the process may use (issue 26 item 2): its
+affinity mask and Slurm's --cpus-per-task, not the machine's count capped at 4. Real
+processes: one pinned to a core with taskset, and Slurm's variable set."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from harness.config.data import DataConfig
+from harness.data import prepare as prep
+
+PRINT = "from harness.data.prepare import available_cores; print(available_cores())"
+
+
+def _cores(env_extra: dict, taskset: str | None = None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"}
+    cmd = [sys.executable, "-c", PRINT]
+    if taskset:
+        cmd = ["taskset", "-c", taskset, *cmd]
+    out = subprocess.run(cmd, env={**env, **env_extra}, capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout)
+
+
+def test_this_process_counts_its_affinity():
+    assert prep.available_cores() == min(len(os.sched_getaffinity(0)),
+                                         int(os.environ.get("SLURM_CPUS_PER_TASK", 10**6)))
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset is not installed")
+def test_a_process_pinned_to_one_core_uses_one():
+    assert _cores({}, taskset="0") == 1
+
+
+def test_slurm_cpus_per_task_caps_it():
+    assert _cores({"SLURM_CPUS_PER_TASK": "1"}) == 1
+    assert _cores({"SLURM_CPUS_PER_TASK": "4096"}) == len(os.sched_getaffinity(0))
+    assert _cores({"SLURM_CPUS_PER_TASK": ""}) == len(os.sched_getaffinity(0))
+
+
+def test_workers_default_to_the_cores_unless_set_or_small(monkeypatch):
+    monkeypatch.setattr(prep, "available_cores", lambda: 48)
+    big = prep.PARALLEL_MIN_BYTES
+    assert prep._num_workers(DataConfig(), big) == 48  # not capped at 4 any more
+    assert prep._num_workers(DataConfig(num_workers=3), big) == 3
+    assert prep._num_workers(DataConfig(), big - 1) == 1
