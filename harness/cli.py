@@ -128,7 +128,10 @@ def _after_training_args(sub) -> None:
                     help="text files, directories, .jsonl files (the run's text field)")
     on.add_argument("--split", choices=("val", "train"),
                     help="the run's own token shards (data.out_dir in its config.yaml), cut into "
-                         "the trainer's windows: val gives the trainer's eval/loss")
+                         "the trainer's windows (all of them; see --trainer-set)")
+    ev.add_argument("--trainer-set", action="store_true",
+                    help="with --split val: only the trainer's fixed validation set "
+                         "(data.eval_sequences), whose loss is its eval/loss")
     ev.add_argument("--max-tokens", type=int, default=None, help="stop after N tokens")
     ev.add_argument("--stride", type=int, default=None,
                     help="tokens scored per window after the first (default block_size: "
@@ -232,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _run_dir[:] = [Path(args.source)]
     if args.split:
         out = evaluate_split(args.source, args.split, args.max_tokens, args.stride,
-                             args.batch_size, args.device)
+                             args.batch_size, args.device, args.trainer_set)
     else:
         out = evaluate(args.source, args.data, args.max_tokens, args.stride, args.batch_size,
                        args.device)

@@ -42,8 +42,7 @@ NOT_RUN = {
         "a CUDA build of torch: multi-GB, needs the network and a GPU",
 }
 # flags added to a README command here, to make it short: they change how much, not what
-# (eval: the windows the trainer's last evaluation scored, so that it is the reference)
-SMALL = {"sample": ["--max-new-tokens", "12"], "eval": ["--max-tokens", "4096"]}
+SMALL = {"sample": ["--max-new-tokens", "12"]}
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
@@ -132,14 +131,14 @@ def check_report(out: str, home: Path):
 
 
 def check_eval(out: str, home: Path):
-    """Loss and bits per byte on the run's own validation split, one JSON line: over the
+    """Loss and bits per byte on the run's own validation set, one JSON line: over the
     windows the trainer's last evaluation scored, its eval/loss and eval/bpb at step 60."""
     (line,) = out.splitlines()
     res = json.loads(line)
     assert res["split"] == "val" and res["step"] == 60
     cfg = yaml.safe_load((home / "runs" / "tiny" / "config.yaml").read_text())
-    windows = cfg["data"]["eval_batches"] * cfg["train"]["micro_batch_size"]
-    assert res["tokens"] == windows * cfg["model"]["block_size"] == int(SMALL["eval"][1])
+    windows = cfg["data"]["eval_batches"] * cfg["train"]["micro_batch_size"]  # eval_sequences 0
+    assert res["tokens"] == windows * cfg["model"]["block_size"] == 4096
     last = _metrics(home / "runs" / "tiny")[-1]
     assert math.isclose(res["loss"], last["eval/loss"], rel_tol=1e-5), (res, last)
     assert math.isclose(res["bits_per_byte"], last["eval/bpb"], rel_tol=1e-5)
@@ -180,7 +179,8 @@ def check_ds_config(out: str, home: Path):
 CHECKS = {
     "make train": ("trains the tiny model on the built-in corpus", check_make_train),
     f"{HARNESS} report runs/tiny": ("report.png and a one-line summary", check_report),
-    f"{HARNESS} eval runs/tiny --split val": ("the run's validation split", check_eval),
+    f"{HARNESS} eval runs/tiny --split val --trainer-set": ("the run's validation set",
+                                                             check_eval),
     f'{HARNESS} sample runs/tiny --prompt "def "': ("continued by the trained model",
                                                     check_sample),
     f"{HARNESS} export runs/tiny --to hf hf/tiny": ("Hugging Face model directory",

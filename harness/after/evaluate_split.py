@@ -5,12 +5,15 @@ evaluation scores it.
 The split is one stream of tokens, documents joined by </s> as in training. At the default
 stride (block_size) it is cut into the trainer's sequences: window i holds tokens
 [i x block_size, (i + 1) x block_size] and scores every token after its first from the tokens
-before it in the window (context crosses document boundaries, as in training). So over the same
-windows the loss equals the trainer's eval/loss at the checkpoint's step: the trainer scores
-the first data.eval_batches x micro batch x data-parallel ranks sequences
-(tests/after/test_eval_text.py checks equality); `--max-tokens` takes the first N tokens
-scored (N = windows x block_size for whole windows), the default is the whole split. A smaller
-`--stride` gives every window block_size - stride tokens of context before the ones it scores.
+before it in the window (context crosses document boundaries, as in training). The default
+scores the whole split; `--max-tokens` takes the first N tokens scored (N = windows x
+block_size for whole windows). A smaller `--stride` gives every window block_size - stride
+tokens of context before the ones it scores.
+
+`--trainer-set` scores exactly the trainer's fixed validation set instead (the sequences
+harness.callbacks.evaluator.eval_set picks, data.eval_sequences of them, spread over the
+split; the same at every data-parallel size), so its loss equals the trainer's eval/loss at
+the checkpoint's step (tests/after/test_eval_text.py checks equality).
 
 bits_per_byte counts each target's decoded UTF-8 bytes (</s> counts none), as eval/bpb does.
 """
@@ -66,16 +69,51 @@ def score_split(model, tokens: np.ndarray, block: int, eos_id: int,
     return totals, sum(1 for _ in windows(n, block, stride))
 
 
+def score_trainer_set(model, tokens: np.ndarray, block: int, eos_id: int, size: int,
+                      batch_size: int = 8, device: str = "cpu") -> tuple[Totals, np.ndarray]:
+    """(totals, the set's sequence indices): the trainer's validation set (eval_set), each
+    sequence one window of block_size targets, as the trainer scores it."""
+    from harness.callbacks.evaluator import eval_set
+
+    chosen = eval_set(max(0, (len(tokens) - 1) // block), size)
+    scorer = Scorer(model, block, block, eos_id, batch_size, device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in chosen.tolist():
+            scorer.add_stream(0, tokens[i * block:(i + 1) * block + 1])
+        scorer.flush()
+    finally:
+        model.train(was_training)
+    totals = Totals(nats=float(scorer.doc_nats.get(0, 0.0)), tokens=len(chosen) * block)
+    totals.per_document = [totals.nats]
+    return totals, chosen
+
+
+def _targets(tokens: np.ndarray, block: int, chosen: Optional[np.ndarray], n: int) -> np.ndarray:
+    """The target token ids scored: of the chosen sequences, or tokens[1 : n + 1]."""
+    if chosen is None:
+        return np.asarray(tokens[1:n + 1], dtype=np.int64)
+    parts = [np.asarray(tokens[i * block + 1:(i + 1) * block + 1]) for i in chosen.tolist()]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def evaluate_split(source: str, split: str, max_tokens: Optional[int] = None,
                    stride: Optional[int] = None, batch_size: int = 8,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", trainer_set: bool = False) -> dict:
     """The JSON record `harness eval --split` prints."""
+    from harness.callbacks.evaluator import eval_set_size
     from harness.checkpoint import io as checkpoint_io
     from harness.data.tokenizer import piece_bytes
 
     check_options(max_tokens, stride, batch_size)
+    if trainer_set and (max_tokens is not None or stride is not None):
+        raise HarnessError("--trainer-set scores the trainer's own windows: leave out "
+                           "--max-tokens and --stride")
     if split not in SPLITS:
         raise HarnessError(f"--split {split}: choose val (the run's validation split) or train")
+    if trainer_set and split != "val":
+        raise HarnessError("--trainer-set is the trainer's validation set: use --split val")
     loaded = checkpoint_io.load(source)
     shards = open_run_shards(loaded.cfg, loaded.run_dir)
     block = loaded.cfg.model.block_size
@@ -93,13 +131,23 @@ def evaluate_split(source: str, split: str, max_tokens: Optional[int] = None,
                     "shards were prepared again since (another split?)", shards.directory,
                     shards.fingerprint[:12], str(trained_on)[:12])
     t0 = time.perf_counter()
-    totals, n_windows = score_split(loaded.model.to(device), tokens, block, shards.eos_id,
-                                    stride, max_tokens, batch_size, device)
+    model, chosen = loaded.model.to(device), None
+    if trainer_set:
+        totals, chosen = score_trainer_set(model, tokens, block, shards.eos_id,
+                                           eval_set_size(loaded.cfg), batch_size, device)
+        n_windows = len(chosen)
+    else:
+        totals, n_windows = score_split(model, tokens, block, shards.eos_id, stride,
+                                        max_tokens, batch_size, device)
     seconds = time.perf_counter() - t0
     table = piece_bytes(shards.tokenizer_path)
-    totals.bytes = int(table[np.asarray(tokens[1:totals.tokens + 1], dtype=np.int64)].sum())
+    totals.bytes = int(table[_targets(tokens, block, chosen, totals.tokens)].sum())
     offsets = shards.offsets(split)
-    totals.documents = int(np.searchsorted(offsets[:-1], totals.tokens, side="right"))
+    if chosen is None:
+        totals.documents = int(np.searchsorted(offsets[:-1], totals.tokens, side="right"))
+    else:  # the documents the set's targets lie in
+        at = (chosen[:, None] * block + np.arange(1, block + 1)).ravel()
+        totals.documents = len(np.unique(np.searchsorted(offsets[:-1], at, side="right")))
     return {**checkpoint_io.describe(loaded), "split": split, "shards": str(shards.directory),
             **totals.summary(), "windows": n_windows, "window": block,
             "stride": stride or block, "split_tokens": int(len(tokens)),

@@ -1,16 +1,20 @@
 """Validation loss every `data.eval_every` steps, and at train.max_steps, on a fixed set of
 held-out sequences.
 
-The set is the first eval_batches x micro_batch x world_size sequences of the validation
-split (fewer when the split is smaller), so every evaluation sees the same tokens and the
-numbers are comparable over a run. Rank r scores every world-th sequence; dropout is off.
+The set is the same at every data-parallel size, so eval/loss and eval/bpb stay comparable
+when a run resumes on another number of ranks: `eval_set_size(cfg)` sequences
+(data.eval_sequences, by default data.eval_batches x the micro batch the config names), spread
+evenly over the whole validation split by `eval_set` (all of it when it is smaller), so the
+set covers every part of the split, not only its first documents. Rank r scores every
+world-th sequence of the set; dropout is off. `harness eval RUN --split val --trainer-set`
+scores the same set (harness/after/evaluate_split.py).
 
 Every rank runs the SAME number of forwards: at ZeRO 3 each forward all-gathers the
 parameters, so a rank that stopped early would leave the others waiting for ever. When the
 set does not split evenly, the ranks with fewer batches run a real batch again with weight 0
-(it adds nothing to the sum). The weighted loss sum and the sequence count stay on the device
-until one all-reduce through the engine's collectives (made at every world size, also 1) and
-one device-to-host copy at the end.
+(it adds nothing to the sum), so the mean over the set is exact at every world size. The
+weighted loss sum and the sequence count stay on the device until one all-reduce through the
+engine's collectives (made at every world size, also 1) and one device-to-host copy at the end.
 
 eval/bpb, beside eval/loss, is the same loss in bits per UTF-8 byte of the text the targets
 stand for: loss / (ln 2 x bytes per token of the set), counted once at start from each token's
@@ -33,15 +37,33 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def eval_set_size(cfg) -> int:
+    """The validation set's size in sequences, from the config alone (never the world size):
+    data.eval_sequences, or 0 there: data.eval_batches x train.micro_batch_size (the set one
+    rank scored before it was fixed), x train.global_batch_size where no micro batch is set."""
+    if cfg.data.eval_sequences:
+        return cfg.data.eval_sequences
+    return cfg.data.eval_batches * (cfg.train.micro_batch_size or cfg.train.global_batch_size or 1)
+
+
+def eval_set(n_sequences: int, size: int) -> np.ndarray:
+    """min(size, n) sequence indices spread evenly over [0, n): i x n // k for i < k, so
+    distinct, first 0, and every part of the split in proportion."""
+    k = min(size, n_sequences)
+    return np.arange(k, dtype=np.int64) * n_sequences // max(k, 1)
+
+
 class Evaluator(Callback):
     order = 15  # before the monitor and the loggers, so eval/loss is in the step's metrics
 
-    def __init__(self, sequences: Sequences, every: int, batches: int, micro: int,
+    def __init__(self, sequences: Sequences, every: int, size: int, micro: int,
                  rank: int, world: int, token_bytes: Optional[np.ndarray] = None):
+        """`size`: sequences in the set (eval_set_size); `micro`: sequences per forward."""
         self.every = every
-        total = min(len(sequences), batches * micro * world)
-        self.bytes_per_token = _bytes_per_token(sequences, total, token_bytes)
-        mine = np.arange(rank, total, world)  # rank r scores every world-th sequence
+        chosen = eval_set(len(sequences), size)
+        total = len(chosen)
+        self.bytes_per_token = _bytes_per_token(sequences, chosen, token_bytes)
+        mine = chosen[rank::world]  # rank r scores every world-th sequence of the set
         chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
         # rank 0 holds the most sequences (ceil(total / world)): everyone runs its batch count
         forwards = _ceil_div(_ceil_div(total, world), micro)
@@ -87,13 +109,14 @@ class Evaluator(Callback):
                 metrics["eval/bpb"] = loss / (math.log(2) * self.bytes_per_token)
 
 
-def _bytes_per_token(sequences: Sequences, total: int,
+def _bytes_per_token(sequences: Sequences, chosen: np.ndarray,
                      token_bytes: Optional[np.ndarray]) -> Optional[float]:
     """UTF-8 bytes per target token over the whole fixed set (the same on every rank), from
-    each token's decoded bytes (harness.data.tokenizer.piece_bytes): the targets of sequences
-    0..total-1 are tokens[1 : total x L + 1]. None without a table or without bytes."""
-    if token_bytes is None or total == 0:
+    each token's decoded bytes (harness.data.tokenizer.piece_bytes): the targets of sequence i
+    are tokens[i x L + 1 : (i + 1) x L + 1]. None without a table or without bytes."""
+    if token_bytes is None or not len(chosen):
         return None
-    targets = np.asarray(sequences.tokens[1:total * sequences.seq_len + 1], dtype=np.int64)
-    n_bytes = int(token_bytes[targets].sum())
-    return n_bytes / len(targets) if n_bytes else None
+    L = sequences.seq_len
+    n_bytes = sum(int(token_bytes[np.asarray(sequences.tokens[i * L + 1:(i + 1) * L + 1],
+                                             dtype=np.int64)].sum()) for i in chosen.tolist())
+    return n_bytes / (len(chosen) * L) if n_bytes else None

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from harness.callbacks.evaluator import Evaluator
+from harness.callbacks.evaluator import Evaluator, eval_set_size
 from harness.callbacks.loggers import Console, MetricsFile
 from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.memory import PeakMemory
@@ -181,7 +181,7 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
     if cfg.data.eval_every:
         callbacks.append(Evaluator(shards.sequences("val", cfg.model.block_size),
-                                   cfg.data.eval_every, cfg.data.eval_batches,
+                                   cfg.data.eval_every, eval_set_size(cfg),
                                    built.plan.batch.micro_batch,
                                    built.plan.dp_rank(built.dist.rank),
                                    built.plan.batch.dp_size, piece_bytes(shards.tokenizer_path)))

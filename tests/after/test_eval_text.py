@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +12,7 @@ from engine_utils import full_params
 from trained_runs import BASE, train_run
 
 from harness.after.evaluate_text import score_texts, windows
+from harness.callbacks.evaluator import eval_set, eval_set_size
 from harness.checkpoint import io as checkpoint_io
 from harness.cli import main
 from harness.config import load_config
@@ -112,19 +112,20 @@ def test_eval_bpb_in_training_metrics(run, shards_dir):
     shards = TokenShards.open(shards_dir)
     cfg = checkpoint_io.load_config_of(run)
     seqs = shards.sequences("val", cfg.model.block_size)
-    total = min(len(seqs), cfg.data.eval_batches * 4)
-    targets = np.asarray(seqs.tokens[1:total * cfg.model.block_size + 1]).tolist()
+    chosen = eval_set(len(seqs), eval_set_size(cfg))
+    rows = [seqs[int(i)][1:].tolist() for i in chosen]  # each sequence's targets
     tok = checkpoint_io.load_tokenizer(cfg, run)
-    decoded = len(tok.decode(targets).encode("utf-8"))
-    assert int(piece_bytes(tok.path)[targets].sum()) == pytest.approx(decoded, abs=3)
+    decoded = sum(len(tok.decode(row).encode("utf-8")) for row in rows)
+    targets = sum(rows, [])
+    assert int(piece_bytes(tok.path)[targets].sum()) == pytest.approx(decoded, abs=3 * len(rows))
     assert rec["eval/bpb"] == pytest.approx(
         rec["eval/loss"] / math.log(2) * len(targets) / decoded, rel=1e-3)
 
 
 def test_eval_split_val_equals_the_trainers_eval_loss(run, shards_dir, capsys):
-    """`harness eval RUN --split val` over the windows the trainer evaluated (the first
-    eval_batches x micro batch sequences, one rank) gives the trainer's own eval/loss and
-    eval/bpb at the checkpoint's step; by default it scores the whole split."""
+    """`harness eval RUN --split val --trainer-set` (the trainer's fixed validation set,
+    eval_set's sequences spread over the split) gives the trainer's own eval/loss and eval/bpb
+    at the checkpoint's step; by default it scores the whole split."""
     from harness.data.shards import TokenShards
 
     cfg = checkpoint_io.load_config_of(run)
@@ -132,15 +133,20 @@ def test_eval_split_val_equals_the_trainers_eval_loss(run, shards_dir, capsys):
     rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rec = [x for x in rec if "eval/loss" in x][-1]
     val = TokenShards.open(shards_dir).sequences("val", block)
-    total = min(len(val), cfg.data.eval_batches * cfg.train.micro_batch_size)
-    out = _eval(capsys, run, "--split", "val", "--max-tokens", total * block)
+    total = min(len(val), eval_set_size(cfg))
+    assert total < len(val)  # a set of some of the split's sequences, not all of them
+    out = _eval(capsys, run, "--split", "val", "--trainer-set")
     assert out["step"] == rec["step"] == cfg.train.max_steps
     assert out["windows"] == total and out["tokens"] == total * block
     assert out["loss"] == pytest.approx(rec["eval/loss"], rel=1e-6)
     assert out["bits_per_byte"] == pytest.approx(rec["eval/bpb"], rel=1e-6)
+    first = _eval(capsys, run, "--split", "val", "--max-tokens", total * block)
+    assert first["loss"] != pytest.approx(out["loss"], rel=1e-6)  # not the first windows
     whole = _eval(capsys, run, "--split", "val", "--batch-size", 64)
     assert whole["tokens"] == whole["split_tokens"] - 1 == len(val.tokens) - 1
     assert whole["windows"] == -(-whole["tokens"] // block)
+    assert main(["eval", str(run), "--split", "val", "--trainer-set", "--max-tokens", "9"]) == 2
+    assert "leave out --max-tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

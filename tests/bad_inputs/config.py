@@ -71,7 +71,7 @@ NUMERIC = [
     "data.vocab_size=100", "data.vocab_size=1000000000", "data.val_fraction=1.0",
     "data.val_fraction=nan", "data.val_fraction=-0.5", "data.seed=-1", "data.num_workers=-1",
     "data.num_workers=100000", "data.max_bytes=-1", "data.eval_every=-1",
-    "data.eval_batches=0",
+    "data.eval_batches=0", "data.eval_sequences=-1",
     "checkpoint.every=-1", "checkpoint.keep_last=0", "checkpoint.keep_last=-3",
     "monitor.param_jump=0", "monitor.param_jump=nan", "monitor.attn_ceiling=-1",
     "monitor.attn_ceiling=inf", "monitor.update_sample=0", "monitor.update_sample=1.5",

@@ -1,6 +1,7 @@
-"""Validation loss: the fixed held-out set, scored with dropout off, equals a direct computation;
-every rank runs the same number of forwards (ZeRO 3 all-gathers in each one), and the sum
-goes through the engine's collectives in one all-reduce, also in a world of one rank."""
+"""Validation loss: the fixed held-out set (the same at every world size), scored with dropout
+off, equals a direct computation; every rank runs the same number of forwards (ZeRO 3
+all-gathers in each one), and the sum goes through the engine's collectives in one
+all-reduce, also in a world of one rank."""
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from engine_utils import child_env, small_cfg, tokens, torchrun
 
-from harness.callbacks.evaluator import Evaluator
+from harness.callbacks.evaluator import Evaluator, eval_set
 from harness.config import load_config
 from harness.data.shards import Sequences, TokenShards
 from harness.model.gpt import GPT
@@ -24,7 +25,7 @@ def test_eval_loss_is_the_mean_over_the_fixed_set():
     cfg = small_cfg("model.dropout=0.5", "train.micro_batch_size=2", "train.grad_accum_steps=1")
     built = build(cfg)
     seqs = Sequences(tokens(64, 2000, seed=3), cfg.model.block_size)
-    ev = Evaluator(seqs, every=1, batches=3, micro=2, rank=0, world=1)
+    ev = Evaluator(seqs, every=1, size=6, micro=2, rank=0, world=1)
     model = built.engine.module
     model.train()
     calls = built.comm.calls
@@ -33,7 +34,7 @@ def test_eval_loss_is_the_mean_over_the_fixed_set():
     assert model.training  # restored
     model.eval()
     with torch.no_grad():
-        rows = torch.from_numpy(seqs.batch(range(6)))
+        rows = torch.from_numpy(seqs.batch(eval_set(len(seqs), 6)))
         want = torch.stack([model(rows[i:i + 1, :-1], rows[i:i + 1, 1:]) for i in range(6)]).mean()
     assert abs(got - want.item()) < 1e-5
     assert ev.evaluate(built.engine, built.comm) == got  # the same set each time, no dropout
@@ -44,7 +45,8 @@ def test_eval_loss_is_the_mean_over_the_fixed_set():
 @pytest.mark.parametrize("n, micro, world", [(5, 2, 2), (7, 2, 3), (2, 4, 3), (9, 2, 2)])
 def test_every_rank_runs_the_same_number_of_forwards(n, micro, world):
     seqs = Sequences(tokens(64, 16 * n + 1), 16)
-    evs = [Evaluator(seqs, 1, batches=10, micro=micro, rank=r, world=world) for r in range(world)]
+    evs = [Evaluator(seqs, 1, size=10 * micro * world, micro=micro, rank=r, world=world)
+           for r in range(world)]
     assert len({len(ev.batches) for ev in evs}) == 1
     # padding batches are real sequences (a forward with the usual shapes) of weight 0
     assert all(len(rows) > 0 for ev in evs for rows, _ in ev.batches)
@@ -56,29 +58,23 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _uneven_block_size(val_tokens: int, micro: int) -> int:
-    """A sequence length at which 2 ranks get different numbers of validation batches."""
-    for block in range(32, 64):
-        n = (val_tokens - 1) // block  # rank 0 scores ceil(n / 2) sequences, rank 1 floor
-        if _ceil(_ceil(n, 2), micro) != _ceil(n // 2, micro):
-            return block
-    raise AssertionError("no block size gives uneven batches")
-
-
-def _uneven_run(shards_dir, stage: int, run_dir: Path) -> tuple[list[str], int, int]:
-    """(overrides, block size, validation sequences) of the 2-rank run at a ZeRO stage."""
-    micro = 2
-    val = TokenShards.open(shards_dir).val
-    block = _uneven_block_size(len(val), micro)
-    n = (len(val) - 1) // block
-    batches = _ceil(n, 2 * micro)  # the set is the whole split: its size decides the split
+def _uneven_run(shards_dir, stage: int, run_dir: Path) -> tuple[list[str], int, list[int]]:
+    """(overrides, block size, the validation set's sequences) of the 2-rank run at a ZeRO
+    stage: a set of about half the split, spread over it (eval_set), whose size k = 4j + 1
+    gives the 2 ranks different numbers of batches of 2 (ceil(2j + 1, 2) = j + 1 and j)."""
+    micro, block = 2, 48
+    n = (len(TokenShards.open(shards_dir).val) - 1) // block
+    k = 4 * ((min(n // 2, 64) - 1) // 4) + 1  # at most 61: a few forwards
+    assert k >= 5 and _ceil(_ceil(k, 2), micro) != _ceil(k // 2, micro)
     overrides = ["model.n_layer=2", "model.d_model=32", "model.n_head=2",
                  f"model.block_size={block}", "train.global_batch_size=8",
                  f"train.micro_batch_size={micro}", "train.max_steps=1", "optim.warmup_steps=0",
                  "checkpoint.every=0", f"zero.stage={stage}", f"data.out_dir={shards_dir}",
-                 "data.eval_every=1", f"data.eval_batches={batches}",
+                 "data.eval_every=1", f"data.eval_sequences={k}",
                  f"train.run_dir={run_dir}", "wandb.mode=disabled"]
-    return overrides, block, n
+    chosen = eval_set(n, k).tolist()
+    assert chosen != list(range(k)) and chosen[-1] > n // 2  # spread over the whole split
+    return overrides, block, chosen
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +99,7 @@ def uneven_runs(request, tmp_path_factory, shards_dir) -> batched.Outcome:
 def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(uneven_runs, shards_dir,
                                                                       stage):
     run_dir = uneven_runs.runs / str(stage)
-    overrides, block, n = _uneven_run(shards_dir, stage, run_dir)
+    overrides, block, chosen = _uneven_run(shards_dir, stage, run_dir)
     params = torch.load(uneven_runs.dir(str(stage)) / "params.pt")  # fails if it hung
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     got = next(r["eval/loss"] for r in lines if "eval/loss" in r)
@@ -114,14 +110,14 @@ def test_two_ranks_with_uneven_batches_finish_and_match_plain_pytorch(uneven_run
     assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys  # tied
     model.eval()
     val = TokenShards.open(shards_dir).val
-    rows = torch.from_numpy(Sequences(val, block).batch(range(n)))
+    rows = torch.from_numpy(Sequences(val, block).batch(chosen))
     with torch.no_grad():
         want = model(rows[:, :-1], rows[:, 1:]).item()  # every sequence has the same length
     assert got == pytest.approx(want, rel=1e-5)
     # eval/bpb from both ranks' halves = the whole set's loss over its decoded UTF-8 bytes
     from harness.checkpoint import io as checkpoint_io
 
-    targets = rows[:, 1:].flatten().tolist()
-    text = checkpoint_io.load_tokenizer(cfg, run_dir).decode(targets)
+    tok = checkpoint_io.load_tokenizer(cfg, run_dir)
+    n_bytes = sum(len(tok.decode(row[1:].tolist()).encode()) for row in rows)
     bpb = next(r["eval/bpb"] for r in lines if "eval/bpb" in r)
-    assert bpb == pytest.approx(want / math.log(2) * len(targets) / len(text.encode()), rel=1e-3)
+    assert bpb == pytest.approx(want / math.log(2) * rows[:, 1:].numel() / n_bytes, rel=1e-3)

@@ -118,7 +118,7 @@ def test_evaluation_between_steps_with_contiguous_checkpoint_memory():
         built = build(cfg)
         data = make_data(cfg, 4)
         ev = Evaluator(Sequences(tokens(64, 2000, seed=3), cfg.model.block_size), every=1,
-                       batches=2, micro=4, rank=0, world=1)
+                       size=8, micro=4, rank=0, world=1)
         got = []
         for step in range(2):
             got += [ev.evaluate(built.engine, built.comm), ev.evaluate(built.engine, built.comm)]
