@@ -1,9 +1,12 @@
 """`harness plan`'s command line: the printed breakdown, time estimate, policy table and
-recommendations (the flags: harness/plan/flags.py; the time model: harness/plan/speed.py).
+recommendations (the flags: harness/plan/flags.py; the time model: harness/plan/speed.py, or
+with --gpu / --hardware the calibrated throughput model: harness/plan/throughput.py over the
+layouts of harness/plan/candidates.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from harness.common.errors import HarnessError
@@ -11,7 +14,8 @@ from harness.config import Config, load_config
 from harness.model.flops import flops_per_token
 from harness.parallel.batch import make_plan
 from harness.plan.flags import (MAX_GLOBAL_BATCH, MAX_PEAK_TFLOPS, MAX_TOP, World,
-                                add_arguments, float_flag, int_flag, parse_size, parse_world)
+                                add_arguments, float_flag, int_flag, parse_size, parse_tokens,
+                                parse_world)
 from harness.plan.planner import (GB, SEARCH_POLICIES, activation_bytes, param_counts,
                                   predict_memory, recommend, recompute_share)
 from harness.plan.speed import Speed, duration, speed_for, step_seconds
@@ -20,7 +24,17 @@ __all__ = ["add_arguments", "parse_size", "run", "main"]
 
 
 def run(args: argparse.Namespace) -> int:
-    gpu = parse_size(args.gpu_memory)
+    hw = None
+    if args.gpu is not None or args.hardware is not None:
+        from harness.plan.hardware import pick
+        hw = pick(args.gpu, args.hardware)
+    else:
+        for flag, value in (("--json", args.json or None), ("--tokens", args.tokens)):
+            if value is not None:
+                raise HarnessError(f"{flag} needs --gpu NAME (or --hardware FILE): the "
+                                   f"throughput model predicts for a known GPU")
+    memory = args.gpu_memory or ("80GB" if hw is None else f"{hw.memory_bytes:.0f}")
+    gpu = parse_size(memory)
     top = int_flag(args.top, "--top", MAX_TOP, "how many recommendations to show, e.g. 10")
     target = None
     if args.target_global_batch is not None:
@@ -41,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
             target = make_plan(cfg, world.size).batch.global_batch
         except HarnessError as err:
             raise HarnessError(f"pass --target-global-batch ({err})") from None
+    if hw is not None:
+        tokens = None if args.tokens is None else parse_tokens(args.tokens)
+        return _throughput(cfg, world, hw, gpu, target, tokens, top, args.json)
     speed = speed_for(args.gpu_type, cfg.train.precision, mfu, peak)
     mem = predict_memory(cfg, world.size, gpu_memory_bytes=gpu)
     _print_breakdown(cfg, world, mem)
@@ -122,6 +139,46 @@ def _print_recommendations(found: list[dict], world: World, gpu: float, target: 
         total = found[0]["step_s"] * cfg.train.max_steps
         print(f"  the fastest: train.max_steps={cfg.train.max_steps:,} in about "
               f"{duration(total)} (an estimate)")
+
+
+def _throughput(cfg: Config, world: World, hw, gpu: float, target: int,
+                tokens: int | None, top: int, as_json: bool) -> int:
+    """--gpu: the config as given, then every layout that fits, fastest first."""
+    from harness.plan import candidates
+
+    given = candidates.as_configured(cfg, world, hw, gpu, target)
+    found = candidates.search(cfg, world, hw, gpu, target)
+    tokens = tokens or cfg.train.max_steps * given["tokens_per_step"]
+    if as_json:
+        keys = ("as_configured", "zero_stage", "tp", "micro_batch", "grad_accum", "policy",
+                "fits", "step_time_s", "tokens_per_s_per_gpu", "mfu", "limiter")
+        for r in [given] + found:
+            print(json.dumps({k: r[k] for k in keys}))
+        return 0
+    mem = predict_memory(cfg, world.size, gpu_memory_bytes=gpu)
+    _print_breakdown(cfg, world, mem)
+    _print_policies(cfg, mem)
+    print(f"\npredicted on {world.describe(cfg.parallel.tp_size).split(' = ')[0]} x {hw.name} "
+          f"({gpu / GB:.0f} GB), global batch {target} x {cfg.model.block_size} tokens, time "
+          f"for {tokens:,} tokens\n(harness/plan/throughput.py, calibrated on published runs: "
+          f"held-out error median 19%, max 30%; a model, not a measurement; docs/plan.md):")
+    print(f"  {'':<15}{'zero':>4}{'tp':>4}{'micro':>6}{'accum':>6}  {'policy':<12}"
+          f"{'s/step':>8}{'tok/s/GPU':>11}{'MFU':>6}{'time':>11}  limiter")
+    for r in [given] + found[:top]:
+        label = "as configured" if r["as_configured"] else ""
+        if r["as_configured"] and not r["fits"]:
+            label = "as configured*"
+        days = duration(tokens / (r["tokens_per_s_per_gpu"] * world.size))
+        print(f"  {label:<15}{r['zero_stage']:>4}{r['tp']:>4}{r['micro_batch']:>6}"
+              f"{r['grad_accum']:>6}  {r['policy']:<12}{r['step_time_s']:>8.3g}"
+              f"{r['tokens_per_s_per_gpu']:>11,.0f}{r['mfu']:>6.0%}{days:>11}  {r['limiter']}")
+    if not given["fits"]:
+        print("  * the config as given does NOT fit in the GPU's memory (the breakdown above)")
+    if not found:
+        print("  none fits: offload the optimizer, shorten the sequence or add GPUs")
+    elif len(found) > top:
+        print(f"  ... {len(found) - top} more fit (--top N shows them)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", default=None, help="nodes (with --gpus-per-node)")
     p.add_argument("--gpus-per-node", default=None,
                    help="GPUs per node (world = nodes x GPUs per node; --nodes default 1)")
-    p.add_argument("--gpu-memory", default="80GB",
-                   help="per GPU: 80GB, 80GiB, 24G (default 80GB)")
+    p.add_argument("--gpu-memory", default=None,
+                   help="per GPU: 80GB, 80GiB, 24G (default 80GB, or --gpu's)")
+    p.add_argument("--gpu", default=None,
+                   help="predict time with the calibrated throughput model for this GPU: "
+                        "a100-40gb, a100-80gb, h100-sxm, h100-pcie, h100-nvl, h200")
+    p.add_argument("--hardware", default=None, metavar="FILE",
+                   help="a YAML describing other GPUs and links (the form of "
+                        "harness/plan/hardware.yaml); --gpu picks one of them")
+    p.add_argument("--tokens", default=None,
+                   help="with --gpu: tokens to train, e.g. 10B, 300e9 (default: train.max_steps "
+                        "x the global batch)")
+    p.add_argument("--json", action="store_true",
+                   help="with --gpu: one JSON line per layout (the config as given first)")
     p.add_argument("--gpu-type", default=None,
                    help="for the time estimate: H100, A100, L40S, ... (default H100)")
     p.add_argument("--peak-tflops", default=None,
@@ -104,6 +115,18 @@ def float_flag(text: object, flag: str, low: float, high: float, fix: str) -> fl
     if not low < value <= high:  # NaN fails too
         raise HarnessError(f"{flag}='{text}' must be a number in ({low:g}, {high:g}]: {fix}")
     return value
+
+
+def parse_tokens(text: object) -> int:
+    """--tokens: 10B, 2.5T, 300e9, 1000000 (K, M, B, T are powers of 1000)."""
+    match = re.fullmatch(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?(?:e[0-9]{1,2})?)\s*([kKmMbBtT]?)\s*",
+                         str(text))
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+    value = float(match.group(1)) * scale[match.group(2).lower()] if match else 0
+    if not 1 <= value <= 1e18:
+        raise HarnessError(f"--tokens='{text}' must be a number of tokens in 1..1e18: write e.g. "
+                           f"10B, 2.5T or 300e9")
+    return int(value)
 
 
 def parse_size(text: str, flag: str = "--gpu-memory") -> float:

@@ -94,11 +94,13 @@ def _entry(path: Path, key: str, raw: object) -> Hardware:
                                f"data sheet the numbers come from)")
     return Hardware(key, raw["name"].strip(), values["memory_gb"] * 1e9, peak,
                     values["hbm_tb_s"] * 1e12, values["intra_node_gb_s"] * 1e9,
-                    values["inter_node_gb_s"] * 1e9, values["attention_fraction"], " ".join(raw["source"].split()))
+                    values["inter_node_gb_s"] * 1e9, values["attention_fraction"],
+                    " ".join(raw["source"].split()))
 
 
 def _number(where: str, key: str, value: object, low: float, high: float) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or not low < value <= high:
-        raise HarnessError(f"{where}.{key}={value!r} must be a number in ({low:g}, {high:g}]")
+        raise HarnessError(f"{where}.{key}={value!r} must be a number in ({low:g}, {high:g}] "
+                           f"(units: the key's suffix; see harness/plan/hardware.yaml)")
     return float(value)

@@ -13,8 +13,8 @@ compute (per micro-step): every GEMM of a layer, forward and its two backward GE
     batch, a dimension cut by tensor parallelism - costs as much again: tile quantisation,
     operand traffic and launch latency grow relative to the arithmetic). Attention runs as
     FlashAttention: causal, so half of the 12 L d T FLOPs per token the MFU convention counts,
-    at the GPU's attention_fraction of peak
-    (hardware.yaml: FlashAttention-2's measured share on A100 and on Hopper). Recompute (the checkpointing policy's share of extra FLOPs,
+    at the GPU's attention_fraction of peak (hardware.yaml: FlashAttention-2's measured share
+    on A100 and on Hopper). Recompute (the checkpointing policy's share of extra FLOPs,
     harness.plan.planner.recompute_share) adds its share of all of this.
 memory-bound (per micro-step): norms, residual adds, activation functions, dropout and bias
     passes, ELEMENTWISE_BYTES x d_model bytes per token per layer, and the loss's passes over
@@ -106,6 +106,7 @@ class Workload:
     precision: str = "bf16"
     host_s: float = 0.0  # fixed host cost per micro-step
     grad_bytes: int = 2  # per gradient element in the collectives
+    overlap: bool = True  # ZeRO 2/3 reduce (and gather) on their own stream (zero.overlap_comm)
 
     @property
     def world(self) -> int:
@@ -223,10 +224,11 @@ def _zero_seconds(w: Workload, bw: float, c: Constants, micro_compute: float,
     scatter = ring_seconds(grads, w.dp, bw, c, all_reduce=False)
     if w.zero_stage == 1:
         return scatter + gather
+    hidden = 1.0 if w.overlap else 0.0
     if w.zero_stage == 2:
-        return w.grad_accum * max(0.0, scatter - backward) + gather
+        return w.grad_accum * max(0.0, scatter - hidden * backward) + gather
     per_micro = 2 * gather + scatter
-    exposed = max(0.0, per_micro - micro_compute) + gather / max(w.n_layer, 1)
+    exposed = max(0.0, per_micro - hidden * micro_compute) + gather / max(w.n_layer, 1)
     return w.grad_accum * exposed
 
 
