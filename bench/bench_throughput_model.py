@@ -70,6 +70,8 @@ def hardware(p: dict, gpus: dict):
     hw = gpus[p["hardware"]]
     if "hbm_tb_s" in p:
         hw = replace(hw, hbm_bytes_s=p["hbm_tb_s"] * 1e12)
+    if "bf16_tflops" in p:  # the source's GPUs run below the data sheet's GPU
+        hw = replace(hw, peak={**hw.peak, "bf16": p["bf16_tflops"] * 1e12})
     return hw
 
 
@@ -108,7 +110,7 @@ def fit(points: list[dict], gpus: dict, quick: bool) -> Constants:
 def report(points: list[dict], gpus: dict, c: Constants, title: str) -> dict:
     print(f"\n{title}: E_MAX={c.e_max:.2f} SHAPE_DIM={c.shape_dim:.0f} "
           f"COMM_EFF={c.comm_eff:.2f}")
-    print(f"  {'point':<28}{'split':<10}{'published':>11}{'predicted':>11}{'error':>8}"
+    print(f"  {'point':<34}{'split':<10}{'published':>11}{'predicted':>11}{'error':>8}"
           f"{'MFU pub':>9}{'MFU pred':>9}  limiter")
     held = []
     for p in points:
@@ -118,7 +120,7 @@ def report(points: list[dict], gpus: dict, c: Constants, title: str) -> dict:
         mfu_pub = t.mfu * meas / t.tokens_per_s_per_gpu
         if p["split"] == "HELD-OUT":
             held.append(abs(err))
-        print(f"  {p['id']:<28}{p['split']:<10}{meas:>11,.0f}{t.tokens_per_s_per_gpu:>11,.0f}"
+        print(f"  {p['id']:<34}{p['split']:<10}{meas:>11,.0f}{t.tokens_per_s_per_gpu:>11,.0f}"
               f"{err:>+8.1%}{mfu_pub:>9.1%}{t.mfu:>9.1%}  {t.limiter}")
     out = {"median": statistics.median(held), "max": max(held)}
     print(f"  HELD-OUT ({len(held)} points): median |error| {out['median']:.1%}, max "

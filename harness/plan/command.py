@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
             if value is not None:
                 raise HarnessError(f"{flag} needs --gpu NAME (or --hardware FILE): the "
                                    f"throughput model predicts for a known GPU")
-    memory = args.gpu_memory or ("80GB" if hw is None else f"{hw.memory_bytes:.0f}")
+    memory = args.gpu_memory
+    if memory is None:
+        memory = "80GB" if hw is None else f"{hw.memory_bytes:.0f}"
     gpu = parse_size(memory)
     top = int_flag(args.top, "--top", MAX_TOP, "how many recommendations to show, e.g. 10")
     target = None
@@ -145,6 +147,7 @@ def _throughput(cfg: Config, world: World, hw, gpu: float, target: int,
                 tokens: int | None, top: int, as_json: bool) -> int:
     """--gpu: the config as given, then every layout that fits, fastest first."""
     from harness.plan import candidates
+    from harness.plan.throughput import HELD_OUT_ERROR
 
     given = candidates.as_configured(cfg, world, hw, gpu, target)
     found = candidates.search(cfg, world, hw, gpu, target)
@@ -161,7 +164,8 @@ def _throughput(cfg: Config, world: World, hw, gpu: float, target: int,
     print(f"\npredicted on {world.describe(cfg.parallel.tp_size).split(' = ')[0]} x {hw.name} "
           f"({gpu / GB:.0f} GB), global batch {target} x {cfg.model.block_size} tokens, time "
           f"for {tokens:,} tokens\n(harness/plan/throughput.py, calibrated on published runs: "
-          f"held-out error median 19%, max 30%; a model, not a measurement; docs/plan.md):")
+          f"held-out error median {HELD_OUT_ERROR[0]:.0%}, max {HELD_OUT_ERROR[1]:.0%}; a model, "
+          f"not a measurement; docs/plan.md):")
     print(f"  {'':<15}{'zero':>4}{'tp':>4}{'micro':>6}{'accum':>6}  {'policy':<12}"
           f"{'s/step':>8}{'tok/s/GPU':>11}{'MFU':>6}{'time':>11}  limiter")
     for r in [given] + found[:top]:
