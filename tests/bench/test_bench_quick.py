@@ -121,3 +121,10 @@ def test_zero3_norms(tmp_path):
     assert all(r["params"] > 0 and r["ratio"] > 0 for r in result.values())
 # bench_offload_adam.py has no quick test: its CPU Adam row builds DeepSpeed's cpu_adam op
 # (~50 s with gcc on a fresh machine), a cost CI would pay on every run
+
+
+def test_sampler(tmp_path):
+    stdout, result = run_bench("bench_sampler", tmp_path)
+    assert "start ratio" in stdout and "peak MiB computed" in stdout
+    big = result["results"][-1]  # 1e9 samples: the stored permutation is not run (7.6 GB)
+    assert big["n"] == 10**9 and big["stored"] is None and big["computed"][1] < 0.1
