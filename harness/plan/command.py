@@ -162,10 +162,10 @@ def _throughput(cfg: Config, world: World, hw, gpu: float, target: int,
     _print_breakdown(cfg, world, mem)
     _print_policies(cfg, mem)
     print(f"\npredicted on {world.describe(cfg.parallel.tp_size).split(' = ')[0]} x {hw.name} "
-          f"({gpu / GB:.0f} GB), global batch {target} x {cfg.model.block_size} tokens, time "
-          f"for {tokens:,} tokens\n(harness/plan/throughput.py, calibrated on published runs: "
-          f"held-out error median {HELD_OUT_ERROR[0]:.0%}, max {HELD_OUT_ERROR[1]:.0%}; a model, "
-          f"not a measurement; docs/plan.md):")
+          f"({gpu / GB:.0f} GB), global batch {target} x {cfg.model.block_size} tokens;")
+    print(f"time for {tokens:,} tokens. A model, not a measurement (harness/plan/throughput.py; "
+          f"published runs it did not\nsee are predicted within {HELD_OUT_ERROR[0]:.0%} "
+          f"median, {HELD_OUT_ERROR[1]:.0%} at most: docs/plan.md):")
     print(f"  {'':<15}{'zero':>4}{'tp':>4}{'micro':>6}{'accum':>6}  {'policy':<12}"
           f"{'s/step':>8}{'tok/s/GPU':>11}{'MFU':>6}{'time':>11}  limiter")
     for r in [given] + found[:top]:

@@ -1,6 +1,7 @@
 """`harness plan`'s time per step: a first absolute estimate from FLOPs and an assumed MFU.
 
-Not a measurement and not calibrated (a throughput model fitted to real runs is issue 27). A
+Not a measurement and not calibrated (the calibrated model is harness/plan/throughput.py,
+used with --gpu). A
 step of G samples of T tokens does G x T x F model FLOPs (F = harness.model.flops.
 flops_per_token: 6N plus attention), more by the recompute share of the checkpointing policy.
 Spread over W GPUs, each sustaining the assumed fraction u (--mfu) of its dense peak P
