@@ -1,12 +1,14 @@
 """`harness prepare-data`: corpus -> tokenizer -> token shards, written atomically.
 
-The output is built in a temp directory beside `out_dir` and renamed into place, so a crash
-never leaves a half-written `out_dir`. An existing `out_dir` is reused when it was prepared
-from the same inputs and settings, and is never overwritten when it was not.
+The corpus is tokenized in slices that survive a kill (slices.py: a rerun resumes from the
+completed ones), then the output is assembled in a temp directory beside `out_dir` and
+renamed into place, so a crash never leaves a half-written `out_dir`. An existing `out_dir` is
+reused when it was prepared from the same inputs and settings, and is never overwritten when
+it was not.
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -15,7 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,9 +31,10 @@ from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_
                                   owner_tag, prep_settings, record_sources_checked, sha256,
                                   source_keys, stat_sample, unwritable, up_to_date)
 from harness.data.shards import TOKENIZER_FILE, ShardWriter, TokenShards, token_dtype
+from harness.data.slices import Work, remove_other_work, work_dir
 from harness.data.source_list import SOURCES_FILE, source_summary, write_source_list
 from harness.data.tokenizer import Tokenizer, train_tokenizer
-from harness.data.val_split import ValSplit
+from harness.data.val_split import doc_hash, one_each_side, threshold
 
 log = logging.getLogger("harness")
 
@@ -39,6 +42,7 @@ log = logging.getLogger("harness")
 TOKEN_SPLIT = "tokens"
 # below this, starting workers (each imports numpy and sentencepiece) costs more than it saves
 PARALLEL_MIN_BYTES = 8 << 20
+OTHER = {"train": "val", "val": "train"}
 
 
 def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
@@ -121,14 +125,18 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
 
 def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], skipped: dict,
                    given, settings: dict, inputs: str, progress: bool, sample: list) -> None:
-    """Build the shards in a temp directory beside out_dir, then rename it into place."""
+    """Tokenize the slices not done yet (slices.py), assemble the shards in a temp directory
+    beside out_dir, then rename it into place and drop the slices."""
+    work_path = work_dir(out_dir, inputs)
+    remove_other_work(out_dir, work_path)
     tmp = out_dir.parent / f".{out_dir.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}-{owner_tag()}"
     try:
+        work = Work(work_path, sources)
         tmp.mkdir()  # not mkdtemp: its mode 0700 would survive the rename
     except OSError as e:
         raise unwritable(out_dir, out_dir.parent, e) from None
     try:
-        _build(cfg, sources, skipped, given, settings, inputs, tmp, progress, sample)
+        _build(cfg, sources, skipped, given, settings, inputs, work, tmp, progress, sample)
         _fsync_files(tmp)
         try:
             tmp.rename(out_dir)  # atomic; replaces only a missing or empty out_dir
@@ -136,6 +144,8 @@ def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], skippe
             # another process may have just made it
             if not up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
                 raise unwritable(out_dir, out_dir.parent, e) from None
+        _fsync_dir(out_dir.parent)  # the rename itself, on disk
+        work.remove()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -151,28 +161,26 @@ def _lease_args(out_dir: Path) -> tuple[Path, str, Path, str]:
 
 
 def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokenizer | None,
-           settings: dict, inputs: str, tmp: Path, progress: bool, sample: list) -> None:
+           settings: dict, inputs: str, work: Work, tmp: Path, progress: bool,
+           sample: list) -> None:
     total = sum(s.bytes_used for s in sources)
-    val_split = ValSplit.of(sources, cfg.val_fraction, cfg.seed)
-    split = TOKEN_SPLIT if val_split is None else "documents"
-    # None for each document of a one-document corpus: its tokens are split (_pieces)
-    is_val = (itertools.repeat(None) if val_split is None else
-              itertools.chain.from_iterable(val_split.flags(s) for s in sources))
-    model_path = tmp / TOKENIZER_FILE
+    # a one-document corpus has its tokens split (_pieces), any other its documents
+    by_tokens = cfg.val_fraction > 0 and sum(s.documents for s in sources) == 1
     if given:
-        shutil.copyfile(given.path, model_path)
-        tokenizer = Tokenizer(model_path)
+        tokenizer = work.tokenizer(lambda path: shutil.copyfile(given.path, path) and
+                                   Tokenizer(path))
     else:
         texts = (text for text, _ in iter_documents(sources, cfg.jsonl_text_field))
-        tokenizer = train_tokenizer(texts, model_path, cfg.tokenizer_type, cfg.vocab_size, total)
-    encoded = _encode_all(tokenizer, sources, cfg.jsonl_text_field, _num_workers(cfg, total))
-    with ShardWriter(tmp, tokenizer) as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
-                 leave=False) as bar:
-        for (tokens, nbytes), held in zip(encoded, is_val):
-            for name, part in _pieces(tokens, held, cfg.val_fraction):
-                writer.add(name, part)
-            bar.update(nbytes)
+        tokenizer = work.tokenizer(lambda path: train_tokenizer(
+            texts, path, cfg.tokenizer_type, cfg.vocab_size, total))
+    _tokenize_slices(cfg, sources, work, tokenizer, by_tokens, progress)
+    shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
+    dtype = token_dtype(tokenizer.vocab_size)
+    moved = None if by_tokens or cfg.val_fraction == 0 else _one_each_side(work)
+    with ShardWriter(tmp, Tokenizer(tmp / TOKENIZER_FILE)) as writer:
+        for k in range(len(work.slices)):
+            for split, i, tokens in work.documents(k, dtype):
+                writer.add(OTHER[split] if (k, split, i) == moved else split, tokens)
         keys = source_keys(sources)
         fingerprint = sha256({"tokenizer_sha256": tokenizer.sha256, "settings": settings,
                               "sources": keys})
@@ -180,7 +188,51 @@ def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokeniz
         writer.finish(fingerprint=fingerprint, inputs_sha256=inputs, settings=settings,
                       source_bytes=total, sources=summary,
                       sources_given=absolute(cfg.sources), max_bytes=cfg.max_bytes,
-                      stat_sample=sample, val_split=split)
+                      stat_sample=sample,
+                      val_split=TOKEN_SPLIT if by_tokens else "documents")
+
+
+def _one_each_side(work: Work) -> tuple[int, str, int] | None:
+    """(slice, split, index) of the document that moves so that both splits have one."""
+    counts = {s: sum(work.counts(k)[s] for k in range(len(work.slices))) for s in OTHER}
+
+    def extreme(split: str, pick) -> tuple[int, str, int]:
+        found = []  # (hash, slice, index) of each slice's extreme
+        for k in range(len(work.slices)):
+            hashes = work.hashes(k, split)
+            if len(hashes):
+                i = int(hashes.argmin() if pick is min else hashes.argmax())
+                found.append((int(hashes[i]), k, i))
+        _, k, i = pick(found)
+        return k, split, i
+
+    return one_each_side(counts, lambda: extreme("train", min), lambda: extreme("val", max))
+
+
+def _tokenize_slices(cfg: DataConfig, sources: list[Source], work: Work, tokenizer: Tokenizer,
+                     by_tokens: bool, progress: bool) -> None:
+    """Each slice not done yet, in order, through one pool of workers."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    todo = [k for k in range(len(work.slices)) if not work.done(k, tokenizer, dtype)]
+    if not todo:
+        return
+    total = sum(s.bytes_used for s in sources)
+    left = [sources[a:b] for a, b in (work.slices[k] for k in todo)]
+    if len(todo) < len(work.slices):
+        log.info("prepare-data: resuming with %d of %d slices already tokenized",
+                 len(work.slices) - len(todo), len(work.slices))
+    cut = threshold(cfg.val_fraction)
+    with _encoder(tokenizer, cfg.seed, _num_workers(cfg, total)) as encode, \
+            tqdm(total=total, initial=total - sum(s.bytes_used for part in left for s in part),
+                 unit="B", unit_scale=True, desc="tokenize", disable=not progress,
+                 leave=False) as bar:
+        for k, part in zip(todo, left):
+            with work.writer(k, tokenizer, dtype) as writer:
+                for tokens, nbytes, h in encode(iter_documents(part, cfg.jsonl_text_field)):
+                    for name, piece in _pieces(tokens, None if by_tokens else h < cut,
+                                               cfg.val_fraction):
+                        writer.add(name, piece, h)
+                    bar.update(nbytes)
 
 
 def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
@@ -224,33 +276,34 @@ def _pieces(tokens: np.ndarray, is_val: bool | None,
             if len(part)]
 
 
-def _encode_all(tokenizer: Tokenizer, sources: list[Source], text_field: str,
-                workers: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(tokens with EOS, source bytes) per document, in corpus order."""
-    docs = iter_documents(sources, text_field)
-    init = (str(tokenizer.path), token_dtype(tokenizer.vocab_size).str)
+@contextlib.contextmanager
+def _encoder(tokenizer: Tokenizer, seed: int, workers: int) -> Iterator[Callable]:
+    """A map from documents to (tokens with EOS, source bytes, val_split hash), in order."""
+    init = (str(tokenizer.path), token_dtype(tokenizer.vocab_size).str, seed)
     if workers == 1:
         _init_worker(*init)  # the same code path as the workers, in this process
-        yield from map(_encode, docs)
+        yield lambda docs: map(_encode, docs)
         return
     # spawn: forking a parent that may hold torch threads can deadlock the children
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, _init_worker, init) as pool:
-        yield from pool.imap(_encode, docs, chunksize=8)
+        yield lambda docs: pool.imap(_encode, docs, chunksize=8)
 
 
 _worker: dict = {}  # per process: the tokenizer and token dtype set by _init_worker
 
 
-def _init_worker(model_path: str, dtype: str) -> None:
+def _init_worker(model_path: str, dtype: str, seed: int) -> None:
     _worker["tokenizer"] = Tokenizer(model_path)
     _worker["dtype"] = np.dtype(dtype)
+    _worker["seed"] = seed
 
 
-def _encode(doc: tuple[str, int]) -> tuple[np.ndarray, int]:
+def _encode(doc: tuple[str, int]) -> tuple[np.ndarray, int, int]:
     text, nbytes = doc
     tokenizer = _worker["tokenizer"]
-    return np.array(tokenizer.encode(text) + [tokenizer.eos_id], _worker["dtype"]), nbytes
+    tokens = np.array(tokenizer.encode(text) + [tokenizer.eos_id], _worker["dtype"])
+    return tokens, nbytes, doc_hash(text, _worker["seed"])
 
 
 def _fsync_files(directory: Path) -> None:
@@ -258,3 +311,11 @@ def _fsync_files(directory: Path) -> None:
     for path in directory.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

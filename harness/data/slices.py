@@ -1,0 +1,207 @@
+"""Resumable preparation: the corpus is tokenized in slices of whole source files, each into its
+own files in a work directory beside data.out_dir, so that a preparation killed mid-way (a
+time limit, a node failure, kill -9) resumes from its completed slices rather than from zero.
+
+    .NAME.work-INPUTS/          INPUTS: the first 16 hex digits of the inputs' sha256 (settings
+                                and source contents): other inputs never meet these slices
+        plan.json               the slices as [first, end) source indexes, fixed at the start
+        tokenizer.model         trained once, written by rename: complete or absent
+        slice-00000/            a completed slice: {train,val}.bin, {train,val}.len.npy and
+        slice-00001/            .hash.npy (each document's token count and val_split hash),
+                                meta.json (counts, tokenizer sha256)
+        slice-00002.part-PID/   one being written: renamed to slice-00002 when complete
+
+Nothing half-written is ever read: a slice becomes visible by the rename of its directory,
+after its files are fsynced, and a completed slice is checked against its meta.json (sizes,
+counts, the tokenizer) before it is used; one that fails is tokenized again. The final
+directory is assembled from the slices in order, so an interrupted and an uninterrupted
+preparation give the same bytes. Only one preparer works in a work directory: prepare-data's
+lease on data.out_dir. The slices stay until out_dir is in place, so the tokens need twice
+their size on disk while the final directory is assembled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from harness.data.corpus import Source
+from harness.data.tokenizer import Tokenizer
+
+log = logging.getLogger("harness")
+
+WORK_INFIX = ".work-"
+SLICE_BYTES = 128 << 20  # source bytes per slice (at least one whole file): what a kill loses
+PLAN = "plan.json"
+TOKENIZER = "tokenizer.model"
+META = "meta.json"
+SPLITS = ("train", "val")
+
+
+def work_dir(out_dir: Path, inputs: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}{WORK_INFIX}{inputs[:16]}"
+
+
+def remove_other_work(out_dir: Path, keep: Path) -> None:
+    """Slices of other inputs (sources or settings changed since a preparation was cut
+    short) can never be used for out_dir: removed, with a line. Called under the lease."""
+    for other in out_dir.parent.glob(f".{out_dir.name}{WORK_INFIX}*"):
+        if other != keep and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+            log.warning("removed %s: the slices of an interrupted prepare-data of other "
+                        "sources or settings", other)
+
+
+def plan_slices(sources: list[Source], slice_bytes: int) -> list[list[int]]:
+    """Consecutive sources, cut where a slice reaches slice_bytes: [first, end) pairs."""
+    slices, first, size = [], 0, 0
+    for i, source in enumerate(sources):
+        size += source.bytes_used
+        if size >= slice_bytes or i == len(sources) - 1:
+            slices.append([first, i + 1])
+            first, size = i + 1, 0
+    return slices
+
+
+class Work:
+    """The work directory of one preparation (made if missing)."""
+
+    def __init__(self, path: Path, sources: list[Source]):
+        self.path = path
+        path.mkdir(exist_ok=True)
+        plan = path / PLAN
+        if plan.is_file():
+            self.slices = json.loads(plan.read_text())["slices"]
+        else:
+            self.slices = plan_slices(sources, SLICE_BYTES)
+            _write_atomic(plan, json.dumps({"slices": self.slices}).encode())
+        for part in path.glob("*.part-*"):  # a writer that was killed
+            shutil.rmtree(part, ignore_errors=True)
+
+    def tokenizer(self, make: Callable[[Path], Tokenizer]) -> Tokenizer:
+        """The work's tokenizer: made by `make(path)` once, then read back."""
+        path = self.path / TOKENIZER
+        if path.is_file():
+            return Tokenizer(path)
+        part = self.path / f"{TOKENIZER}.part-{os.getpid()}"
+        made = make(part)
+        _fsync(part)
+        os.replace(part, path)
+        _fsync(self.path)
+        return Tokenizer(path) if made.path != path else made
+
+    def _slice(self, k: int) -> Path:
+        return self.path / f"slice-{k:05d}"
+
+    def done(self, k: int, tokenizer: Tokenizer, dtype: np.dtype) -> bool:
+        """Whether slice k is complete and intact; a damaged one is removed (and redone)."""
+        path = self._slice(k)
+        if not path.is_dir():
+            return False
+        try:
+            meta = json.loads((path / META).read_text())
+            ok = meta["tokenizer_sha256"] == tokenizer.sha256 and all(
+                _intact(path, s, meta["splits"][s], dtype) for s in SPLITS)
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            log.warning("%s is damaged: tokenizing its sources again", path)
+            shutil.rmtree(path, ignore_errors=True)
+        return ok
+
+    def writer(self, k: int, tokenizer: Tokenizer, dtype: np.dtype) -> SliceWriter:
+        return SliceWriter(self._slice(k), tokenizer.sha256, dtype)
+
+    def counts(self, k: int) -> dict[str, int]:
+        """Documents per split in slice k."""
+        meta = json.loads((self._slice(k) / META).read_text())
+        return {s: meta["splits"][s]["documents"] for s in SPLITS}
+
+    def hashes(self, k: int, split: str) -> np.ndarray:
+        return np.load(self._slice(k) / f"{split}.hash.npy")
+
+    def documents(self, k: int, dtype: np.dtype) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(split, index in the split's part of the slice, tokens) of slice k's documents: its
+        training documents in order, then its validation documents."""
+        path = self._slice(k)
+        for split in SPLITS:
+            lengths = np.load(path / f"{split}.len.npy")
+            if not len(lengths):
+                continue
+            tokens = np.fromfile(path / f"{split}.bin", dtype)
+            ends = np.cumsum(lengths)
+            for i, (start, end) in enumerate(zip(ends - lengths, ends)):
+                yield split, i, tokens[start:end]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class SliceWriter:
+    """Writes one slice in a .part directory; `with` renames it complete, or removes it when
+    the body raised (a kill leaves it: the next Work removes it)."""
+
+    def __init__(self, path: Path, tokenizer_sha256: str, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+        self.part = path.with_name(f"{path.name}.part-{os.getpid()}")
+        shutil.rmtree(self.part, ignore_errors=True)
+        self.part.mkdir()
+        self.meta = {"tokenizer_sha256": tokenizer_sha256}
+        self._files = {s: open(self.part / f"{s}.bin", "wb") for s in SPLITS}
+        self._lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+        self._hashes: dict[str, list[int]] = {s: [] for s in SPLITS}
+
+    def add(self, split: str, tokens: np.ndarray, doc_hash: int) -> None:
+        self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._lengths[split].append(len(tokens))
+        self._hashes[split].append(doc_hash)
+
+    def __enter__(self) -> SliceWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for f in self._files.values():
+            f.close()
+        if exc_type is not None:
+            shutil.rmtree(self.part, ignore_errors=True)
+            return
+        splits = {}
+        for s in SPLITS:
+            np.save(self.part / f"{s}.len.npy", np.array(self._lengths[s], np.int64))
+            np.save(self.part / f"{s}.hash.npy", np.array(self._hashes[s], np.uint64))
+            splits[s] = {"tokens": sum(self._lengths[s]), "documents": len(self._lengths[s])}
+        (self.part / META).write_text(json.dumps({**self.meta, "splits": splits}) + "\n")
+        for child in self.part.iterdir():
+            _fsync(child)
+        os.replace(self.part, self.path)
+        _fsync(self.path.parent)
+
+
+def _intact(path: Path, split: str, counts: dict, dtype: np.dtype) -> bool:
+    lengths = np.load(path / f"{split}.len.npy")
+    hashes = np.load(path / f"{split}.hash.npy", mmap_mode="r")
+    size = (path / f"{split}.bin").stat().st_size
+    return (len(lengths) == len(hashes) == counts["documents"]
+            and int(lengths.sum()) == counts["tokens"]
+            and size == counts["tokens"] * dtype.itemsize)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    part = path.with_name(f"{path.name}.part-{os.getpid()}")
+    part.write_bytes(data)
+    _fsync(part)
+    os.replace(part, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
