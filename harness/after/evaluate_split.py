@@ -33,9 +33,10 @@ log = logging.getLogger("harness")
 SPLITS = ("val", "train")
 
 
-def open_run_shards(cfg, run_dir: Path):
+def open_run_shards(cfg, run_dir: Path, random_access: bool = True):
     """The run's token shards: data.out_dir as written in its config.yaml (relative paths: from
-    the current directory, else from the run directory's parent, as the tokenizer is found)."""
+    the current directory, else from the run directory's parent, as the tokenizer is found).
+    `random_access` false: maps left to readahead, for a scan of a whole split."""
     from harness.data.shards import MANIFEST, TokenShards
 
     out_dir = Path(cfg.data.out_dir)
@@ -47,7 +48,7 @@ def open_run_shards(cfg, run_dir: Path):
                            f"{run_dir}/config.yaml): run from the directory the run was "
                            f"trained in, prepare them again (harness prepare-data --config "
                            f"{run_dir}/config.yaml), or score text files with --data")
-    return TokenShards.open(out_dir)
+    return TokenShards.open(out_dir, random_access=random_access)
 
 
 def score_split(model, tokens: np.ndarray, block: int, eos_id: int,
@@ -115,7 +116,7 @@ def evaluate_split(source: str, split: str, max_tokens: Optional[int] = None,
     if trainer_set and split != "val":
         raise HarnessError("--trainer-set is the trainer's validation set: use --split val")
     loaded = checkpoint_io.load(source)
-    shards = open_run_shards(loaded.cfg, loaded.run_dir)
+    shards = open_run_shards(loaded.cfg, loaded.run_dir, random_access=trainer_set)
     block = loaded.cfg.model.block_size
     tokens = getattr(shards, split)
     if len(tokens) < 2:

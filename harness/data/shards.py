@@ -7,15 +7,25 @@
 - `tokenizer.model` and `manifest.json` (counts, dtype, hashes, fingerprint).
 
 Every training rank opens the shards: opening reads the manifest and checks sizes and
-endpoints against it (stat and a few bytes), never the token data, which stays memory-mapped
-and paged in by the samples a rank draws. The full scans (token ids < vocab_size, increasing
-document offsets) are `verify=True`, run by `harness prepare-data`; the trainer checks token
-ids batch by batch instead, on the few thousand tokens it uses.
+endpoints against it (stat and a few bytes), never the token data, which stays memory-mapped.
+The full scans (token ids < vocab_size, increasing document offsets) are `verify=True`, run by
+`harness prepare-data`; the trainer checks token ids batch by batch instead, on the few
+thousand tokens it uses.
+
+Training reads its samples with pread(2) on a descriptor opened with the map (Sequences), not
+through the map: a random read then pulls only its own pages into the page cache (a fault in a
+map pulls in the whole read-around window, 128 kB to megabytes: 200 random 4 kB samples once
+pulled 392 MB with 8 MB readahead), and a file cut shorter under the run gives a short read, an
+error naming the file, where a read through the map past the new end kills the process with
+SIGBUS. So no stat per batch is needed to find the cut. The maps themselves are advised
+MADV_RANDOM (`random_access`, the default) for the other readers that pick scattered samples
+(the evaluator's set), and left to the kernel's readahead for whole-split scans.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Sequence
@@ -77,8 +87,10 @@ class Sequences:
     """Fixed-length samples: sample i is tokens[i*L : i*L + L + 1], inputs plus the shifted
     targets, so consecutive samples share one boundary token.
 
-    With `vocab_size`, every batch is checked for token ids out of range (a corrupt shard)
-    before it reaches the embedding, where a GPU would only report a device-side assert."""
+    With `path` (the file `tokens` maps), samples are read from it with pread: a short read is
+    a file cut under the run, an error, never a SIGBUS (module docstring). With `vocab_size`,
+    every batch is checked for token ids out of range (a corrupt shard) before it reaches the
+    embedding, where a GPU would only report a device-side assert."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int | None = None,
                  path: Path | None = None):
@@ -86,6 +98,8 @@ class Sequences:
         self.seq_len = seq_len
         self.vocab_size, self.path = vocab_size, path
         self.num_sequences = max(0, (len(tokens) - 1) // seq_len)
+        # the file as it is now: replaced later, this descriptor keeps reading the one mapped
+        self._file = open(path, "rb", buffering=0) if path is not None and len(tokens) else None
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -94,33 +108,25 @@ class Sequences:
         if not 0 <= i < self.num_sequences:
             raise IndexError(f"sequence {i} out of range [0, {self.num_sequences})")
         start = i * self.seq_len
-        return self.tokens[start:start + self.seq_len + 1].astype(np.int64)
+        if self._file is None:
+            return self.tokens[start:start + self.seq_len + 1].astype(np.int64)
+        size = self.tokens.dtype.itemsize
+        want = (self.seq_len + 1) * size
+        got = os.pread(self._file.fileno(), want, start * size)
+        if len(got) < want:
+            raise _corrupt(self.path, f"{os.fstat(self._file.fileno()).st_size} bytes, "
+                                      f"{self.tokens.nbytes} when this run opened it: it was "
+                                      "cut while training read it")
+        return np.frombuffer(got, self.tokens.dtype).astype(np.int64)
 
     def batch(self, indices: Sequence[int]) -> np.ndarray:
         """int64 array [len(indices), seq_len + 1]."""
-        self._check_size()
         rows = np.stack([self[int(i)] for i in indices])
         if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
             what = (f"token id {int(rows.max())} >= vocab_size {self.vocab_size} in sequences "
                     f"{[int(i) for i in indices]}")
             raise _corrupt(self.path, what) if self.path else HarnessError(what)
         return rows
-
-    def _check_size(self) -> None:
-        """A memory-mapped file cut shorter under a running process kills it with SIGBUS (no
-        message, no checkpoint) at the first read past the new end: one stat per batch finds
-        the cut before any read does."""
-        if self.path is None or not isinstance(self.tokens, np.memmap):
-            return
-        try:
-            size = os.stat(self.path).st_size
-        except FileNotFoundError:
-            return  # deleted or replaced: the mapping keeps the old file's pages readable
-        except OSError as e:
-            raise _corrupt(self.path, f"cannot stat ({e.strerror or e})") from None
-        if size < self.tokens.nbytes:
-            raise _corrupt(self.path, f"{size} bytes, {self.tokens.nbytes} when this run opened "
-                                      "it: it was cut while training read it")
 
 
 class TokenShards:
@@ -137,15 +143,20 @@ class TokenShards:
         self.tokenizer_path = directory / manifest["tokenizer"]["file"]
 
     @classmethod
-    def open(cls, directory: str | Path, verify: bool = False) -> TokenShards:
+    def open(cls, directory: str | Path, verify: bool = False, random_access: bool = True,
+             manifest: dict | None = None) -> TokenShards:
         """Checks against the manifest without reading the token data; `verify` also scans
-        every token and offset (one process's job: prepare-data, not each training rank)."""
+        every token and offset (one process's job: prepare-data, not each training rank).
+        `random_access`: the maps are advised MADV_RANDOM (scattered samples), else left to
+        readahead (a scan of a whole split). `manifest`: read_manifest(directory) already
+        parsed by the caller (a large one is parsed once per start, not once per use)."""
         directory = Path(directory)
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory) if manifest is None else manifest
         try:
             _check_tokenizer(directory, manifest)
             dtype = np.dtype(manifest["dtype"])
-            tokens = {s: _open_split(directory, manifest, s, dtype, verify) for s in SPLITS}
+            tokens = {s: _open_split(directory, manifest, s, dtype, verify,
+                                     random_access and not verify) for s in SPLITS}
             return cls(directory, manifest, tokens["train"], tokens["val"])
         except (KeyError, TypeError) as e:
             raise HarnessError(f"{directory / MANIFEST} lacks or mistypes {e}; delete "
@@ -198,8 +209,16 @@ def _check_tokenizer(directory: Path, manifest: dict) -> None:
         raise _corrupt(path, "sha256 differs from manifest.json")
 
 
+def _advise_random(tokens: np.memmap) -> None:
+    """MADV_RANDOM on the map: a fault reads its own page, not the read-around window
+    (Linux; elsewhere, or on a numpy without the map attribute, nothing changes)."""
+    advice, mapped = getattr(mmap, "MADV_RANDOM", None), getattr(tokens, "_mmap", None)
+    if advice is not None and mapped is not None:
+        mapped.madvise(advice)
+
+
 def _open_split(directory: Path, manifest: dict, split: str, dtype: np.dtype,
-                verify: bool) -> np.ndarray:
+                verify: bool, random_access: bool = False) -> np.ndarray:
     info = manifest["splits"][split]
     path, count = directory / info["file"], info["tokens"]
     size = path.stat().st_size if path.is_file() else -1
@@ -208,6 +227,8 @@ def _open_split(directory: Path, manifest: dict, split: str, dtype: np.dtype,
                              f"{dtype.itemsize} bytes")
     # an empty file cannot be memory-mapped
     tokens = np.memmap(path, dtype, mode="r") if count else np.zeros(0, dtype)
+    if random_access and count:
+        _advise_random(tokens)
     if verify and count and int(tokens.max()) >= manifest["vocab_size"]:  # reads every token
         raise _corrupt(path, f"token id {int(tokens.max())} >= vocab_size "
                              f"{manifest['vocab_size']}")
