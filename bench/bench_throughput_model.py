@@ -128,6 +128,21 @@ def report(points: list[dict], gpus: dict, c: Constants, title: str) -> dict:
     return out
 
 
+def rankings(points: list[dict], gpus: dict, c: Constants) -> list[tuple]:
+    """Pairs a source measured on the same model, GPUs and GPU count with different layouts
+    (checkpointing, micro batch): (faster published, slower published, model agrees)."""
+    out = []
+    shape = ("source", "n_layer", "d_model", "seq", "vocab", "hardware", "gpus")
+    for i, a in enumerate(points):
+        for b in points[i + 1:]:
+            if all(a.get(k) == b.get(k) for k in shape):
+                fast, slow = sorted((a, b), key=measured_tokens, reverse=True)
+                pred = [step_time(workload(p), hardware(p, gpus), c).tokens_per_s_per_gpu
+                        for p in (fast, slow)]
+                out.append((fast["id"], slow["id"], pred[0] > pred[1]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a coarse grid (CI)")
@@ -143,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     fitted = fit(train, gpus, args.quick)
     report(points, gpus, fitted, "fitted on FIT")
     report(points, gpus, Constants(), "shipped in harness/plan/throughput.py")
+    pairs = rankings(points, gpus, Constants())
+    print(f"\nlayouts one source compares (same model, GPUs, count): the model orders "
+          f"{sum(ok for *_, ok in pairs)} of {len(pairs)} pairs as published")
+    for fast, slow, ok in pairs:
+        print(f"  {fast} faster than {slow}: {'agrees' if ok else 'DISAGREES'}")
     if fitted != Constants() and not args.quick:
         print("\nnote: the shipped constants differ from this fit: copy the fit into "
               "harness/plan/throughput.py if the fixed constants or the data changed")

@@ -170,3 +170,5 @@ def test_calibration_split_and_held_out_error():
     errs = [abs(e) for e in bench.errors(held, hardware.load(), Constants())]
     assert statistics.median(errs) == pytest.approx(throughput.HELD_OUT_ERROR[0], abs=0.001)
     assert max(errs) == pytest.approx(throughput.HELD_OUT_ERROR[1], abs=0.001)
+    pairs = bench.rankings(points, hardware.load(), Constants())
+    assert len(pairs) == 2 and all(ok for *_, ok in pairs)  # layouts ordered as published
