@@ -62,8 +62,9 @@ def _uneven_run(shards_dir, stage: int, run_dir: Path) -> tuple[list[str], int, 
     """(overrides, block size, the validation set's sequences) of the 2-rank run at a ZeRO
     stage: a set of about half the split, spread over it (eval_set), whose size k = 4j + 1
     gives the 2 ranks different numbers of batches of 2 (ceil(2j + 1, 2) = j + 1 and j)."""
-    micro, block = 2, 48
-    n = (len(TokenShards.open(shards_dir).val) - 1) // block
+    val_tokens = len(TokenShards.open(shards_dir).val)
+    micro, block = 2, max(4, min(48, (val_tokens - 1) // 12))  # >= 12 sequences: k >= 5
+    n = (val_tokens - 1) // block
     k = 4 * ((min(n // 2, 64) - 1) // 4) + 1  # at most 61: a few forwards
     assert k >= 5 and _ceil(_ceil(k, 2), micro) != _ceil(k // 2, micro)
     overrides = ["model.n_layer=2", "model.d_model=32", "model.n_head=2",
