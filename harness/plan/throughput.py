@@ -48,7 +48,7 @@ checkpoint saves, stragglers, thermal or power limits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The fit (bench/bench_throughput_model.py on the FIT points of
 # bench/data/published_throughput.yaml; rerun it after changing any fixed constant below or
@@ -141,7 +141,6 @@ class StepTime:
     world: int
     model_flops_per_token: float
     peak: float
-    terms: dict = field(default_factory=dict)
 
     @property
     def total(self) -> float:
