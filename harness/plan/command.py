@@ -26,6 +26,12 @@ __all__ = ["add_arguments", "parse_size", "run", "main"]
 def run(args: argparse.Namespace) -> int:
     hw = None
     if args.gpu is not None or args.hardware is not None:
+        for flag, value in (("--gpu-type", args.gpu_type), ("--mfu", args.mfu),
+                            ("--peak-tflops", args.peak_tflops)):
+            if value is not None:
+                raise HarnessError(f"{flag} belongs to the estimate without --gpu; with --gpu "
+                                   f"the throughput model predicts speed itself: drop {flag} "
+                                   f"(another GPU: describe it with --hardware FILE)")
         from harness.plan.hardware import pick
         hw = pick(args.gpu, args.hardware)
     else:

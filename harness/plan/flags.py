@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="with --gpu: one JSON line per layout (the config as given first)")
     p.add_argument("--gpu-type", default=None,
-                   help="for the time estimate: H100, A100, L40S, ... (default H100)")
+                   help="without --gpu, the FLOPs x assumed-MFU estimate's GPU: H100, A100, "
+                        "L40S, ... (default H100)")
     p.add_argument("--peak-tflops", default=None,
                    help="the GPU's dense peak in TFLOP/s, for a type the harness does not know")
     p.add_argument("--mfu", default=None,

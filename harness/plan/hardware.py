@@ -41,7 +41,8 @@ class Hardware:
 
 
 def load(path: Optional[Path] = None) -> dict[str, Hardware]:
-    """Every GPU in the file (default: the shipped one), checked."""
+    """Every GPU in the file (default: the shipped one), checked; names lower-cased, as
+    --gpu is matched."""
     path = Path(path) if path is not None else SHIPPED
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -53,7 +54,7 @@ def load(path: Optional[Path] = None) -> dict[str, Hardware]:
     if not isinstance(raw, dict) or not raw:
         raise HarnessError(f"--hardware {path}: must be a mapping of GPU names to their "
                            f"numbers (see harness/plan/hardware.yaml)")
-    return {str(k): _entry(path, str(k), v) for k, v in raw.items()}
+    return {str(k).lower(): _entry(path, str(k), v) for k, v in raw.items()}
 
 
 def pick(name: Optional[str], path: Optional[Path] = None) -> Hardware:

@@ -109,6 +109,18 @@ def test_a_bad_hardware_file_is_one_line(tmp_path, capsys, edit, words):
     assert out.out == "" and out.err.count("\n") == 1 and words in out.err
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--gpu", "b200"], "--gpu 'b200' is not known: one of a100-40gb"),
+    (["--gpu", "h100-sxm", "--mfu", "0.5"], "--mfu belongs to the estimate without --gpu"),
+    (["--json"], "--json needs --gpu NAME"),
+    (["--tokens", "10B"], "--tokens needs --gpu NAME"),
+    (["--gpu", "h200", "--tokens", "10Q"], "--tokens='10Q' must be a number of tokens")])
+def test_bad_gpu_flags_are_one_line(capsys, argv, words):
+    assert command.main(["--config", "gpt2-small", *argv]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and words in out.err
+
+
 def _json(capsys, *argv) -> list[dict]:
     assert command.main(["--config", "gpt2-small", "--json", *argv]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
