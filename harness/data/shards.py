@@ -143,15 +143,15 @@ class TokenShards:
         self.tokenizer_path = directory / manifest["tokenizer"]["file"]
 
     @classmethod
-    def open(cls, directory: str | Path, verify: bool = False, random_access: bool = True,
-             manifest: dict | None = None) -> TokenShards:
+    def open(cls, directory: str | Path, verify: bool = False,
+             random_access: bool = True) -> TokenShards:
         """Checks against the manifest without reading the token data; `verify` also scans
         every token and offset (one process's job: prepare-data, not each training rank).
         `random_access`: the maps are advised MADV_RANDOM (scattered samples), else left to
-        readahead (a scan of a whole split). `manifest`: read_manifest(directory) already
-        parsed by the caller (a large one is parsed once per start, not once per use)."""
+        readahead (a scan of a whole split). The manifest's parse is shared with the checks
+        that read it before (read_manifest)."""
         directory = Path(directory)
-        manifest = read_manifest(directory) if manifest is None else manifest
+        manifest = read_manifest(directory)
         try:
             _check_tokenizer(directory, manifest)
             dtype = np.dtype(manifest["dtype"])
@@ -177,11 +177,27 @@ class TokenShards:
         return seqs
 
 
+# the last manifest parsed, by path and file identity: a start reads it in several checks
+# (run_dir.check_paths, out_dir.check_prepared_from, TokenShards.open), and a manifest of a
+# large corpus is megabytes to gigabytes of JSON; parsed once per process while unchanged
+_last_parsed: tuple[str, tuple, dict] | None = None
+
+
 def read_manifest(directory: Path) -> dict:
+    """The manifest of `directory`, checked to be ours. Shared, not copied: read-only (a caller
+    that rewrites the manifest parses its own copy, as out_dir.record_sources_checked does)."""
+    global _last_parsed
     path = directory / MANIFEST
-    if not path.is_file():
+    try:
+        st = path.stat() if path.is_file() else None
+    except OSError:
+        st = None
+    if st is None:
         raise HarnessError(f"{path} not found: {directory} holds no prepared data; run "
                            f"`harness prepare-data` with data.out_dir={directory}")
+    where, identity = str(path.absolute()), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _last_parsed is not None and _last_parsed[:2] == (where, identity):
+        return _last_parsed[2]
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -192,6 +208,7 @@ def read_manifest(directory: Path) -> dict:
         # perhaps not ours at all (a web app's manifest.json): nothing here suggests deleting
         raise HarnessError(f"{path} is not a format {FORMAT_VERSION} manifest of token shards: "
                            f"run `harness prepare-data` into another data.out_dir")
+    _last_parsed = (where, identity, manifest)
     return manifest
 
 
