@@ -7,11 +7,13 @@ squared log errors of tokens/s per GPU, then prints every point's predicted vs p
 tokens/s per GPU and MFU, the error, and the median / max absolute error on HELD-OUT, for the
 fit and for the constants shipped in throughput.py. No timing: pure arithmetic, ~10 s.
 
-    .venv/bin/python bench/bench_throughput_model.py [--quick]   # --quick: a coarse grid
+    .venv/bin/python bench/bench_throughput_model.py [--quick] [--out FILE.json]
+    (--quick: a coarse grid; --out: the fit, every point's prediction and the held-out error)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -112,7 +114,7 @@ def report(points: list[dict], gpus: dict, c: Constants, title: str) -> dict:
           f"COMM_EFF={c.comm_eff:.2f}")
     print(f"  {'point':<34}{'split':<10}{'published':>11}{'predicted':>11}{'error':>8}"
           f"{'MFU pub':>9}{'MFU pred':>9}  limiter")
-    held = []
+    held, rows = [], []
     for p in points:
         t = step_time(workload(p), hardware(p, gpus), c)
         meas = measured_tokens(p)
@@ -120,9 +122,12 @@ def report(points: list[dict], gpus: dict, c: Constants, title: str) -> dict:
         mfu_pub = t.mfu * meas / t.tokens_per_s_per_gpu
         if p["split"] == "HELD-OUT":
             held.append(abs(err))
+        rows.append({"id": p["id"], "split": p["split"], "published": meas,
+                     "predicted": t.tokens_per_s_per_gpu, "error": err, "limiter": t.limiter})
         print(f"  {p['id']:<34}{p['split']:<10}{meas:>11,.0f}{t.tokens_per_s_per_gpu:>11,.0f}"
               f"{err:>+8.1%}{mfu_pub:>9.1%}{t.mfu:>9.1%}  {t.limiter}")
-    out = {"median": statistics.median(held), "max": max(held)}
+    out = {"median": statistics.median(held), "max": max(held), "points": rows,
+           "constants": {"E_MAX": c.e_max, "SHAPE_DIM": c.shape_dim, "COMM_EFF": c.comm_eff}}
     print(f"  HELD-OUT ({len(held)} points): median |error| {out['median']:.1%}, max "
           f"{out['max']:.1%} (targets: median <= 15%, max <= 35%)")
     return out
@@ -146,6 +151,7 @@ def rankings(points: list[dict], gpus: dict, c: Constants) -> list[tuple]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a coarse grid (CI)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     gpus = hw_mod.load()
     points = load_points()
@@ -156,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         cite = next(p["citation"] for p in points if p["source"] == src)
         print(f"  {src}: {cite[:150]}{'...' if len(cite) > 150 else ''}")
     fitted = fit(train, gpus, args.quick)
-    report(points, gpus, fitted, "fitted on FIT")
-    report(points, gpus, Constants(), "shipped in harness/plan/throughput.py")
+    results = {"fitted": report(points, gpus, fitted, "fitted on FIT"),
+               "shipped": report(points, gpus, Constants(),
+                                 "shipped in harness/plan/throughput.py")}
     pairs = rankings(points, gpus, Constants())
     print(f"\nlayouts one source compares (same model, GPUs, count): the model orders "
           f"{sum(ok for *_, ok in pairs)} of {len(pairs)} pairs as published")
     for fast, slow, ok in pairs:
         print(f"  {fast} faster than {slow}: {'agrees' if ok else 'DISAGREES'}")
+    if args.out:
+        results["rankings"] = [{"faster": f, "slower": s, "agrees": ok} for f, s, ok in pairs]
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if fitted != Constants() and not args.quick:
         print("\nnote: the shipped constants differ from this fit: copy the fit into "
               "harness/plan/throughput.py if the fixed constants or the data changed")
