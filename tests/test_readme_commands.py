@@ -137,8 +137,11 @@ def check_eval(out: str, home: Path):
     res = json.loads(line)
     assert res["split"] == "val" and res["step"] == 60
     cfg = yaml.safe_load((home / "runs" / "tiny" / "config.yaml").read_text())
-    windows = cfg["data"]["eval_batches"] * cfg["train"]["micro_batch_size"]  # eval_sequences 0
-    assert res["tokens"] == windows * cfg["model"]["block_size"] == 4096
+    block = cfg["model"]["block_size"]
+    manifest = json.loads((home / cfg["data"]["out_dir"] / "manifest.json").read_text())
+    in_split = (manifest["splits"]["val"]["tokens"] - 1) // block
+    set_size = cfg["data"]["eval_batches"] * cfg["train"]["micro_batch_size"]  # eval_sequences 0
+    assert res["windows"] == min(set_size, in_split) and res["tokens"] == res["windows"] * block
     last = _metrics(home / "runs" / "tiny")[-1]
     assert math.isclose(res["loss"], last["eval/loss"], rel_tol=1e-5), (res, last)
     assert math.isclose(res["bits_per_byte"], last["eval/bpb"], rel_tol=1e-5)
