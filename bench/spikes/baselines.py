@@ -51,7 +51,7 @@ class _Baseline:
                 continue
             found = self._check(name, x)
             if found is not None:
-                kind = "loss_spike" if name == LOSS else "grad_spike"
+                kind = "loss_spike" if name == LOSS else "warning"
                 events.append(dict(_event(kind, step, name, x), **found))
         return events
 

@@ -2,7 +2,9 @@
 
 Before the update it sees the loss and pre-clip gradient norms (so `skip` can drop that very
 update); after it, the update norm, parameter norm and jump, per-group update ratios.
-Warnings (event level "warning": precursors) are metrics and event lines; alarms (loss
+Advice (level "advice": a condition of the whole run, e.g. no qk-norm at a high LR, said once
+at start-up or when first seen) and warnings (level "warning": precursors, once per episode)
+are metrics and event lines; alarms (loss
 spikes, non-finite values, parameter jumps) are what wandb.alert and lr_cut / rollback / stop
 follow; `skip` may act on warnings. Actions (monitor.action): alert (events only), skip,
 lr_cut (LR x lr_cut_factor for lr_cut_steps), rollback (PaLM's recipe: back to the newest
@@ -19,6 +21,7 @@ from harness.checkpoint.checkpointer import Checkpointer, complete_checkpoints, 
 from harness.common.callback import Callback
 from harness.config.monitor import is_post_step
 from harness.monitor import MonitorConfig, SpikeDetector
+from harness.monitor.detector import qk_norm_advice
 
 log = logging.getLogger("harness")
 
@@ -32,6 +35,11 @@ class SpikeMonitor(Callback):
         self.checkpointer = checkpointer
         self._rewinding = False
         self._pending: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer):
+        if trainer.step == 0:  # a resumed run said it when it started
+            for event in qk_norm_advice(self.cfg, trainer.plan.lr, trainer.cfg.model.qk_norm):
+                trainer.emit(event)
 
     def on_before_step(self, trainer, step, signals):
         events = self.detector.check_pre_step(step, signals)
@@ -58,7 +66,8 @@ class SpikeMonitor(Callback):
     def _rollback(self, trainer, event: dict[str, Any]) -> None:
         first_warning = event.get("warned_at") or event.get("onset") or event["step"]
         root = self.checkpointer.root if self.checkpointer else None
-        before = [c for c in complete_checkpoints(root) if _step_of(c) < first_warning] if root else []
+        before = ([c for c in complete_checkpoints(root) if _step_of(c) < first_warning]
+                  if root else [])
         if not before:
             trainer.stop_reason = (f"monitor: rollback needs a checkpoint from before step "
                                    f"{first_warning}; none exists (lower checkpoint.every)")

@@ -263,8 +263,8 @@ class WandbLogger(Callback):
 
     def on_event(self, trainer, step, event):
         run = self._log(trainer, event_row(step, event))
-        if run is None or event.get("level") == "warning" and not event.get("action"):
-            return  # a precursor: a chartable metric, no alert (alerts are for alarms)
+        if run is None or event.get("level") in ("warning", "advice") and not event.get("action"):
+            return  # a precursor or advice: a chartable metric, no alert (alerts are for alarms)
         # W&B holds back repeats of one title for wait_duration (default 1 min): no alert storm
         kind = str(event.get("event", "event"))
         self._call("alert", run.alert, title=f"harness: {kind}",

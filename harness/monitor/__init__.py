@@ -1,6 +1,8 @@
-"""Loss/gradient spike monitoring at run time: the online detector (detector.py) and the offline
-replay of a metrics.jsonl (replay.py); the published baselines and the spike suite that
-compares them are benchmark code (bench/spikes/). Imports common and config only.
+"""Loss/gradient spike monitoring at run time: the online detector (detector.py; its statistics
+in stats.py, its trend and growth rules and the start-up advice in rules.py, its events as
+sentences in events.py) and the offline replay of a metrics.jsonl (replay.py); the published
+baselines and the spike suite that compares them are benchmark code (bench/spikes/). Imports
+common and config only.
 """
 from harness.config.monitor import MonitorConfig
 from harness.monitor.detector import SpikeDetector

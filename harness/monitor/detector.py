@@ -29,44 +29,52 @@ Method, per signal, on log values (spikes are multiplicative and log makes drift
   value is >= `grad_at_once` x its baseline (a catastrophic gradient, which `skip` should drop
   before it is applied). An unconfirmed step is no event and opens no episode.
 - NaN/inf in any watched signal is a `nonfinite` event at once (value "nan"/"inf"/"-inf").
+- Once per episode (issue 25: a warning means "look now"): every rule of a signal speaks once,
+  then stays silent until the signal has been back at its baseline for `rearm_steps` steps in
+  a row (level rules: z < `rearm_z`, or under half the threshold if that is lower; trend and
+  growth rules: under half their threshold in log units). A value that hovers at a threshold,
+  a ramp that keeps rising, a bound that stays high: one warning each.
 - Trend rule (signals matching `trend_signals`): the line's rise over one window, exp(slope x
   window), at or above `trend_growth` is a warning too: a steady ramp (an LR schedule gone
   wrong, Adam's update growing step after step) moves the line with it and never scores a high
-  z. Once it has warned, it warns again every `episode_gap` steps for as long as the line keeps
-  rising at all, so the episode stays open until the loss spike it leads to; it re-arms when
-  the line stops rising. Armed once a whole window lies after `trend_after` (default: the end
-  of the LR warm-up, whose rise it would otherwise flag).
-
-- Ceiling rule (monitor.attn_ceiling on model/attn_logit_bound, default 100):
-  a value at or above its ceiling is a warning (rule "ceiling"), repeated every episode_gap
-  steps while the value stays above half the ceiling; no statistics, so a growth that started
-  in warm-up (before any window is full) is still caught once the monitor arms.
+  z. Armed once a whole window lies after `trend_after` (default: the end of the LR warm-up,
+  whose rise it would otherwise flag).
+- Growth rule (signals matching `growth_signals`, default model/attn_logit_bound): the value
+  at >= `growth_ratio` x its own value `growth_span` steps before (the median of `growth_ref`
+  values ending there): a growth RATE, so a bound that grows as much over a whole healthy run
+  stays quiet. No window and no warmup_steps: it arms as soon as those values exist, in the LR
+  warm-up, where attention-logit growth starts.
+- Ceiling (monitor.attn_ceiling on model/attn_logit_bound, default 100): the bound at or over
+  it is a condition of the rest of the run, not an event: one `advice` (rule "ceiling") when
+  first seen, at any step, never repeated, no episode, no action.
 
 - Parameter jump (signal optim/param_jump, from harness.train.grad_norms): a value at or above
   `param_jump` is a `param_jump` alarm at once, in warm-up too: the weights changed between
   two steps by more than rounding, outside the optimizer (no statistics: healthy is 0).
 - LR warm-up: `trend_after` (null in a replay: the first step whose optim/lr does not rise)
-  ends it; loss spikes are confirmed only after it (before, the loss's steps over loss_z are
-  warnings), and the trend rule arms one window after it.
+  ends it; loss spikes are confirmed only after it, and the trend rule arms one window after.
 
 Levels: every event has "level": "alarm" for loss_spike, nonfinite and param_jump (what
-wandb.alert and lr_cut / rollback / stop follow), "warning" for grad_spike (precursors: what
-`skip` may act on; a metric and an event line otherwise).
+wandb.alert and lr_cut / rollback / stop follow), "warning" for `warning` (precursors: what
+`skip` may act on; a metric and an event line otherwise), "advice" for `advice`.
 
 Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "action"):
-- grad_spike: the one kind of every warning, whatever its signal (the name is kept: it is
-  what monitor.act_on and the monitor/grad_spike metric say); `signal` names the metric. A
-  precursor crossed its threshold (rule "level", confirmed where it must be;
-  one event per excursion: the signal re-arms only once z falls below threshold / 2; fields
+- warning: the one kind of every precursor warning, whatever its signal (issue 25 renamed it
+  from grad_spike; monitor.act_on refuses the old name with the new one); `signal` names the
+  metric. A precursor crossed its threshold (rule "level", confirmed where it must be; fields
   value, z, threshold, baseline, episode; a loss scale's z and threshold count halvings),
   or its trend did (rule "trend"; fields value, growth, threshold (x per window), episode),
-  or a ceiling was reached (rule "ceiling"; fields value, ceiling, episode).
-  harness.monitor.events.describe says any event in one sentence.
+  or its growth rate did (rule "growth"; fields value, growth, threshold, span, reference,
+  episode). harness.monitor.events.describe says any event in one sentence.
+- advice: a condition that holds for the rest of the run (rule "ceiling": fields value,
+  ceiling; rule "qk_norm": no qk-norm at a peak LR >= monitor.qk_norm_lr, said at start-up by
+  harness.callbacks.spike_monitor, fields value (the LR), lr). Never acted on.
 - loss_spike: the loss stayed >= loss_z for loss_persist consecutive observations (one hard
-  batch is not a spike); re-arms like grad_spike. The first of those steps is a grad_spike
-  warning with signal = the loss and field persist = loss_persist (so `skip` can drop that
-  batch's update at once); it joins
-  no episode, so lead_steps still measures the precursors' lead. `onset` is that first step;
+  batch is not a spike), after the LR warm-up; once per episode like the warnings. The first
+  of those steps is no event unless the loss is >= `loss_at_once` x its baseline (a broken
+  batch, not a hard one): then it is a `warning` with signal = the loss and field persist =
+  loss_persist (so `skip` can drop that batch's update at once); it joins no episode, so
+  lead_steps still measures the precursors' lead. `onset` is the first step over;
   `warned_at` is the first warning of the open episode or None, `warned_by` its signals;
   lead_steps = onset - warned_at (0: same step; negative: the warning came after the loss
   had started to rise).
@@ -75,8 +83,7 @@ Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "act
 - action: cfg.action when the event kind is in cfg.resolved_act_on(), else None; "skip" only
   from check_pre_step, and only for an excursion's one warning (its first step, or for a
   confirm signal its confirming step: skipping every step of a real level shift would stall
-  training); "rollback" turns into "stop" after max_rollbacks
-  rewinds.
+  training); "rollback" turns into "stop" after max_rollbacks rewinds.
 - fp16 overflow: a step whose signals carry `optim/overflow` true (the trainer sets it under
   fp16 when the gradient holds inf/NaN, which DeepSpeed's loss scaler skips and answers by
   lowering the scale) has inf/NaN gradient norms by design: those are left out (no event, no
@@ -90,11 +97,15 @@ from fnmatch import fnmatchcase
 from typing import Any, Optional
 
 from harness.config.monitor import ALARMS, PARAM_JUMP, MonitorConfig
+from harness.monitor.rules import grows, qk_norm_advice, trend
 from harness.monitor.stats import EMA, Halvings, MedianMAD, Signal
+
+__all__ = ["SpikeDetector", "qk_norm_advice"]
 
 WARM_FLAT = 10  # steps without a new LR maximum that end an inferred warm-up
 OVERFLOW = "optim/overflow"  # true on an fp16 step the loss scaler will skip
 GRAD_NORMS = ("optim/grad_norm_preclip", "grad_norm/*")  # inf/NaN by design on such a step
+LEVELS = {**{k: "alarm" for k in ALARMS}, "advice": "advice"}  # any other kind: "warning"
 
 
 class SpikeDetector:
@@ -124,12 +135,10 @@ class SpikeDetector:
         return self.cfg.lr_cut_factor if step < self.lr_cut_until else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        sigs = {k: {"stat": s.stat.state_dict(), "run": s.run, "onset": s.onset, "hot": s.hot,
-                    "trend_at": s.trend_at, "ceil_at": s.ceil_at}
-                for k, s in self.signals.items()}
+        sigs = {k: {"stat": s.stat.state_dict(), **s.state()} for k, s in self.signals.items()}
         ep = self.episode
         episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
-        return {"version": 3, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
+        return {"version": 4, "stat": self.cfg.stat, "signals": sigs, "episode": episode,
                 "n_episodes": self.n_episodes, "rollbacks": self.rollbacks,
                 "lr_cut_until": self.lr_cut_until, "warm_end": self.warm_end,
                 "last_lr": None if self.last_lr is None else list(self.last_lr)}
@@ -141,9 +150,9 @@ class SpikeDetector:
         for name, s in state["signals"].items() if same_stat else ():
             sig = self._new_signal(name)
             sig.stat.load_state_dict(s["stat"])
-            sig.run, sig.onset, sig.hot = int(s["run"]), int(s["onset"]), bool(s["hot"])
-            sig.trend_at = int(s.get("trend_at", -1))  # absent before the trend rule
-            sig.ceil_at = int(s.get("ceil_at", -1))  # absent before the ceiling rule
+            sig.load(s)
+            if int(s.get("ceil_at", -1)) >= 0:  # version 3: the ceiling had warned
+                sig.advised = True
             self.signals[name] = sig
         ep = state["episode"]
         self.episode = None if ep is None else dict(ep, signals=list(ep["signals"]))
@@ -164,11 +173,13 @@ class SpikeDetector:
     # ---- internals ----------------------------------------------------------------------
     def _kind(self, name: str) -> Optional[str]:
         if name not in self._kinds:
-            if name == self.cfg.loss_signal:
+            cfg = self.cfg
+            if name == cfg.loss_signal:
                 self._kinds[name] = "loss"
-            elif name == PARAM_JUMP and any(fnmatchcase(name, p) for p in self.cfg.signals):
+            elif name == PARAM_JUMP and any(fnmatchcase(name, p) for p in cfg.signals):
                 self._kinds[name] = "jump"
-            elif any(fnmatchcase(name, p) for p in [*self.cfg.signals, *self.cfg.ceilings()]):
+            elif any(fnmatchcase(name, p) for p in [*cfg.signals, *cfg.ceilings(),
+                                                     *cfg.growth_signals]):
                 self._kinds[name] = "precursor"
             else:
                 self._kinds[name] = None
@@ -178,17 +189,22 @@ class SpikeDetector:
         cfg = self.cfg
         if name.endswith("loss_scale"):
             return Signal(Halvings(cfg.window), float(cfg.loss_scale_halvings))
-        threshold = cfg.loss_z if name == cfg.loss_signal else cfg.grad_z
+        is_loss = name == cfg.loss_signal
+        # a signal only the ceiling or growth rules watch has no level rule (threshold inf)
+        level = is_loss or any(fnmatchcase(name, p) for p in cfg.signals)
+        threshold = (cfg.loss_z if is_loss else cfg.grad_z) if level else math.inf
         trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
-        confirmed = name != cfg.loss_signal and any(fnmatchcase(name, p)
-                                                    for p in cfg.confirm_signals)
+        confirmed = not is_loss and any(fnmatchcase(name, p) for p in cfg.confirm_signals)
         confirm = (cfg.grad_confirm, math.log(cfg.grad_at_once)) if confirmed else (1, math.inf)
+        if is_loss:  # one step over: a warning only at loss_at_once x the baseline
+            confirm = (1, math.log(cfg.loss_at_once))
         if cfg.stat == "ema":
             stat = EMA(cfg.ema_alpha, cfg.min_scale, cfg.window)
         else:
             stat = MedianMAD(cfg.window, cfg.min_scale)
         sig = Signal(stat, threshold, trend, *confirm)
         sig.ceiling = cfg.ceilings().get(name)
+        sig.grows = any(fnmatchcase(name, p) for p in cfg.growth_signals)
         return sig
 
     def _warm_up(self, step: int, signals: dict[str, float]) -> bool:
@@ -215,24 +231,23 @@ class SpikeDetector:
         watched.sort(key=lambda kv: (self._kind(kv[0]) == "loss", kv[0]))  # loss last
         events: list[dict[str, Any]] = []
         for name, value in watched:
-            ev = self._observe(step, name, float(value))
-            if ev is not None:
-                ev["level"] = "alarm" if ev["event"] in ALARMS else "warning"
+            for ev in self._observe(step, name, float(value)):
+                ev["level"] = LEVELS.get(ev["event"], "warning")
                 ev["action"] = self._action(ev["event"], step, can_skip)
                 events.append(ev)
         return events
 
-    def _observe(self, step: int, name: str, x: float) -> Optional[dict[str, Any]]:
+    def _observe(self, step: int, name: str, x: float) -> list[dict[str, Any]]:
         is_loss = self._kind(name) == "loss"
         if not math.isfinite(x):
             ev = {"event": "nonfinite", "step": step, "signal": name, "value": str(x)}
             if not is_loss:
                 ev["episode"] = self._touch_episode(step, name)
-            return ev
+            return [ev]
         if self._kind(name) == "jump":
-            return self._jump(step, name, x)
+            return _some(self._jump(step, name, x))
         if x <= 0:  # log space needs positive values; a zero norm says nothing about spikes
-            return None
+            return []
         sig = self.signals.get(name)
         if sig is None:
             sig = self.signals[name] = self._new_signal(name)
@@ -244,42 +259,55 @@ class SpikeDetector:
                     and step >= (self.warm_end or 0) + self.cfg.window)
         growth = sig.stat.growth() if trending else None
         sig.stat.push(lx, sig.threshold if armed else None)
-        ev = self._level(step, name, x, sig, z, center, is_loss)
-        if ev is None and growth is not None:
-            ev = self._trend(step, name, x, sig, growth)
-        if sig.ceiling is not None and step >= self.cfg.warmup_steps:
-            ev = self._ceiling(step, name, x, sig) or ev  # always updates its own state
-        return ev
+        events = _some(self._level(step, name, x, sig, z, center, is_loss))
+        for rule in (trend(self.cfg, sig, growth) if growth is not None else None,
+                     grows(self.cfg, sig, x) if sig.grows else None):
+            if rule is not None:  # a rule's warning joins this step's episode
+                events.append({"event": "warning", **rule, "step": step, "signal": name,
+                               "value": x, "episode": self._touch_episode(step, name)})
+        if sig.ceiling is not None and x >= sig.ceiling and not sig.advised:
+            sig.advised = True  # a condition of the rest of the run: said once, no episode
+            events.append({"event": "advice", "rule": "ceiling", "step": step, "signal": name,
+                           "value": x, "ceiling": sig.ceiling})
+        return events
+
+    def _rearm(self, sig: Signal, z: float) -> None:
+        """Back at its baseline (z < rearm_z, or half the threshold if lower: a loss scale's
+        halvings) for rearm_steps steps in a row: the level rule may warn again."""
+        sig.calm = sig.calm + 1 if z < min(sig.rearm, self.cfg.rearm_z) else 0
+        if sig.calm >= self.cfg.rearm_steps:
+            sig.hot = sig.warned = False
 
     def _level(self, step: int, name: str, x: float, sig: Signal, z: float, center: float,
                is_loss: bool) -> Optional[dict[str, Any]]:
-        if z < sig.threshold / 2:
-            sig.hot = False
+        self._rearm(sig, z)
         if z < sig.threshold:
             sig.run = 0
             return None
         sig.run += 1
         if sig.run == 1:
             sig.onset = step
-        if not is_loss and sig.run < sig.confirm and math.log(x) - center < sig.at_once:
+        at_once = math.log(x) - center >= sig.at_once
+        if not is_loss and sig.run < sig.confirm and not at_once:
             return None  # not confirmed yet: no event, and it opens no episode
         episode = None if is_loss else self._touch_episode(step, name)
-        if is_loss and sig.run not in (1, self.cfg.loss_persist):
-            return None  # the loss fires on its first step over and the persist-th
-        if sig.hot:  # a precursor fires once per excursion (re-armed below threshold / 2)
-            return None
         base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
                 "threshold": sig.threshold, "baseline": float(f"{math.exp(center):.6g}")}
-        if is_loss and sig.run < self.cfg.loss_persist:  # its first step over: a warning
+        if is_loss and sig.run < self.cfg.loss_persist:
+            if sig.run > 1 or not at_once or sig.warned or sig.hot:
+                return None  # one hard batch (under loss_at_once x the baseline): no event
+            sig.warned = True  # a loss jump this large: warned (and skippable) at once
             # `persist`: the steps over that confirm a loss_spike (this is the first of them)
-            return dict(base, event="grad_spike", rule="level", episode=None,
+            return dict(base, event="warning", rule="level", episode=None,
                         persist=self.cfg.loss_persist)
-        if is_loss and self._warming:  # not confirmed in the LR warm-up: warnings only
+        if sig.hot or (is_loss and sig.run != self.cfg.loss_persist):
+            return None  # once per episode (re-armed at the baseline)
+        if is_loss and self._warming:  # not confirmed in the LR warm-up
             return None
         sig.hot = True
         if is_loss:
             return self._confirm(base, sig)
-        return dict(base, event="grad_spike", rule="level", episode=episode)
+        return dict(base, event="warning", rule="level", episode=episode)
 
     def _jump(self, step: int, name: str, x: float) -> Optional[dict[str, Any]]:
         sig = self.signals.get(name)
@@ -293,34 +321,6 @@ class SpikeDetector:
         sig.hot = True
         return {"event": "param_jump", "step": step, "signal": name, "value": x,
                 "threshold": sig.threshold, "episode": self._touch_episode(step, name)}
-
-    def _trend(self, step: int, name: str, x: float, sig: Signal,
-               growth: float) -> Optional[dict[str, Any]]:
-        limit = math.log(self.cfg.trend_growth)
-        if growth <= 0:  # the line has stopped rising: re-arm
-            sig.trend_at = -1
-        rising = sig.trend_at >= 0  # still rising since the last warning: remind, don't wait
-        if (not rising and growth < limit) or (
-                rising and step - sig.trend_at < self.cfg.episode_gap):
-            return None
-        sig.trend_at = step
-        return {"event": "grad_spike", "rule": "trend", "step": step, "signal": name,
-                "value": x, "growth": round(math.exp(growth), 3),
-                "threshold": self.cfg.trend_growth, "episode": self._touch_episode(step, name)}
-
-    def _ceiling(self, step: int, name: str, x: float,
-                 sig: Signal) -> Optional[dict[str, Any]]:
-        """An absolute limit: warns on reaching it, reminds every episode_gap steps while the
-        value stays over half of it (hysteresis, so hovering at the limit is one episode)."""
-        if x < sig.ceiling / 2:
-            sig.ceil_at = -1
-        if x < sig.ceiling and sig.ceil_at < 0:
-            return None
-        if sig.ceil_at >= 0 and step - sig.ceil_at < self.cfg.episode_gap:
-            return None
-        sig.ceil_at = step
-        return {"event": "grad_spike", "rule": "ceiling", "step": step, "signal": name,
-                "value": x, "ceiling": sig.ceiling, "episode": self._touch_episode(step, name)}
 
     def _open_episode(self, step: int) -> Optional[dict[str, Any]]:
         ep = self.episode
@@ -357,6 +357,10 @@ class SpikeDetector:
         if action == "lr_cut":
             self.lr_cut_until = step + self.cfg.lr_cut_steps
         return action
+
+
+def _some(event: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [] if event is None else [event]
 
 
 def _overflowed(name: str, value: float) -> bool:

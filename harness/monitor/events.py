@@ -2,9 +2,9 @@
 the threshold it crossed and the action taken. metrics.jsonl, W&B and `harness monitor replay`
 keep the event dicts themselves (harness.monitor.detector lists their fields).
 
-The event kind is not the lead of the sentence: `grad_spike` is the kind of every warning,
-whatever its signal (the loss's first step over its threshold is one), so the line leads with
-the level and the signal instead.
+The line leads with the level (alarm, warning, advice) and the signal: `warning` is the kind of
+every precursor warning, whatever its signal; `advice` is a condition that holds for the rest
+of a run (said once, never repeated).
 """
 from __future__ import annotations
 
@@ -38,9 +38,21 @@ def _warning(e: dict[str, Any]) -> str:
     if rule == "trend":
         return (f"{e['signal']} {_n(e['value'])} rose x{_n(e['growth'])} over one window "
                 f"(threshold x{_n(e.get('threshold', '?'))}), a steady ramp")
-    if rule == "ceiling":
-        return f"{e['signal']} {_n(e['value'])} is at or over its ceiling {_n(e['ceiling'])}"
+    if rule == "growth":
+        return (f"{e['signal']} {_n(e['value'])} is x{_n(e['growth'])} its value "
+                f"{_n(e['reference'])} of {e['span']} steps before (threshold "
+                f"x{_n(e.get('threshold', '?'))}): a fast growth")
     return _level(e)
+
+
+def _advice(e: dict[str, Any]) -> str:
+    if e.get("rule") == "qk_norm":
+        return (f"{e['signal']} peaks at {_n(e['value'])} without model.qk_norm: at LRs >= "
+                f"{_n(e['lr'])} "
+                "attention logits may grow until softmax saturates (Wortsman et al. 2023); "
+                "model.qk_norm=true keeps them bounded")
+    return (f"{e['signal']} {_n(e['value'])} reached {_n(e['ceiling'])}: attention logits this "
+            "large saturate softmax (said once; model.qk_norm=true keeps them bounded)")
 
 
 def _loss_spike(e: dict[str, Any]) -> str:
@@ -64,7 +76,8 @@ def _rollback(e: dict[str, Any]) -> str:
 
 
 SENTENCES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "grad_spike": _warning,
+    "warning": _warning,
+    "advice": _advice,
     "loss_spike": _loss_spike,
     "nonfinite": lambda e: f"{e['signal']} is {e['value']} (not finite)",
     "param_jump": _param_jump,

@@ -10,7 +10,7 @@ from typing import Any, Optional
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
 
 
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     s, n = sorted(xs), len(xs)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
@@ -31,11 +31,11 @@ class MedianMAD:
         v = list(self.values)
         m, h = len(v), len(v) // 2
         c1, c2 = (h - 1) / 2, m - h + (h - 1) / 2  # centres of the two halves
-        m1, m2 = _median(v[:h]), _median(v[m - h:])
+        m1, m2 = median(v[:h]), median(v[m - h:])
         slope = (m2 - m1) / (c2 - c1)
         resid = [vi - (m2 + slope * (i - c2)) for i, vi in enumerate(v)]
-        mid = _median(resid)
-        spread = _MAD_TO_SIGMA * _median([abs(r - mid) for r in resid])
+        mid = median(resid)
+        spread = _MAD_TO_SIGMA * median([abs(r - mid) for r in resid])
         center = m2 + slope * (m - c2)  # the line extrapolated to this step
         return (x - center) / max(spread, self.min_scale), center
 
@@ -43,7 +43,7 @@ class MedianMAD:
         """The line's rise in log units over one window (its slope x the window)."""
         v, h = list(self.values), len(self.values) // 2
         m = len(v)
-        return (_median(v[m - h:]) - _median(v[:h])) / (m - h) * self.values.maxlen
+        return (median(v[m - h:]) - median(v[:h])) / (m - h) * self.values.maxlen
 
     def push(self, x: float, clip_z: Optional[float]) -> None:
         self.values.append(x)  # medians are already robust: no clipping needed
@@ -112,18 +112,41 @@ class Halvings(MedianMAD):
 
 
 class Signal:
-    """One watched metric: its statistics, its current run of over-threshold steps and
-    whether it has fired in the current excursion (`hot`: cleared below threshold / 2, so a
-    value hovering at the threshold after a level shift fires once, not on every crossing)."""
+    """One watched metric: its statistics, its current run of over-threshold steps, and
+    whether each of its rules has already spoken in the current episode. A rule speaks once
+    per episode and re-arms only after its signal has been back at its baseline (monitor.
+    rearm_z, rearm_steps) for a while: a value hovering at a threshold is one warning."""
 
     def __init__(self, stat: Any, threshold: float, trend: bool = False, confirm: int = 1,
                  at_once: float = math.inf):
         self.stat, self.threshold, self.trend = stat, threshold, trend
         # a level excursion warns on its `confirm`-th consecutive step, or at once when the
         # value is >= at_once x the baseline, in log units (monitor.grad_confirm and
-        # grad_at_once on the confirm_signals; 1 and inf on the others)
+        # grad_at_once on the confirm_signals, loss_at_once on the loss; 1 and inf otherwise)
         self.confirm, self.at_once = confirm, at_once
-        self.run, self.onset, self.hot = 0, -1, False
-        self.trend_at = -1  # step of the last trend warning of the current rise, -1: none
+        self.run, self.onset = 0, -1
+        self.hot = False  # the level rule fired in this episode (the loss: its loss_spike)
+        self.warned = False  # the loss only: its one-step (at-once) warning fired
+        self.calm = 0  # consecutive steps back at the baseline (z < rearm)
+        self.rearm = threshold / 2  # the z under which it is back (monitor.rearm_z or less)
+        self.trend_hot = False  # the trend rule fired in this episode
+        self.trend_calm = 0  # consecutive steps its growth was back under half its threshold
         self.ceiling: Optional[float] = None  # monitor.ceilings' value for this signal
-        self.ceil_at = -1  # step of the last ceiling warning of this excursion, -1: none
+        self.advised = False  # the ceiling's advice was given (once per run)
+        self.grows = False  # watched by the growth rule (monitor.growth_signals)
+        self.hist: list[float] = []  # growth rule: its last growth_span + growth_ref - 1 logs
+        self.grow_hot = False  # growth rule fired in this episode
+        self.grow_calm = 0
+
+    FIELDS = ("run", "onset", "hot", "warned", "calm", "trend_hot", "trend_calm", "advised",
+              "hist", "grow_hot", "grow_calm")
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k in self.FIELDS:
+            if k in state:  # absent in an older checkpoint: this rule starts armed
+                default = getattr(self, k)
+                setattr(self, k, list(state[k]) if isinstance(default, list)
+                        else type(default)(state[k]))

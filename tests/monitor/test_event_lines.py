@@ -1,9 +1,10 @@
 """Monitor events as people read them (harness.monitor.events.describe, the console's line) and
 what `harness monitor replay` says beside its JSON lines.
 
-The events are the real detector's, on tests/monitor/spike_trace.csv (precursor levels, the
-loss's first step over, a confirmed loss spike, a NaN) and on a synthetic trace with a loss-
-scale halving, an update-norm ramp, a parameter jump and an attention bound over its ceiling.
+The events are the real detector's, on tests/monitor/spike_trace.csv (precursor levels, a
+confirmed loss spike, a NaN) and on a synthetic trace with a loss-scale halving, a broken batch
+(the loss x2 for one step), an update-norm ramp, a parameter jump and an attention bound that
+grows x125 in one step past its ceiling; plus the start-up advice (no qk-norm at LR 0.1).
 Each line is checked against its own event and the config's thresholds.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from harness.monitor import MonitorConfig, SpikeDetector, replay
+from harness.monitor.detector import qk_norm_advice
 from harness.monitor.events import describe
 from harness.monitor.replay import main as replay_main
 
@@ -27,10 +29,10 @@ LOSS = "train/loss"
 def synthetic_events(cfg: MonitorConfig) -> list[dict]:
     rng, det, events = np.random.default_rng(0), SpikeDetector(cfg), []
     for i in range(380):
-        pre = {LOSS: 3.0 * math.exp(0.01 * rng.standard_normal()),
+        pre = {LOSS: 3.0 * (2 if i == 200 else 1) * math.exp(0.01 * rng.standard_normal()),
                "optim/grad_norm_preclip": 0.5 * math.exp(0.1 * rng.standard_normal()),
                "optim/loss_scale": 65536.0 / (4 if i >= 300 else 1),  # 2 halvings at 300
-               "model/attn_logit_bound": 150.0 if i >= 360 else 8.0}
+               "model/attn_logit_bound": 1000.0 if i >= 360 else 8.0}
         post = {"optim/update_norm": 0.02 * math.exp(0.05 * rng.standard_normal())
                 * 1.03 ** max(0, i - 250),  # a ramp from 250
                 "optim/param_jump": 1e-3 if i == 350 else 0.0}
@@ -41,10 +43,11 @@ def synthetic_events(cfg: MonitorConfig) -> list[dict]:
 @pytest.fixture(scope="module")
 def events() -> list[dict]:
     cfg = MonitorConfig(action="skip")
-    found = replay(CSV, cfg) + synthetic_events(cfg)
+    found = replay(CSV, cfg) + synthetic_events(cfg) + qk_norm_advice(cfg, 0.1, qk_norm=False)
     rules = {(e["event"], e.get("rule")) for e in found}
-    assert rules == {("grad_spike", "level"), ("grad_spike", "trend"), ("grad_spike", "ceiling"),
-                     ("loss_spike", None), ("nonfinite", None), ("param_jump", None)}
+    assert rules == {("warning", "level"), ("warning", "trend"), ("warning", "growth"),
+                     ("advice", "ceiling"), ("advice", "qk_norm"), ("loss_spike", None),
+                     ("nonfinite", None), ("param_jump", None)}
     return found
 
 
@@ -77,15 +80,21 @@ def test_level_events_carry_and_show_the_threshold_they_crossed(events):
     trend = [e for e in events if e.get("rule") == "trend"]
     assert all(e["threshold"] == cfg.trend_growth and f"x{e['growth']:.4g}" in describe(e)
                for e in trend)
+    growth = next(e for e in events if e.get("rule") == "growth")
+    assert growth["threshold"] == cfg.growth_ratio
+    assert all(shows(describe(growth), x) for x in (growth["growth"], growth["reference"],
+                                                     cfg.growth_ratio, cfg.growth_span))
     ceiling = next(e for e in events if e.get("rule") == "ceiling")
-    assert f"ceiling {cfg.attn_ceiling:g}" in describe(ceiling)
+    assert f"reached {cfg.attn_ceiling:g}" in describe(ceiling) and "once" in describe(ceiling)
+    qk = next(e for e in events if e.get("rule") == "qk_norm")
+    assert "model.qk_norm=true" in describe(qk) and shows(describe(qk), cfg.qk_norm_lr)
 
 
 def test_the_loss_warning_reads_as_the_loss_not_a_gradient_spike(events):
     """The issue's line `[grad_spike] step 117: {"signal": "train/loss", ...}`: the loss's
-    first step over loss_z is a warning of kind grad_spike (the kind act_on names for every
-    warning); its line names the loss and what would confirm it, not the kind."""
-    first = next(e for e in events if e["signal"] == LOSS and e["event"] == "grad_spike")
+    first step over loss_z (at >= loss_at_once x its baseline) is a warning of kind
+    `warning`; its line names the loss and what would confirm it."""
+    first = next(e for e in events if e["signal"] == LOSS and e["event"] == "warning")
     assert first["persist"] == MonitorConfig().loss_persist and first["episode"] is None
     line = describe(first)
     assert line.startswith(f"[monitor warning] step {first['step']}: {LOSS} ")
@@ -123,7 +132,7 @@ def test_other_events_and_unknown_ones():
 def _flat_metrics(path: Path, steps: range) -> None:
     path.write_text("".join(json.dumps({"step": s, LOSS: 3.0, "optim/grad_norm_preclip": 0.5,
                                         "optim/lr": 1e-3}) + "\n" for s in steps)
-                    + json.dumps({"step": 7, "event": "grad_spike"}) + "\n")  # not a step
+                    + json.dumps({"step": 7, "event": "warning"}) + "\n")  # not a step
 
 
 def test_replay_without_events_says_so_with_the_steps_read(tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_skip_leaves_parameters_and_adam_state_unchanged(tmp_path, shards_dir, h
     assert not _same(snaps.params[SPIKE + 1], snaps.params[SPIKE])  # training goes on
     steps = {ln["step"]: ln for ln in lines if "event" not in ln}
     assert steps[SPIKE]["optim/skipped"] is True and steps[SPIKE - 1]["optim/skipped"] is False
-    events = [ln for ln in lines if ln.get("event") in ("grad_spike", "nonfinite")]
+    events = [ln for ln in lines if ln.get("event") in ("warning", "nonfinite")]
     assert events and events[0]["step"] == SPIKE and events[0]["action"] == "skip"
     assert all(math.isfinite(p.float().sum().item())
                for p in trainer.engine.module.parameters())
@@ -100,7 +100,7 @@ def test_monitor_without_the_update_norm_makes_no_update_pass(tmp_path, shards_d
 
 def test_lr_cut_scales_the_learning_rate(tmp_path, shards_dir):
     cfg, trainer, _, lines = run(tmp_path, shards_dir, "lr_cut", "scale",
-                                 "monitor.act_on=[grad_spike]", "monitor.lr_cut_steps=2",
+                                 "monitor.act_on=[warning]", "monitor.lr_cut_steps=2",
                                  "monitor.lr_cut_factor=0.25")
     lr = {ln["step"]: ln["optim/lr"] for ln in lines if "event" not in ln}
     plan = trainer.plan
@@ -157,7 +157,7 @@ def test_replay_cli_prints_one_json_line_per_event():
                           capture_output=True, text=True, timeout=120, env=child_env())
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(ln) for ln in proc.stdout.splitlines()]
-    assert {"grad_spike", "loss_spike"} <= {e["event"] for e in events}
+    assert {"warning", "loss_spike"} <= {e["event"] for e in events}
     bad = subprocess.run([sys.executable, "-m", "harness.cli", "monitor", "replay", "nope.csv"],
                          capture_output=True, text=True, timeout=120, env=child_env())
     assert bad.returncode == 2 and "nope.csv" in bad.stderr and "Traceback" not in bad.stderr
