@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import logging
 import math
 import os
 import re
@@ -14,6 +15,8 @@ import numpy as np
 import sentencepiece as spm
 
 from harness.common.errors import HarnessError
+
+log = logging.getLogger("harness")
 
 # The defaults (nmt_nfkc, dummy prefix, whitespace folding) lose newlines and indentation.
 LOSSLESS = dict(
@@ -27,8 +30,18 @@ LOSSLESS = dict(
 )
 SPECIAL_IDS = dict(unk_id=0, eos_id=1, bos_id=-1, pad_id=-1)
 CHUNK_CHARS = 4096  # <= 16384 UTF-8 bytes, so no training chunk is dropped as too long
-# enough text for a small vocabulary while training stays at seconds (unigram's EM is ~8x slower)
+# The training sample, an evenly strided slice of the corpus (train_sample_bytes): at least
+# TRAIN_SAMPLE_BYTES (a small vocabulary trains in seconds; unigram's EM is ~8x slower per byte),
+# and SAMPLE_BYTES_PER_PIECE per piece asked for: a unigram vocabulary needs that much text to
+# seed its pieces (1 MiB of code holds ~14k; 32k failed on 1 MiB, trained on 4 and 8), a BPE
+# one to find frequent merges. Measured with sentencepiece 0.2 on Python sources, 2 threads: BPE
+# 32k on 32 MiB 15 s, unigram 32k on 8 MiB 70 s (a shared machine).
 TRAIN_SAMPLE_BYTES = {"bpe": 8 << 20, "unigram": 1 << 20}
+SAMPLE_BYTES_PER_PIECE = {"bpe": 1 << 10, "unigram": 256}
+# sentencepiece's trainer holds ~14-22 bytes per sample byte at its peak (measured: BPE +455 MB
+# on 32 MiB, unigram +337 MB on 16 MiB); the sample is capped so that it stays under this
+TRAIN_MEMORY_BYTES = 2 << 30
+TRAINER_BYTES_PER_BYTE = 24
 SPACE_MARK = "\u2581"  # sentencepiece's escaped space; a literal one would decode as " "
 PROBE = f"def f(x):\n\treturn  x  # é 中文 🙂\r\n{SPACE_MARK}"
 
@@ -68,15 +81,28 @@ class Tokenizer:
         return self._sp.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
 
 
+def train_sample_bytes(model_type: str, vocab_size: int) -> int:
+    """How much text the tokenizer trains on (at most: a smaller corpus is taken whole)."""
+    wanted = max(TRAIN_SAMPLE_BYTES[model_type], vocab_size * SAMPLE_BYTES_PER_PIECE[model_type])
+    return min(wanted, TRAIN_MEMORY_BYTES // TRAINER_BYTES_PER_BYTE)
+
+
 def train_tokenizer(documents: Iterable[str], out_path: Path, model_type: str, vocab_size: int,
                     total_bytes: int) -> Tokenizer:
-    """Train on an evenly strided sample of ~TRAIN_SAMPLE_BYTES and write `out_path`."""
-    stride = max(1, math.ceil(total_bytes / TRAIN_SAMPLE_BYTES[model_type]))
+    """Train on an evenly strided sample of ~train_sample_bytes of the `total_bytes` corpus
+    and write `out_path`."""
+    sample = train_sample_bytes(model_type, vocab_size)
+    stride = max(1, math.ceil(total_bytes / sample))
+    used = min(sample, total_bytes)
+    log.info("tokenizer: training %s %d on %.1f MB of the %.1f MB corpus (every %s%d-character "
+             "chunk); sentencepiece holds ~%.0f MB for it", model_type, vocab_size, used / 1e6,
+             total_bytes / 1e6, _nth(stride), CHUNK_CHARS, used * TRAINER_BYTES_PER_BYTE / 1e6)
     errors: list[HarnessError] = []
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_catching(_chunks(documents), stride, errors), model_writer=model,
+            sentence_iterator=_catching(_chunks(documents), stride, errors),
+            model_writer=model,
             model_type=model_type, vocab_size=vocab_size, num_threads=os.cpu_count() or 1,
             minloglevel=2, **LOSSLESS, **SPECIAL_IDS)
     except RuntimeError as e:
@@ -101,11 +127,26 @@ def _training_error(message: str, vocab_size: int) -> HarnessError:
     return HarnessError(f"{key}: sentencepiece cannot train on this corpus: {reason}")
 
 
+def _nth(stride: int) -> str:
+    """'22nd ', with its space; '' for 1 (every chunk)."""
+    if stride == 1:
+        return ""
+    last = stride % 10 if stride % 100 not in (11, 12, 13) else 0
+    return f"{stride}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(last, 'th')} "
+
+
 def _catching(chunks: Iterator[str], stride: int, errors: list) -> Iterator[str]:
-    """Every stride-th chunk; a bad input's HarnessError is kept for the caller, because
-    sentencepiece would turn it into a RuntimeError with a traceback in its message."""
+    """Every stride-th chunk, until the sample would pass the memory bound (uneven chunk
+    sizes could overshoot the planned sample); a bad input's HarnessError is kept for the
+    caller, because sentencepiece would turn it into a RuntimeError with a traceback in its
+    message."""
+    room = TRAIN_MEMORY_BYTES // TRAINER_BYTES_PER_BYTE
     try:
-        yield from itertools.islice(chunks, 0, None, stride)
+        for chunk in itertools.islice(chunks, 0, None, stride):
+            room -= len(chunk.encode())
+            if room < 0:
+                return
+            yield chunk
     except HarnessError as e:
         errors.append(e)
 
