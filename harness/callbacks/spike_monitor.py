@@ -1,7 +1,7 @@
 """The spike monitor in the loop: feeds harness.monitor.SpikeDetector and carries out actions.
 
 Before the update it sees the loss and pre-clip gradient norms (so `skip` can drop that very
-update); after it, the update norm, parameter norm and jump, per-group update ratios.
+update); after it, the update norm, parameter norm and jump, per-group update ratios and the LR.
 Advice (level "advice": a condition of the whole run, e.g. no qk-norm at a high LR, said once
 at start-up or when first seen) and warnings (level "warning": precursors, once per episode)
 are metrics and event lines; alarms (loss

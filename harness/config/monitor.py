@@ -53,8 +53,8 @@ in two after its events under the earlier defaults had been seen, before any tun
   batch is not one), and only after the LR warm-up (`trend_after`: the loss falls fastest and
   least regularly while the LR rises; a replayed log without the config infers the end of the
   warm-up from optim/lr). `min_scale` 0.01: a change under ~z x 1% never alarms.
-- The trend rule (x`trend_growth` 4 over a window) catches a steady ramp that the level z
-  absorbs: the update norm's (tuning part: it leads lr_ramp by 4-12 steps; healthy runs rise
+- (Issue 16, replaced in issue 25: below) The trend rule (x4 over a window) catches a steady
+  ramp that the level z absorbs: the update norm's (tuning part: it leads lr_ramp by 4-12 steps; healthy runs rise
   at most x0.9 per window after warm-up). NOT the attention-logit bound: on the tuning part's
   stable runs it grows x2.2-3.3 per window by itself (0.3 at init to ~7 at step 300), a 1.2x
   margin to x4, and it added no lead there (on stable seeds 5-6 it then rose x8 and x25).
@@ -101,6 +101,16 @@ any tuning, seeds 1-3 tuned on, 4-6 held out; the real log split as above):
   11.4, x4 under 200). Held-out seeds: 5 of 5 damaged runs warned ahead of their onset (leads
   11-205 steps), 1 of 7 undamaged runs warned (LR 0.03 without qk-norm, seed 4: it grew as
   fast, x144, and ended 3.7% behind its twin, under the 5% damage line).
+- The trend rule watches `optim/lr` (x`trend_growth` 8 per window after the LR warm-up), not
+  the update norm: a healthy run leaving its loss plateau raises the update norm's line x3-5
+  per window (attn_growth's 24 high-LR runs: up to x3.8 per 64 steps; the issue's runs x5),
+  close to or over the old x4, and the loss cannot gate it: on the tuning lr_ramp seeds 1-3
+  the update norm's trend reached x4 at steps 188/198/206 while the loss's line was still
+  FALLING (x0.92-0.95 per window), as on a plateau exit. The LR separates them: no schedule the
+  harness runs rises after its warm-up (0 trend warnings on the 24 high-LR runs and the real
+  log), and the lr_ramp LR's trend warns at steps 195/203/210, 76-88 steps before the held-out
+  loss spike (x4: 85-97). x8, not x4: a one-time x2 step of the LR (lr_cut's restore at
+  lr_cut_factor 0.5) reads as x4 on the half-window estimator.
 - `model/attn_logit_bound` is no longer a level signal: on the tuning seeds its z >= 10 warned
   3 of 6 healthy high-LR twins and no damaged run ahead of its onset.
 - `attn_ceiling` 100 stays, as one `advice` line when first reached (it is a size that holds
@@ -126,7 +136,10 @@ OLD_KINDS = {"grad_spike": "warning"}
 ALARMS = ("loss_spike", "nonfinite", "param_jump")
 EXPENSIVE = ("rollback", "stop")  # actions that may only follow an alarm
 # signals known only after the optimizer step (harness.train.grad_norms.GradNorms.update_metrics)
-POST_STEP = ("optim/update_norm", "optim/param_norm", "optim/param_jump", "update_ratio/*")
+# and the LR, which the trainer hands the callbacks with the step's metrics (the trend rule's
+# signal: a rising LR is no reason to skip a step)
+POST_STEP = ("optim/update_norm", "optim/param_norm", "optim/param_jump", "update_ratio/*",
+             "optim/lr")
 PARAM_JUMP = "optim/param_jump"
 ATTN_BOUND = "model/attn_logit_bound"
 
@@ -174,12 +187,13 @@ class MonitorConfig:
     # one-step rise is one hard batch, no event
     loss_at_once: float = 1.5
     loss_scale_halvings: int = 2  # warn when the loss scale is 2^k below its window max
-    # A steady ramp is absorbed by the level statistics' trend line, so it never scores a
-    # high z: these signals also warn when that line rises by `trend_growth` x over one
-    # window, and warn again every episode_gap steps while it keeps rising. Not the grad norm
-    # by default: it legitimately grows 2-3x per window early in training.
-    trend_signals: list[str] = field(default_factory=lambda: ["optim/update_norm"])
-    trend_growth: float = 4.0
+    # A steady ramp is absorbed by the level statistics' trend line, so it never scores a high
+    # z: these signals warn (once per rise) when that line rises by `trend_growth` x over one
+    # window after the LR warm-up. The LR: no schedule the harness runs rises after its
+    # warm-up, so a rising LR is a schedule gone wrong. Not the update norm (issue 25: it
+    # rises x3-5 per window when a healthy run leaves a loss plateau) nor the grad norm.
+    trend_signals: list[str] = field(default_factory=lambda: ["optim/lr"])
+    trend_growth: float = 8.0
     # every rule speaks once per episode: it may warn again only after its signal has been
     # back at its baseline (level: z < rearm_z; trend / growth: under half their threshold,
     # in log units) for rearm_steps steps in a row

@@ -79,7 +79,8 @@ Events (dicts, JSON-able; every one has "event", "level", "step", "signal", "act
   lead_steps = onset - warned_at (0: same step; negative: the warning came after the loss
   had started to rise).
 - Episode: warnings (and non-finite precursors) at most `episode_gap` steps apart form one
-  episode; a loss_spike closes it.
+  episode; it also stays open, in silence, while a signal that warned in it is not back at its
+  baseline (a ramp still rising, a bound still growing); a loss_spike closes it.
 - action: cfg.action when the event kind is in cfg.resolved_act_on(), else None; "skip" only
   from check_pre_step, and only for an excursion's one warning (its first step, or for a
   confirm signal its confirming step: skipping every step of a real level shift would stall
@@ -179,7 +180,7 @@ class SpikeDetector:
             elif name == PARAM_JUMP and any(fnmatchcase(name, p) for p in cfg.signals):
                 self._kinds[name] = "jump"
             elif any(fnmatchcase(name, p) for p in [*cfg.signals, *cfg.ceilings(),
-                                                     *cfg.growth_signals]):
+                                                     *cfg.trend_signals, *cfg.growth_signals]):
                 self._kinds[name] = "precursor"
             else:
                 self._kinds[name] = None
@@ -190,7 +191,7 @@ class SpikeDetector:
         if name.endswith("loss_scale"):
             return Signal(Halvings(cfg.window), float(cfg.loss_scale_halvings))
         is_loss = name == cfg.loss_signal
-        # a signal only the ceiling or growth rules watch has no level rule (threshold inf)
+        # a signal only the trend, growth or ceiling rules watch has no level rule (z < inf)
         level = is_loss or any(fnmatchcase(name, p) for p in cfg.signals)
         threshold = (cfg.loss_z if is_loss else cfg.grad_z) if level else math.inf
         trend = any(fnmatchcase(name, p) for p in cfg.trend_signals)
@@ -265,6 +266,14 @@ class SpikeDetector:
             if rule is not None:  # a rule's warning joins this step's episode
                 events.append({"event": "warning", **rule, "step": step, "signal": name,
                                "value": x, "episode": self._touch_episode(step, name)})
+        # a signal that warned and is not back at its baseline keeps its episode open in
+        # silence, so a loss spike it leads to still names it (warned_at, lead_steps)
+        if not is_loss and ((sig.hot and sig.calm == 0)
+                            or (sig.trend_hot and sig.trend_calm == 0 and growth is not None)
+                            or (sig.grow_hot and sig.grow_calm == 0)):
+            ep = self._open_episode(step)
+            if ep is not None:
+                ep["last"] = step
         if sig.ceiling is not None and x >= sig.ceiling and not sig.advised:
             sig.advised = True  # a condition of the rest of the run: said once, no episode
             events.append({"event": "advice", "rule": "ceiling", "step": step, "signal": name,

@@ -8,7 +8,7 @@ a CSV with a `step` column and any of loss, grad_norm, update_norm, clip_coef, l
 grad_norm_<group> (mapped to the namespaced keys; columns already namespaced pass through).
 The format is sniffed from the first character, not the file name (gzip is undone first).
 Each record is fed the way the trainer feeds a step: update norm, parameter norm and jump,
-update ratios after the step, everything else before it.
+update ratios and the LR after the step, everything else before it (config.monitor.POST_STEP).
 """
 from __future__ import annotations
 

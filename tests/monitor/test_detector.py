@@ -200,40 +200,46 @@ def ramp(tr: dict, start: int, rate: float, stop: int | None = None) -> dict:
     return tr
 
 
+# the trend rule's mechanism on an update-norm ramp (issue 16's default; issue 25 moved the
+# default to optim/lr: test_episodes)
+UPD_TREND = {"trend_signals": [UPD], "trend_growth": 4.0}
+
+
 def test_steady_update_ramp_warns_by_trend_once():
     tr = ramp(synth(700, seed=2), 300, 0.03, stop=520)  # x1.03 per step: x45 by step 430
     level_only = MonitorConfig(trend_signals=[])
     # the level z-score alone catches at most the ramp's start: its line follows the ramp
     assert len(feed(SpikeDetector(level_only), tr)) <= 1
-    events = [e for e in feed(SpikeDetector(MonitorConfig()), tr) if e.get("rule") == "trend"]
+    events = [e for e in feed(SpikeDetector(MonitorConfig(**UPD_TREND)), tr)
+              if e.get("rule") == "trend"]
     steps = [e["step"] for e in events]
     # x4 per 128-step window is 1.1% per step: the half-window medians see it after ~60 steps
     assert len(steps) == 1 and 330 <= steps[0] <= 400  # once per rise (issue 25)
-    assert events[0]["growth"] >= MonitorConfig().trend_growth
+    assert events[0]["growth"] >= 4
 
 
 def test_ema_statistics_warn_on_the_ramp_too():
     tr = ramp(synth(700, seed=2), 300, 0.03, stop=520)
-    events = feed(SpikeDetector(MonitorConfig(stat="ema")), tr)
+    events = feed(SpikeDetector(MonitorConfig(stat="ema", **UPD_TREND)), tr)
     trend = [e["step"] for e in events if e.get("rule") == "trend"]
     assert len(trend) == 1 and 330 <= trend[0] <= 400
 
 
 def test_trend_rule_waits_for_the_lr_warmup():
     tr = ramp(synth(700, seed=2), 0, 0.03, stop=300)  # like a linear LR warm-up's update norm
-    cfg = MonitorConfig(warmup_steps=100, trend_after=300)
+    cfg = MonitorConfig(warmup_steps=100, trend_after=300, **UPD_TREND)
     assert [e for e in feed(SpikeDetector(cfg), tr) if e.get("rule") == "trend"] == []
-    early = MonitorConfig(warmup_steps=100, trend_after=0)
+    early = MonitorConfig(warmup_steps=100, trend_after=0, **UPD_TREND)
     assert [e for e in feed(SpikeDetector(early), tr) if e.get("rule") == "trend"]
 
 
 def test_trend_state_round_trip_gives_identical_events():
     tr = ramp(synth(700, seed=2), 300, 0.03, stop=520)
-    whole = feed(SpikeDetector(MonitorConfig()), tr)
-    first = SpikeDetector(MonitorConfig())
+    whole = feed(SpikeDetector(MonitorConfig(**UPD_TREND)), tr)
+    first = SpikeDetector(MonitorConfig(**UPD_TREND))
     head = feed(first, tr, stop=420)  # inside the ramp, after its first trend warning
     assert any(e.get("rule") == "trend" for e in head)
-    resumed = SpikeDetector(MonitorConfig())
+    resumed = SpikeDetector(MonitorConfig(**UPD_TREND))
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert head + feed(resumed, tr, start=420) == whole
 
@@ -444,7 +450,7 @@ def test_default_signals_are_the_tuned_ones():
     (advice), not by level (issue 25: false warnings on healthy high-LR runs) or trend."""
     cfg = MonitorConfig()
     assert "model/logit_lse_max" not in cfg.signals and ATTN not in cfg.signals
-    assert cfg.trend_signals == [UPD] and cfg.ceilings() == {ATTN: 100.0}
+    assert cfg.trend_signals == ["optim/lr"] and cfg.ceilings() == {ATTN: 100.0}
     assert cfg.growth_signals == [ATTN] and (cfg.growth_ratio, cfg.growth_span) == (50.0, 20)
     # gradient norms (only) need a second step over grad_z, or x100 the baseline at once
     assert (cfg.grad_confirm, cfg.grad_at_once, cfg.grad_z) == (2, 100.0, 10.0)

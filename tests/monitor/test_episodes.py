@@ -89,16 +89,27 @@ def test_one_hard_batch_is_no_event_and_a_broken_one_warns_once():
 
 
 def test_trend_warns_once_per_rise_and_rearms_after_it_stops():
-    """Two ramps of the update norm (x1.03 per step, x46 per window) 400 steps apart: one
-    trend warning each, not one every episode_gap steps while it rises."""
+    """Two LR ramps after the warm-up (x1.03 per step, x46 per window; a schedule gone wrong)
+    550 steps apart: one trend warning each, not one every episode_gap steps while it rises.
+    The episode stays open in silence while the LR keeps rising, so a loss spike long after
+    the warning still names it (warned_at, lead_steps)."""
     tr = flat(1300)
     n = np.arange(1300)
+    tr["optim/lr"] = 1e-3 * np.ones(1300)
     for a, b in ((300, 420), (850, 970)):
-        tr[UPD] *= np.exp(0.03 * np.clip(n - a, 0, b - a))
-    events = [e for e in feed(SpikeDetector(MonitorConfig()), tr) if e.get("rule") == "trend"]
-    assert len(events) == 2
-    assert 300 < events[0]["step"] < 420 and 850 < events[1]["step"] < 970
-    assert events[0]["episode"] != events[1]["episode"]
+        tr["optim/lr"] *= np.exp(0.03 * np.clip(n - a, 0, b - a))
+    tr[LOSS][415:420] *= 1.2
+    events = feed(SpikeDetector(MonitorConfig()), tr)
+    trend = [e for e in events if e.get("rule") == "trend"]
+    assert len(trend) == 2 and trend[0]["signal"] == "optim/lr"
+    assert 300 < trend[0]["step"] < 420 and 850 < trend[1]["step"] < 970
+    (spike,) = [e for e in events if e["event"] == "loss_spike"]
+    assert spike["warned_at"] == trend[0]["step"] and spike["lead_steps"] > 20
+    assert spike["episode"] == trend[0]["episode"] != trend[1]["episode"]
+    # a healthy schedule (cosine after a warm-up) never rises after its warm-up: no trend
+    tr["optim/lr"] = 1e-3 * np.minimum(n / 50, 0.55 + 0.45 * np.cos(np.pi * n / 1300))
+    assert [e for e in feed(SpikeDetector(MonitorConfig()), tr)
+            if e.get("rule") == "trend"] == []
 
 
 def test_growth_rule_closed_form_and_rearm():

@@ -3,7 +3,7 @@ what `harness monitor replay` says beside its JSON lines.
 
 The events are the real detector's, on tests/monitor/spike_trace.csv (precursor levels, a
 confirmed loss spike, a NaN) and on a synthetic trace with a loss-scale halving, a broken batch
-(the loss x2 for one step), an update-norm ramp, a parameter jump and an attention bound that
+(the loss x2 for one step), an LR ramp after the warm-up, a parameter jump and an attention bound that
 grows x125 in one step past its ceiling; plus the start-up advice (no qk-norm at LR 0.1).
 Each line is checked against its own event and the config's thresholds.
 """
@@ -32,9 +32,9 @@ def synthetic_events(cfg: MonitorConfig) -> list[dict]:
         pre = {LOSS: 3.0 * (2 if i == 200 else 1) * math.exp(0.01 * rng.standard_normal()),
                "optim/grad_norm_preclip": 0.5 * math.exp(0.1 * rng.standard_normal()),
                "optim/loss_scale": 65536.0 / (4 if i >= 300 else 1),  # 2 halvings at 300
-               "model/attn_logit_bound": 1000.0 if i >= 360 else 8.0}
-        post = {"optim/update_norm": 0.02 * math.exp(0.05 * rng.standard_normal())
-                * 1.03 ** max(0, i - 250),  # a ramp from 250
+               "model/attn_logit_bound": 1000.0 if i >= 360 else 8.0,
+               "optim/lr": 1e-3 * 1.03 ** max(0, i - 250)}  # an LR ramp from 250
+        post = {"optim/update_norm": 0.02 * math.exp(0.05 * rng.standard_normal()),
                 "optim/param_jump": 1e-3 if i == 350 else 0.0}
         events += det.check_pre_step(i, pre) + det.check_post_step(i, post)
     return events
