@@ -21,6 +21,7 @@ their size on disk while the final directory is assembled.
 """
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ log = logging.getLogger("harness")
 
 WORK_INFIX = ".work-"
 SLICE_BYTES = 128 << 20  # source bytes per slice (at least one whole file): what a kill loses
+READ_TOKENS = 1 << 20  # tokens read back at a time when the shards are assembled
 PLAN = "plan.json"
 TOKENIZER = "tokenizer.model"
 META = "meta.json"
@@ -131,12 +133,18 @@ class Work:
         path = self._slice(k)
         for split in SPLITS:
             lengths = np.load(path / f"{split}.len.npy")
-            if not len(lengths):
-                continue
-            tokens = np.fromfile(path / f"{split}.bin", dtype)
             ends = np.cumsum(lengths)
-            for i, (start, end) in enumerate(zip(ends - lengths, ends)):
-                yield split, i, tokens[start:end]
+            starts = ends - lengths
+            # whole documents, READ_TOKENS at a time: memory bounded by that, not the slice
+            with open(path / f"{split}.bin", "rb") as f:
+                i = 0
+                while i < len(lengths):
+                    j = max(i + 1, int(np.searchsorted(ends, starts[i] + READ_TOKENS, "right")))
+                    block = np.fromfile(f, dtype, count=int(ends[j - 1] - starts[i]))
+                    base = starts[i]
+                    for d in range(i, j):
+                        yield split, d, block[starts[d] - base:ends[d] - base]
+                    i = j
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -153,8 +161,9 @@ class SliceWriter:
         self.part.mkdir()
         self.meta = {"tokenizer_sha256": tokenizer_sha256}
         self._files = {s: open(self.part / f"{s}.bin", "wb") for s in SPLITS}
-        self._lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-        self._hashes: dict[str, list[int]] = {s: [] for s in SPLITS}
+        # 16 bytes per document, where lists of Python ints take ~72
+        self._lengths = {s: array.array("q") for s in SPLITS}
+        self._hashes = {s: array.array("Q") for s in SPLITS}
 
     def add(self, split: str, tokens: np.ndarray, doc_hash: int) -> None:
         self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
@@ -172,9 +181,10 @@ class SliceWriter:
             return
         splits = {}
         for s in SPLITS:
-            np.save(self.part / f"{s}.len.npy", np.array(self._lengths[s], np.int64))
-            np.save(self.part / f"{s}.hash.npy", np.array(self._hashes[s], np.uint64))
-            splits[s] = {"tokens": sum(self._lengths[s]), "documents": len(self._lengths[s])}
+            lengths = np.frombuffer(self._lengths[s], np.int64)
+            np.save(self.part / f"{s}.len.npy", lengths)
+            np.save(self.part / f"{s}.hash.npy", np.frombuffer(self._hashes[s], np.uint64))
+            splits[s] = {"tokens": int(lengths.sum()), "documents": len(lengths)}
         (self.part / META).write_text(json.dumps({**self.meta, "splits": splits}) + "\n")
         for child in self.part.iterdir():
             _fsync(child)

@@ -164,3 +164,13 @@ def test_sigkill_then_rerun_gives_the_same_bytes(corpus, reference, tmp_path, mo
     prep.prepare_data(_cfg(corpus, out), progress=False)  # takes over the dead one's lease
     assert _files(out) == reference
     assert 0 < len(seen) < 24
+
+
+@pytest.mark.parametrize("read_tokens", [1, 700])
+def test_assembly_reads_back_in_blocks_alike(corpus, reference, tmp_path, monkeypatch,
+                                             read_tokens):
+    """Slices are read back a block of whole documents at a time (a document longer than the
+    block is read whole): the same bytes as one read."""
+    monkeypatch.setattr(slices, "SLICE_BYTES", SLICE)
+    monkeypatch.setattr(slices, "READ_TOKENS", read_tokens)
+    assert _files(prep.prepare_data(_cfg(corpus, tmp_path / "out"), False)) == reference
