@@ -299,7 +299,6 @@ class SpikeDetector:
         at_once = math.log(x) - center >= sig.at_once
         if not is_loss and sig.run < sig.confirm and not at_once:
             return None  # not confirmed yet: no event, and it opens no episode
-        episode = None if is_loss else self._touch_episode(step, name)
         base = {"step": step, "signal": name, "value": x, "z": round(z, 3),
                 "threshold": sig.threshold, "baseline": float(f"{math.exp(center):.6g}")}
         if is_loss and sig.run < self.cfg.loss_persist:
@@ -316,7 +315,8 @@ class SpikeDetector:
         sig.hot = True
         if is_loss:
             return self._confirm(base, sig)
-        return dict(base, event="warning", rule="level", episode=episode)
+        # only a warning opens an episode (a signal still hot only keeps one open: _observe)
+        return dict(base, event="warning", rule="level", episode=self._touch_episode(step, name))
 
     def _jump(self, step: int, name: str, x: float) -> Optional[dict[str, Any]]:
         sig = self.signals.get(name)

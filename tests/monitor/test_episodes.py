@@ -163,3 +163,18 @@ def test_no_qk_norm_at_a_high_lr_is_one_advice_at_start_up():
     assert advice["action"] is None and advice["value"] == 0.1
     assert qk_norm_advice(cfg, 0.1, qk_norm=True) == []
     assert qk_norm_advice(cfg, 3e-3, qk_norm=False) == []  # the suite's stable LR
+
+
+def test_a_still_hot_signal_opens_no_episode_after_a_spike():
+    """The gradient norm x2 for 30 steps warns once (301); the loss spike at 303 names it and
+    closes the episode. A second loss spike (321) while the gradient norm is still up names
+    no warning: none was given since (a signal that stays up keeps an OPEN episode open, it
+    does not open a silent one)."""
+    tr = flat()
+    tr[GRAD][300:330] *= 2.0
+    pulses(tr[LOSS], [302, 320], 3, 1.2)
+    events = feed(SpikeDetector(MonitorConfig()), tr)
+    assert steps(events, GRAD) == [301]
+    first, second = [e for e in events if e["event"] == "loss_spike"]
+    assert (first["step"], first["warned_at"], first["warned_by"]) == (303, 301, [GRAD])
+    assert (second["step"], second["warned_at"], second["lead_steps"]) == (321, None, None)
