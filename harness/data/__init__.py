@@ -1,5 +1,6 @@
 """Data: text -> sentencepiece tokens -> memory-mapped shards with a manifest -> a deterministic,
 resumable, rank-aware sampler. corpus.py (sources), tokenizer.py, prepare.py (`harness
-prepare-data`), shards.py, sampler.py, sources.py. Imports harness.config and harness.common
+prepare-data`), slices.py (its resumable work), val_split.py, source_list.py (sources.jsonl),
+out_dir.py, shards.py, sampler.py, sources.py. Imports harness.config and harness.common
 only.
 """
