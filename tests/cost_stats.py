@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 OUTSIDE = "(outside tests)"
+WORKER_KEY = "harness_test_costs"  # in xdist's workerinput (the path) and workeroutput (counts)
 TESTS_DIR = Path(__file__).resolve().parent
 LAUNCHERS = {"torchrun": "--nproc_per_node", "deepspeed": "--num_gpus"}
 
@@ -80,8 +81,12 @@ def classify(args) -> dict[str, int]:
 
 
 class CostStats:
-    def __init__(self, path: str):
+    """Counts the tests this process runs and writes the JSON (without workers), or hands its
+    counts to the controller at the end (an xdist worker: `worker=True`)."""
+
+    def __init__(self, path: str, worker: bool = False):
         self.path = Path(path)
+        self.worker = worker
         self.current = OUTSIDE  # the node id whose phases are running now
         self.tests: dict[str, dict] = {}
         self.started = time.time()
@@ -89,6 +94,8 @@ class CostStats:
         self._patch_deepspeed()
 
     def _entry(self, nodeid: str) -> dict:
+        if nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's loadgroup suffix: "...::test@group"
+            nodeid = nodeid.rpartition("@")[0]
         return self.tests.setdefault(nodeid, {
             "seconds": 0.0, "outcome": None, "processes": 0, "ranks": 0, "engines": 0,
             "train": 0, "commands": []})
@@ -147,21 +154,57 @@ class CostStats:
             entry["outcome"] = "error"
 
     def pytest_sessionfinish(self, session, exitstatus):
-        files: dict[str, dict] = {}
-        for nodeid, t in self.tests.items():
-            f = files.setdefault(nodeid.split("::")[0], {
-                "tests": 0, "seconds": 0.0, "processes": 0, "ranks": 0, "engines": 0, "train": 0})
-            f["tests"] += nodeid != OUTSIDE
-            for key in ("seconds", "processes", "ranks", "engines", "train"):
-                f[key] += t[key]
-        data = {
-            "measured": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started)),
-            "host": socket.gethostname(), "nproc": os.cpu_count(),
-            "wall_seconds": round(time.time() - self.started, 1),
-            "args": sys.argv[1:], "exitstatus": int(exitstatus),
-            "files": files, "tests": self.tests,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)  # a reader never sees half a file
+        if self.worker:
+            session.config.workeroutput[WORKER_KEY] = json.dumps(self.tests)
+            return
+        write(self.path, self.tests, self.started, exitstatus)
+
+
+class CostStatsController:
+    """Under pytest-xdist: the controller runs no test; it tells each worker to count (the
+    worker registers CostStats(worker=True)) and merges what they counted."""
+
+    def __init__(self, path: str, workers: int):
+        self.path, self.workers = Path(path), workers
+        self.tests: dict[str, dict] = {}
+        self.started = time.time()
+
+    def pytest_configure_node(self, node):
+        node.workerinput[WORKER_KEY] = str(self.path)
+
+    def pytest_testnodedown(self, node, error):
+        counted = json.loads(getattr(node, "workeroutput", {}).get(WORKER_KEY, "{}"))
+        for nodeid, entry in counted.items():
+            if nodeid in self.tests:  # only OUTSIDE is counted by more than one worker
+                mine = self.tests[nodeid]
+                for key in ("seconds", "processes", "ranks", "engines", "train"):
+                    mine[key] += entry[key]
+                mine["commands"] += entry["commands"]
+            else:
+                self.tests[nodeid] = entry
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        write(self.path, self.tests, self.started, exitstatus, workers=self.workers)
+
+
+def write(path: Path, tests: dict[str, dict], started: float, exitstatus, workers: int = 0):
+    """The JSON tests/cost_table.py renders. With workers, seconds are per test as each worker
+    measured it: their sum is more than the wall time."""
+    files: dict[str, dict] = {}
+    for nodeid, t in tests.items():
+        f = files.setdefault(nodeid.split("::")[0], {
+            "tests": 0, "seconds": 0.0, "processes": 0, "ranks": 0, "engines": 0, "train": 0})
+        f["tests"] += nodeid != OUTSIDE
+        for key in ("seconds", "processes", "ranks", "engines", "train"):
+            f[key] += t[key]
+    data = {
+        "measured": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "host": socket.gethostname(), "nproc": os.cpu_count(), "workers": workers,
+        "wall_seconds": round(time.time() - started, 1),
+        "args": sys.argv[1:], "exitstatus": int(exitstatus),
+        "files": files, "tests": tests,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)  # a reader never sees half a file
