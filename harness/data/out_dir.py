@@ -224,9 +224,9 @@ def _check_stat_sample(cfg: DataConfig, out_dir: Path, manifest: dict) -> None:
         changed = [row[0] for row in sample if _stat_row(Path(row[0])) != list(row)]
     if changed:
         raise HarnessError(
-            f"data.sources={_short_list(cfg.sources)}: {_short_list(changed)} changed size or "
-            f"time since data.out_dir={out_dir} was prepared: run `harness prepare-data` with "
-            f"the same config to compare the files by content (it keeps the shards if the "
+            f"data.sources={_short_list(cfg.sources)}: {_short_list(changed)} changed since "
+            f"data.out_dir={out_dir} was prepared (size or time): run `harness prepare-data` "
+            f"with the same config to compare the files by content (it keeps the shards if the "
             f"bytes are the same), or prepare into another data.out_dir")
 
 

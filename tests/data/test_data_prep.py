@@ -391,7 +391,7 @@ def test_train_check_reads_no_source_while_the_files_look_the_same(tmp_path, mon
     # the same bytes touched (a copy, a checkout): the trainer refuses without reading,
     # prepare-data reads them once, finds them equal and remembers; then the trainer goes on
     os.utime(tmp_path / "words.txt", (1, 1))
-    with pytest.raises(HarnessError, match=r"words.txt\] changed size or time since .*run "
+    with pytest.raises(HarnessError, match=r"words.txt\] changed since .* \(size or time\): run "
                                            r"`harness prepare-data` with the same config"):
         data_out_dir.check_prepared_from(cfg, out)
     reads = []
@@ -407,7 +407,7 @@ def test_train_check_reads_no_source_while_the_files_look_the_same(tmp_path, mon
     # other bytes: refused by the trainer (sizes differ) and by prepare-data, which names
     # the files and both ways out
     (tmp_path / "words.txt").write_text("other text\n" * 3000)
-    with pytest.raises(HarnessError, match=r"words.txt\] changed size or time"):
+    with pytest.raises(HarnessError, match=r"words.txt\] changed since .* \(size or time\)"):
         data_out_dir.check_prepared_from(cfg, out)
     with pytest.raises(HarnessError, match=r"files of data.sources=.*words.txt\] changed since "
                                            r"data.out_dir=.* was prepared .*prepare-data"):
