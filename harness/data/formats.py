@@ -157,7 +157,9 @@ def parquet_batches(path: Path, column: str) -> Iterator:
     pa = _import("pyarrow", path, "Parquet")
     pq = _import("pyarrow.parquet", path, "Parquet")
     try:
-        pf = pq.ParquetFile(path, buffer_size=READ_BUFFER)
+        # pages through a buffer: pre-buffering would hold a whole row group's column (~70 MB
+        # for FineWeb's, measured 69 MB against 10 MB for a 60 MB row group)
+        pf = pq.ParquetFile(path, buffer_size=READ_BUFFER, pre_buffer=False)
     except (OSError, pa.ArrowException) as e:
         raise corrupt(path, e) from None
     names = pf.schema_arrow.names

@@ -19,6 +19,7 @@ from harness.data import formats
 from harness.data import prepare as prep
 from harness.data.corpus import iter_documents, scan_sources
 from harness.data.shards import TokenShards
+from harness.data.tokenizer import Tokenizer
 
 DOCS = [f"doc {i}: {'αβγ 中文 🙂 ' * (i % 7)}\n\tindented\n" for i in range(60)] + ["", "\n"]
 
@@ -161,6 +162,19 @@ def test_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch, modu
                             f", which needs the `data` extra: pip install 'harness[data]'")
 
 
+def test_parquet_is_read_a_batch_at_a_time(tmp_path):
+    """One 12 MB row group: pyarrow holds a batch, a read buffer and a dictionary page (~4 MB
+    in all), not the row group."""
+    rng = np.random.default_rng(0)
+    docs = ["".join(map(chr, row)) for row in rng.integers(97, 123, (40_000, 300))]
+    _parquet(tmp_path / "a.parquet", docs, row_group=len(docs))
+    assert pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 1
+    peak = n = 0
+    for array in formats.parquet_batches(tmp_path / "a.parquet", "text"):
+        peak, n = max(peak, pa.total_allocated_bytes()), n + len(array)
+    assert n == len(docs) and 0 < peak < 12_000_000 / 2
+
+
 # ---- text files in parts ----------------------------------------------------------------------
 def test_a_large_text_file_is_documents_cut_at_blank_lines(tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "TEXT_PART_BYTES", 100)
@@ -177,6 +191,24 @@ def test_a_large_text_file_is_documents_cut_at_blank_lines(tmp_path, monkeypatch
     (c,), cut = _read([tmp_path / "big.txt"], max_bytes=250)
     assert [t for t, _ in cut] == [t for t, _ in docs[:c.documents]]
     assert c.bytes_used <= 250 < c.bytes_used + len(parts[c.documents]) and c.size == len(data)
+
+
+def test_prepare_data_takes_a_large_text_file_as_its_parts(tmp_path, monkeypatch, shards_dir):
+    monkeypatch.setattr(formats, "TEXT_PART_BYTES", 600)
+    text = "".join(f"para {i}\n" + "words é 中文\n" * (i % 9) + "\n" for i in range(300))
+    (tmp_path / "big.txt").write_text(text)
+    cfg = DataConfig(sources=[str(tmp_path / "big.txt")], out_dir=str(tmp_path / "out"),
+                     tokenizer_model=str(shards_dir / "tokenizer.model"), val_fraction=0.1)
+    shards = TokenShards.open(prep.prepare_data(cfg, progress=False))
+    parts = [t for t, _ in _read([tmp_path / "big.txt"])[1]]
+    assert "".join(parts) == text and len(parts) > 20
+    tok = Tokenizer(shards.tokenizer_path)
+    got = []
+    for split in ("train", "val"):  # each part a document: its tokens and an EOS
+        tokens, idx = getattr(shards, split), shards.offsets(split)
+        got += [tokens[a:b].tolist() for a, b in zip(idx[:-1], idx[1:])]
+    assert sorted(got) == sorted(tok.encode(p) + [tok.eos_id] for p in parts)
+    assert len(shards.offsets("val")) - 1 == pytest.approx(0.1 * len(parts), abs=3)
 
 
 def test_text_without_line_breaks_is_cut_between_characters(tmp_path, monkeypatch):
