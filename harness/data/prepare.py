@@ -105,6 +105,7 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
         clean_stale_temp_dirs(out_dir)
     if up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
         record_sources_checked(out_dir, sample, cfg.sources)
+        remove_other_work(out_dir)
         return out_dir, False
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

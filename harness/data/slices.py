@@ -49,14 +49,19 @@ def work_dir(out_dir: Path, inputs: str) -> Path:
     return out_dir.parent / f".{out_dir.name}{WORK_INFIX}{inputs[:16]}"
 
 
-def remove_other_work(out_dir: Path, keep: Path) -> None:
+def remove_other_work(out_dir: Path, keep: Path | None = None) -> None:
     """Slices of other inputs (sources or settings changed since a preparation was cut
-    short) can never be used for out_dir: removed, with a line. Called under the lease."""
+    short) can never be used for out_dir: removed, with a line. Called under the lease, or
+    with `keep` None once out_dir is complete (nothing beside it is of use any more: a
+    preparation killed between its rename and its clean-up left it)."""
     for other in out_dir.parent.glob(f".{out_dir.name}{WORK_INFIX}*"):
         if other != keep and other.is_dir():
             shutil.rmtree(other, ignore_errors=True)
-            log.warning("removed %s: the slices of an interrupted prepare-data of other "
-                        "sources or settings", other)
+            if keep is None:
+                log.info("removed %s, left beside the finished %s", other, out_dir)
+            else:
+                log.warning("removed %s: the slices of an interrupted prepare-data of other "
+                            "sources or settings", other)
 
 
 def plan_slices(sources: list[Source], slice_bytes: int) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """prepare-data's workers default to the cores the process may use (issue 26 item 2): its
-affinity mask and Slurm's --cpus-per-task, not the machine's count capped at 4. Real
-processes: one pinned to a core with taskset, and Slurm's variable set."""
+affinity mask and Slurm's --cpus-per-task, not the machine's count capped at 4. A real
+process pinned to a core with taskset, and Slurm's variable set."""
 from __future__ import annotations
 
 import os
@@ -31,15 +31,18 @@ def test_this_process_counts_its_affinity():
                                          int(os.environ.get("SLURM_CPUS_PER_TASK", 10**6)))
 
 
+@pytest.mark.slow  # a process of its own
 @pytest.mark.skipif(not shutil.which("taskset"), reason="taskset is not installed")
 def test_a_process_pinned_to_one_core_uses_one():
     assert _cores({}, taskset="0") == 1
+    assert _cores({"SLURM_CPUS_PER_TASK": "4096"}, taskset="0") == 1
 
 
-def test_slurm_cpus_per_task_caps_it():
-    assert _cores({"SLURM_CPUS_PER_TASK": "1"}) == 1
-    assert _cores({"SLURM_CPUS_PER_TASK": "4096"}) == len(os.sched_getaffinity(0))
-    assert _cores({"SLURM_CPUS_PER_TASK": ""}) == len(os.sched_getaffinity(0))
+def test_slurm_cpus_per_task_caps_it(monkeypatch):
+    mine = len(os.sched_getaffinity(0))
+    for value, want in (("1", 1), ("4096", mine), ("", mine), ("0", mine)):
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", value)
+        assert prep.available_cores() == want, value
 
 
 def test_workers_default_to_the_cores_unless_set_or_small(monkeypatch):

@@ -174,3 +174,15 @@ def test_assembly_reads_back_in_blocks_alike(corpus, reference, tmp_path, monkey
     monkeypatch.setattr(slices, "SLICE_BYTES", SLICE)
     monkeypatch.setattr(slices, "READ_TOKENS", read_tokens)
     assert _files(prep.prepare_data(_cfg(corpus, tmp_path / "out"), False)) == reference
+
+
+def test_a_work_directory_left_beside_finished_shards_goes(corpus, reference, tmp_path,
+                                                           monkeypatch):
+    """Killed between its rename and its clean-up, a preparation leaves its slices beside
+    the finished out_dir: the next prepare-data, finding out_dir up to date, removes them."""
+    monkeypatch.setattr(slices.Work, "remove", lambda self: None)  # the kill, at that point
+    out = prep.prepare_data(_cfg(corpus, tmp_path / "out"), False)
+    assert _work(out).is_dir()
+    monkeypatch.undo()
+    prep.prepare_data(_cfg(corpus, out), False)
+    assert not list(tmp_path.glob(".out.*")) and _files(out) == reference
