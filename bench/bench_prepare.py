@@ -14,9 +14,16 @@ The corpus is the built-in one (the standard library's sources) or --sources, ca
 CPU time is this process's (all threads) plus its children's (the harness's worker processes).
 MB are the corpus's source bytes. On a shared machine the MB/s move with the load; the MB per
 CPU-second and the ratios are what to read.
+
+A second table: the readers alone (harness/data/formats.py) on the same documents written as
+.jsonl, .jsonl.gz, .jsonl.zst and .parquet: MB of text per CPU-second of scan_sources (the
+hashing pass) and of iter_documents (the reading pass), and their share of what sentencepiece
+spends on the same text.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import resource
 import shutil
 import tempfile
@@ -65,6 +72,32 @@ def spm_run(model: Path, texts: list[str], workers: int):
     return lambda: sp.encode(texts, num_threads=workers)
 
 
+def reader_rows(texts: list[str], tmp: Path, spm_per_cpu_s: float) -> dict[str, dict]:
+    """MB of text per CPU-second of each format's scan and read passes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    (tmp / "c.jsonl").write_bytes(lines)
+    (tmp / "c.jsonl.gz").write_bytes(gzip.compress(lines, 6))
+    (tmp / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+    pq.write_table(pa.table({"text": texts}), tmp / "c.parquet", row_group_size=1000)
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    rows = {}
+    for name in ("c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.parquet"):
+        start = time.process_time()
+        sources = scan_sources([str(tmp / name)])
+        scanned = time.process_time()
+        assert sum(1 for _ in iter_documents(sources, "text")) == len(texts)
+        read = time.process_time()
+        rows[name[2:]] = {"scan_mb_per_cpu_s": mb / max(scanned - start, 1e-9),
+                          "read_mb_per_cpu_s": mb / max(read - scanned, 1e-9)}
+        both = (read - start) / (mb / spm_per_cpu_s)
+        rows[name[2:]]["share_of_sentencepiece"] = both
+    return rows
+
+
 def main() -> None:
     p = bench_parser(__doc__, "1 MB of the built-in corpus, vocab 512, 1 round")
     p.add_argument("--max-mb", type=float, default=10.0, help="corpus cap, MB (0: all)")
@@ -92,6 +125,7 @@ def main() -> None:
                 cpu[name] = []
                 variants[name] = measured(fn, cpu[name])
         wall = alternate(variants, rounds)
+        readers = reader_rows(texts, tmp, mb / median(cpu["sentencepiece, 1 thread"]))
     rows, results = [], {}
     for name in variants:
         rate, per_cpu = mb / median(wall[name]), mb / median(cpu[name])
@@ -109,8 +143,13 @@ def main() -> None:
     print_table(["variant", "MB/s", "MB per CPU-s", "vs spm MB/s", "vs spm per CPU-s"], rows,
                 title=f"{mb:.1f} MB, {len(texts)} documents, BPE {vocab}, {rounds} round(s), "
                       f"medians (target: harness >= 0.90 of sentencepiece per CPU-second)")
+    print()
+    print_table(["format", "scan MB per CPU-s", "read MB per CPU-s", "scan + read / spm"],
+                [[k, f"{r['scan_mb_per_cpu_s']:.0f}", f"{r['read_mb_per_cpu_s']:.0f}",
+                  f"{r['share_of_sentencepiece']:.1%}"] for k, r in readers.items()],
+                title="the readers alone, on the same documents (CPU time of one pass each)")
     save_json(args.out, {"mb": mb, "documents": len(texts), "vocab": vocab, "rounds": rounds,
-                         "results": results})
+                         "results": results, "readers": readers})
 
 
 if __name__ == "__main__":

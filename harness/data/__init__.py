@@ -1,5 +1,6 @@
 """Data: text -> sentencepiece tokens -> memory-mapped shards with a manifest -> a deterministic,
-resumable, rank-aware sampler. corpus.py (sources), tokenizer.py, prepare.py (`harness
+resumable, rank-aware sampler. corpus.py (sources), formats.py (its readers: text, JSON lines
+plain, gzip or zstd, Parquet), tokenizer.py, prepare.py (`harness
 prepare-data`), slices.py (its resumable work), val_split.py, source_list.py (sources.jsonl),
 out_dir.py, shards.py, sampler.py, sources.py. Imports harness.config and harness.common
 only.

@@ -23,3 +23,5 @@ def test_bench_prepare_quick(tmp_path):
     for w in ("1 worker", "2 workers"):
         r = result["results"][f"harness, {w}"]
         assert r["mb_per_s"] > 0 and 0 < r["vs_sentencepiece_per_cpu_s"] < 5
+    assert set(result["readers"]) == {"jsonl", "jsonl.gz", "jsonl.zst", "parquet"}
+    assert all(r["read_mb_per_cpu_s"] > 0 for r in result["readers"].values())
