@@ -93,11 +93,11 @@ def open_lines(path: Path, kind: str) -> Iterator[Iterator[bytes]]:
             yield raw
         elif kind == "jsonl.gz":
             with gzip.GzipFile(fileobj=raw) as f:
-                yield _guarded(f, path, "gzip")
+                yield _guarded(f, path, "gzip", ())
         else:
             zstd = _import("zstandard", path, "zstd-compressed JSON lines")
             with io.BufferedReader(_ZstdFrames(raw, zstd), READ_BUFFER) as f:
-                yield _guarded(f, path, "zstd")
+                yield _guarded(f, path, "zstd", (zstd.ZstdError,))
 
 
 class _ZstdFrames(io.RawIOBase):
@@ -131,14 +131,10 @@ class _ZstdFrames(io.RawIOBase):
         return n
 
 
-def _guarded(f, path: Path, what: str) -> Iterator[bytes]:
-    errors: tuple = (OSError, EOFError, zlib.error)
-    with contextlib.suppress(ImportError):
-        import zstandard
-        errors += (zstandard.ZstdError,)
+def _guarded(f, path: Path, what: str, errors: tuple) -> Iterator[bytes]:
     try:
         yield from f
-    except errors as e:
+    except (OSError, EOFError, zlib.error, *errors) as e:
         raise corrupt(path, f"{what}: {e}") from None
 
 
