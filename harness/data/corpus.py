@@ -223,6 +223,13 @@ def _text_documents(source: Source) -> Iterator[tuple[str, int]]:
         raise _unreadable(source.path, e) from None
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
 def _scan_jsonl(path: Path, kind: str, budget: float) -> Source:
     digest, used, docs, size = hashlib.sha256(), 0, 0, 0
     try:
@@ -269,6 +276,8 @@ def _scan_parquet(path: Path, column: str, budget: float) -> Source:
     """Reads the text column once: its byte count, digest and rows (a null or a corrupt page
     is found here, before any tokenizing)."""
     digest, used, docs, size = TextDigest(), 0, 0, 0
+    if _size(path) == 0:  # an empty file, skipped as any other (no Parquet footer to read)
+        return Source(str(path), "parquet", 0, 0, digest.hexdigest(), 0)
     for array in formats.parquet_batches(path, column):
         offsets = formats.string_offsets(array)
         lengths = np.diff(offsets)

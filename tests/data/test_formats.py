@@ -73,6 +73,18 @@ def test_every_format_reads_back_the_documents_written(tmp_path, small_batches):
     assert sources[2].size == sources[2].bytes_used == len(_jsonl(DOCS))
 
 
+def test_empty_files_of_every_format_are_skipped_as_empty(tmp_path):
+    for name in ("a.parquet", "b.jsonl.gz", "c.jsonl.zst", "d.json.gz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "e.jsonl.gz").write_bytes(gzip.compress(b""))  # a stream of nothing
+    _parquet(tmp_path / "f.parquet", DOCS[:2])
+    skipped = {}
+    sources = scan_sources([str(tmp_path)], skipped=skipped)
+    assert [s.documents for s in sources] == [2]
+    assert [p.rsplit("/", 1)[1] for p in skipped["empty"]] == [
+        "a.parquet", "b.jsonl.gz", "c.jsonl.zst", "d.json.gz", "e.jsonl.gz"]
+
+
 def test_parquet_digest_is_of_the_texts_not_the_layout(tmp_path, small_batches):
     _parquet(tmp_path / "a.parquet", DOCS, row_group=13)
     _parquet(tmp_path / "b.parquet", DOCS, row_group=1000, type=pa.large_string())
