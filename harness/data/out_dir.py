@@ -31,7 +31,8 @@ STALE_AFTER_S = 24 * 3600
 # the whole corpus: a start-up cost that does not grow with it
 STAT_SAMPLE = 256
 # what prepare-data does with the same inputs: 2 chooses validation documents by a hash of
-# their id (val_split.py), where 1 drew a permutation; part of the settings, so shards of
+# their text, or splits each by its tokens in a small corpus (val_split.py), where 1 drew a
+# permutation; part of the settings, so shards of
 # another version are never taken for these
 PREP_VERSION = 2
 

@@ -34,11 +34,11 @@ from harness.data.shards import TOKENIZER_FILE, ShardWriter, TokenShards, token_
 from harness.data.slices import Work, remove_other_work, work_dir
 from harness.data.source_list import SOURCES_FILE, source_summary, write_source_list
 from harness.data.tokenizer import Tokenizer, train_tokenizer
-from harness.data.val_split import doc_hash, one_each_side, threshold
+from harness.data.val_split import MIN_HELD_OUT_DOCUMENTS, doc_hash, one_each_side, threshold
 
 log = logging.getLogger("harness")
 
-# manifest["val_split"] when the validation split is the tail of a one-document corpus
+# manifest["val_split"] when the validation split is the tail of each document (a small corpus)
 TOKEN_SPLIT = "tokens"
 # below this, starting workers (each imports numpy and sentencepiece) costs more than it saves
 PARALLEL_MIN_BYTES = 8 << 20
@@ -61,7 +61,8 @@ def main(cfg: DataConfig) -> int:
     docs = summary["documents"]
     # the built-in corpus's skipped files are a few empty __init__.py: not news
     skipped = _skipped(out_dir, summary) if m.get("sources_given") else ""
-    held = " (the last tokens of the one document)" if m.get("val_split") == TOKEN_SPLIT else ""
+    held = (" (the last tokens of each document: a small corpus)"
+            if m.get("val_split") == TOKEN_SPLIT else "")
     counts = (f"{train['tokens']:,} train + {val['tokens']:,} val tokens{held}, "
               f"{docs:,} document{'s' * (docs != 1)}{skipped}, "
               f"vocab {m['vocab_size']}")
@@ -167,8 +168,9 @@ def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokeniz
            settings: dict, inputs: str, work: Work, tmp: Path, progress: bool,
            sample: list) -> None:
     total = sum(s.bytes_used for s in sources)
-    # a one-document corpus has its tokens split (_pieces), any other its documents
-    by_tokens = cfg.val_fraction > 0 and sum(s.documents for s in sources) == 1
+    # a small corpus has each document's tokens split (_pieces), any other its documents
+    documents = sum(s.documents for s in sources)
+    by_tokens = 0 < cfg.val_fraction and documents * cfg.val_fraction < MIN_HELD_OUT_DOCUMENTS
     if given:
         tokenizer = work.tokenizer(lambda path: shutil.copyfile(given.path, path) and
                                    Tokenizer(path))
@@ -267,7 +269,7 @@ def available_cores() -> int:
 
 def _pieces(tokens: np.ndarray, is_val: bool | None,
             fraction: float) -> list[tuple[str, np.ndarray]]:
-    """(split, tokens) for one document. is_val None (a one-document corpus): the last
+    """(split, tokens) for one document. is_val None (a small corpus): the last
     round(n * fraction) tokens (at least 1, at most n - 1) are held out, the rest trained on,
     as nanoGPT splits its one-file Shakespeare: disjoint, and the same at every run. The
     training part has no EOS (the text goes on); the held-out part keeps the document's."""

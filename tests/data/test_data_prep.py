@@ -33,6 +33,15 @@ def _stdlib_texts(n: int) -> list[str]:
     return [t for t, _ in iter_documents(small, "text")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _split_by_documents():
+    """These corpora of a few documents are split by documents (val_split's
+    MIN_HELD_OUT_DOCUMENTS lowered): the small-corpus token split is test_small_corpus.py's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prep, "MIN_HELD_OUT_DOCUMENTS", 0)
+        yield
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A directory of distinct documents: code, unicode prose, JSONL, and files to skip."""

@@ -1,4 +1,5 @@
-"""A corpus of one document is split by tokens (its last val_fraction held out), and the files
+"""A small corpus (one document, or too few to hold out whole ones) is split by tokens (the last
+val_fraction of each document held out), and the files
 a source directory leaves out are named at prepare time: one line, how many, why, the first
 few names. Tiny synthetic corpora, prepared in-process (each well under a second)."""
 from __future__ import annotations
@@ -62,20 +63,29 @@ def test_the_token_split_is_the_same_at_every_run(one_doc, tmp_path):
 def test_prepare_data_says_what_it_held_out(one_doc, tmp_path, capsys):
     assert prep.main(_cfg([one_doc], tmp_path / "out")) == 0
     line = capsys.readouterr().out
-    assert "val tokens (the last tokens of the one document), 1 document," in line
+    assert "val tokens (the last tokens of each document: a small corpus), 1 document," in line
 
 
-def test_val_fraction_zero_and_two_documents_split_by_documents(tmp_path):
+def test_val_fraction_zero_holds_nothing_and_a_small_corpus_splits_each_document(tmp_path):
+    """Two documents at val_fraction 0.01 (0.02 expected held out, far below
+    val_split.MIN_HELD_OUT_DOCUMENTS): each gives its last 1% of tokens, the reference being
+    each document's own encoding cut as for one document."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text(_words(3000))
     (tmp_path / "src" / "b.txt").write_text(_words(2000))
     none = prep.prepare_data(_cfg([tmp_path / "src" / "a.txt"], tmp_path / "zero",
                                   val_fraction=0.0), progress=False)
     assert TokenShards.open(none).manifest["splits"]["val"]["tokens"] == 0
-    two = TokenShards.open(prep.prepare_data(_cfg([tmp_path / "src"], tmp_path / "two"),
-                                             progress=False)).manifest
-    assert two["val_split"] == "documents"
-    assert two["splits"]["val"]["documents"] == two["splits"]["train"]["documents"] == 1
+    out = prep.prepare_data(_cfg([tmp_path / "src"], tmp_path / "two"), progress=False)
+    two = TokenShards.open(out).manifest
+    assert two["val_split"] == prep.TOKEN_SPLIT
+    assert two["splits"]["val"]["documents"] == two["splits"]["train"]["documents"] == 2
+    tok = Tokenizer(out / "tokenizer.model")
+    val = []
+    for name in ("a.txt", "b.txt"):
+        want = tok.encode((tmp_path / "src" / name).read_text()) + [tok.eos_id]
+        val += want[len(want) - round(len(want) * 0.01):]
+    np.testing.assert_array_equal(_tokens(out, "val"), val)
 
 
 def test_skipped_files_are_named_in_one_line(tmp_path, caplog):

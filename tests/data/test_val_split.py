@@ -95,6 +95,7 @@ def test_both_sides_keep_a_document(tmp_path, monkeypatch, fraction):
     """Hashes that leave a side empty: the document of the lowest hash is held out, or the
     one of the highest kept, wherever it lies (one file per slice here)."""
     monkeypatch.setattr(slices, "SLICE_BYTES", 1)
+    monkeypatch.setattr(prep, "MIN_HELD_OUT_DOCUMENTS", 0)  # the split by documents, on 5
     texts = [f"document {i}: " + "text " * (3 + i) for i in range(5)]
     for i, text in enumerate(texts):
         (tmp_path / f"{i}.txt").write_text(text)
