@@ -8,7 +8,9 @@ it was not.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -16,6 +18,8 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from harness.common import lease
+from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
 from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
                                  source_files)
@@ -42,6 +47,7 @@ log = logging.getLogger("harness")
 TOKEN_SPLIT = "tokens"
 # below this, starting workers (each imports numpy and sentencepiece) costs more than it saves
 PARALLEL_MIN_BYTES = 8 << 20
+ENCODE_CHUNK = 8  # documents per task sent to a tokenizer worker
 OTHER = {"train": "val", "val": "train"}
 
 
@@ -289,10 +295,34 @@ def _encoder(tokenizer: Tokenizer, seed: int, workers: int) -> Iterator[Callable
         _init_worker(*init)  # the same code path as the workers, in this process
         yield lambda docs: map(_encode, docs)
         return
-    # spawn: forking a parent that may hold torch threads can deadlock the children
+    # spawn: forking a parent that may hold torch threads can deadlock the children. An
+    # executor, not multiprocessing.Pool: a Pool replaces a worker that died (the OOM killer)
+    # and waits forever for its lost chunk; the executor raises BrokenProcessPool
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, _init_worker, init) as pool:
-        yield lambda docs: pool.imap(_encode, docs, chunksize=8)
+    with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
+        yield lambda docs: _in_order(pool, docs, ahead=4 * workers)
+
+
+def _in_order(pool: ProcessPoolExecutor, docs, ahead: int) -> Iterator[tuple]:
+    """pool.map's results, with at most `ahead` chunks of documents in flight (pool.map would
+    read the whole corpus before the first result)."""
+    pending: collections.deque = collections.deque()
+    chunks = iter(lambda: list(itertools.islice(docs, ENCODE_CHUNK)), [])
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(_encode_chunk, chunk))
+            if len(pending) >= ahead:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    except BrokenProcessPool:
+        raise HarnessError("prepare-data: a tokenizer worker died (killed, or out of memory: "
+                           "fewer data.num_workers use less); run it again, it resumes from "
+                           "the slices already done") from None
+
+
+def _encode_chunk(docs: list[tuple[str, int]]) -> list[tuple[np.ndarray, int, int]]:
+    return [_encode(doc) for doc in docs]
 
 
 _worker: dict = {}  # per process: the tokenizer and token dtype set by _init_worker

@@ -281,6 +281,26 @@ def test_workers_give_the_same_tokens(corpus, tmp_path, monkeypatch):
     assert np.array_equal(one.train, two.train) and np.array_equal(one.val, two.val)
 
 
+def test_a_tokenizer_worker_that_dies_is_one_error_not_a_hang(prepared):
+    """SIGKILL to the workers mid-corpus (the OOM killer): multiprocessing.Pool would start new
+    ones and wait forever for the lost chunks; prepare-data stops with one line."""
+    import multiprocessing
+    import signal
+
+    def docs():
+        for i in range(100_000):
+            if i == 200:
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, signal.SIGKILL)
+            yield f"document {i}", 12
+
+    tokenizer = Tokenizer(prepared / "tokenizer.model")
+    with pytest.raises(HarnessError, match="a tokenizer worker died .* run it again"):
+        with prep._encoder(tokenizer, 1234, 2) as encode:
+            for _ in encode(docs()):
+                pass
+
+
 def test_given_tokenizer_is_reused(prepared, corpus, tmp_path):
     model = str(prepared / "tokenizer.model")
     reused = TokenShards.open(prep.prepare_data(
