@@ -120,10 +120,19 @@ DETECTORS = {
 }
 
 
-def alarm_steps(det, trace: list[dict]) -> list[int]:
+class Flags(list):
+    """A detector's alarm steps, and for SpikeDetector (every event kept) its episodes as
+    (start, last) pairs: a rule warns once per episode (issue 25) and the episode stays open
+    while its signal is up, so a spike inside it counts as flagged by the warning that opened
+    it, as the detector's own loss_spike says (warned_at). False alarms count steps only."""
+
+    episodes: list = []
+
+
+def alarm_steps(det, trace: list[dict]) -> Flags:
     """Replay a trace the way the trainer feeds a step; the held-out loss stays hidden."""
     keep = getattr(det, "keep", None)
-    steps = []
+    steps, episodes = [], {}
     for row in trace:
         step = int(row["step"])
         signals = {k: v for k, v in row.items() if k != "step" and not k.startswith("eval/")}
@@ -132,13 +141,27 @@ def alarm_steps(det, trace: list[dict]) -> list[int]:
         for ev in det.check_pre_step(step, pre) + det.check_post_step(step, post):
             if ev.get("level") != "advice" and (keep is None or ev["event"] in keep):
                 steps.append(step)  # advice (a condition of the run, said once) is no flag
-    return sorted(set(steps))
+        ep = getattr(det, "episode", None)
+        if keep is None and ep is not None:
+            episodes[ep["id"]] = (ep["start"], ep["last"])
+    out = Flags(sorted(set(steps)))
+    out.episodes = sorted(episodes.values())
+    return out
+
+
+def _armed(al: Flags, arm: int) -> Flags:
+    out = Flags(a for a in al if a >= arm)
+    out.episodes = al.episodes  # an episode's warning counts from the step its rule armed
+    return out
 
 
 # ---- scoring ------------------------------------------------------------------------------
 def first_flag(alarms: list[int], onset: int, lookback: int = LOOKBACK) -> int | None:
     hits = [a for a in alarms if onset - lookback <= a <= onset + LATE]
-    return onset - hits[0] if hits else None
+    # an episode still open within the lookback: flagged by the warning that opened it
+    hits += [a for a, last in getattr(alarms, "episodes", [])
+             if a <= onset + LATE and last >= onset - lookback]
+    return onset - min(hits) if hits else None
 
 
 def lookback(run: dict) -> int:
@@ -182,7 +205,7 @@ def _summary(leads: dict, false: int, stable_steps: int) -> dict:
 
 def replay_all(runs: list[dict], mon: dict, arm: int) -> dict:
     """Every detector's alarm steps on every run, at its default and over its sweep grid."""
-    return {name: {v: [[a for a in alarm_steps(make(v, mon), r["trace"]) if a >= arm]
+    return {name: {v: [_armed(alarm_steps(make(v, mon), r["trace"]), arm)
                        for r in runs] for v in sorted(set(grid) | {default})}
             for name, (_, default, grid, make) in DETECTORS.items()}
 
@@ -477,12 +500,14 @@ def print_natural(runs: list[dict], twins: dict, mon: dict) -> dict:
         twin = twins.get((r["scenario"], r["seed"]))
         if twin is None:
             continue
-        armed = mon["warmup_steps"]
-        ev = [e for e in replay_events(_ours(1.0, mon), r["trace"]) if e["step"] >= armed]
+        # from step 1: the growth rule arms in the LR warm-up (the issue: a lead measured from
+        # a monitor armed as early as its statistics allow)
+        warn = lambda e: e.get("level") != "advice"  # noqa: E731
+        ev = [e for e in replay_events(_ours(1.0, mon), r["trace"]) if warn(e)]
         attn = [e["step"] for e in ev if e["signal"].startswith("model/attn_logit_bound")]
         first = ev[0]["step"] if ev else None
         onset = r["gt_all"][0] if r["gt_all"] else None
-        tw = [e for e in replay_events(_ours(1.0, mon), twin["trace"]) if e["step"] >= armed]
+        tw = [e for e in replay_events(_ours(1.0, mon), twin["trace"]) if warn(e)]
         rec = {"scenario": r["scenario"], "seed": r["seed"], "onset": onset,
                "first_warning": first, "first_attn_warning": attn[0] if attn else None,
                "lead_any": None if onset is None or first is None else onset - first,
@@ -501,7 +526,7 @@ def print_natural(runs: list[dict], twins: dict, mon: dict) -> dict:
                      "bound_max", "twin_max", "final", "twin_final", "twin_warns"], rows,
                     f"\nnatural instabilities vs their twins (onset: held-out loss {sc.NAT_SMOOTH}"
                     f"-step mean > {1 + sc.NAT_GAP:g} x the twin's for {sc.NAT_HOLD} steps; "
-                    f"ours at its defaults, warnings from step {mon['warmup_steps']})")
+                    f"ours at its defaults, warnings from step 1)")
     return out
 
 
