@@ -47,8 +47,11 @@ Alert-mode runs drop the final checkpoint, metrics.jsonl and console (the trace 
 
 A detector's alarms are ALL its events (warnings, loss spikes, non-finite values): each could
 trigger an action, so each counts as a flag and, on a stable run, as a false alarm. A spike
-counts as flagged by the first alarm in [onset - LOOKBACK, onset + LATE]; lead = onset - that
-step. Only steps from the monitor's warm-up on are scored, for every detector alike.
+counts as flagged by the first alarm in [onset - LOOKBACK, onset + LATE], or for SpikeDetector
+by the warning that opened an episode still open in that span (its rules warn once per
+episode, issue 25: what its loss_spike calls warned_at); lead = onset - that step. Only steps
+from the monitor's warm-up on are scored, for every detector alike (natural runs: from step 1,
+where the growth rule arms).
 """
 from __future__ import annotations
 

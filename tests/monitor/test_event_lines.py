@@ -3,8 +3,9 @@ what `harness monitor replay` says beside its JSON lines.
 
 The events are the real detector's, on tests/monitor/spike_trace.csv (precursor levels, a
 confirmed loss spike, a NaN) and on a synthetic trace with a loss-scale halving, a broken batch
-(the loss x2 for one step), an LR ramp after the warm-up, a parameter jump and an attention bound that
-grows x125 in one step past its ceiling; plus the start-up advice (no qk-norm at LR 0.1).
+(the loss x2 for one step), an LR ramp after the warm-up, a parameter jump and an attention
+bound that grows x125 in one step past its ceiling; plus the start-up advice (no qk-norm at LR
+0.1).
 Each line is checked against its own event and the config's thresholds.
 """
 from __future__ import annotations
