@@ -100,7 +100,10 @@ any tuning, seeds 1-3 tuned on, 4-6 held out; the real log split as above):
   (LR 3e-3, no qk-norm) x11.4 (seed 1; seed 5, held out, x18.4): 50 lies between (x4 over
   11.4, x4 under 200). Held-out seeds: 5 of 5 damaged runs warned ahead of their onset (leads
   11-205 steps), 1 of 7 undamaged runs warned (LR 0.03 without qk-norm, seed 4: it grew as
-  fast, x144, and ended 3.7% behind its twin, under the 5% damage line).
+  fast, x144, and ended 3.7% behind its twin, under the 5% damage line). The spike suite's
+  nat_attn (held out; LR 0.1, 10% floor): seed 1 damaged, warned at step 25, 172 steps ahead;
+  seeds 2-3 never fell 5% behind their twin and were warned at step 25 as well. The rule
+  separates runaway logits from qk-norm runs (0 of 15 warned), not which runaway will lose.
 - The trend rule watches `optim/lr` (x`trend_growth` 8 per window after the LR warm-up), not
   the update norm: a healthy run leaving its loss plateau raises the update norm's line x3-5
   per window (attn_growth's 24 high-LR runs: up to x3.8 per 64 steps; the issue's runs x5),
