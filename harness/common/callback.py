@@ -24,7 +24,7 @@ class Callback:
         pass
 
     def on_event(self, trainer: Any, step: int, event: dict[str, Any]) -> None:
-        """A monitor event (grad_spike, loss_spike, ...), broadcast to every callback."""
+        """A monitor event (warning, advice, loss_spike, ...), broadcast to every callback."""
 
     def on_train_end(self, trainer: Any) -> None:
         pass
