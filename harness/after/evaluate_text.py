@@ -66,7 +66,8 @@ def read_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
         raise HarnessError("harness eval: --data names no file: give text files, directories "
                            "or .jsonl files")
     try:
-        for text, _ in iter_documents(scan_sources(list(paths)), text_field):
+        sources = scan_sources(list(paths), text_field=text_field)
+        for text, _ in iter_documents(sources, text_field):
             yield text
     except HarnessError as err:  # the corpus reader speaks of data.sources
         raise HarnessError(str(err).replace("data.sources", "--data", 1)) from None

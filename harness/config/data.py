@@ -21,7 +21,7 @@ class DataConfig:
     # false: refuse the built-in corpus (data.sources empty) in prepare-data, train and submit;
     # the large presets set it, their model and batch being sized for a real corpus
     allow_toy_corpus: bool = True
-    jsonl_text_field: str = "text"  # the JSON key holding each document of a .jsonl source
+    jsonl_text_field: str = "text"  # the JSON key (or Parquet column) of each document's text
     out_dir: str = "data/stdlib"  # where the shards, the tokenizer and manifest.json go
     tokenizer_model: Optional[str] = None  # an existing sentencepiece .model; skips training
     tokenizer_type: str = "bpe"  # bpe | unigram

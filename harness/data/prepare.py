@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import os
@@ -47,7 +46,9 @@ log = logging.getLogger("harness")
 TOKEN_SPLIT = "tokens"
 # below this, starting workers (each imports numpy and sentencepiece) costs more than it saves
 PARALLEL_MIN_BYTES = 8 << 20
-ENCODE_CHUNK = 8  # documents per task sent to a tokenizer worker
+# a task for a tokenizer worker: documents up to this much text, or this many; 8 documents
+# per task cost the parent a third of the CPU on short documents (bench/bench_prepare.py)
+ENCODE_CHUNK_BYTES, ENCODE_CHUNK_DOCS = 1 << 20, 1024
 OTHER = {"train": "val", "val": "train"}
 
 
@@ -106,7 +107,8 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     # what the trainer will stat, taken before reading: a file edited meanwhile shows
     sample = stat_sample(cfg.sources, files)
     skipped: dict[str, list[str]] = {}
-    sources = scan_sources(cfg.sources, cfg.max_bytes, files, skipped)
+    sources = scan_sources(cfg.sources, cfg.max_bytes, files, skipped,
+                           text_field=cfg.jsonl_text_field)
     if skipped:  # news in the user's corpus; in the built-in one, a few empty __init__.py
         (log.warning if cfg.sources else log.debug)(skipped_summary(skipped))
     inputs = sha256({"settings": settings, "sources": source_keys(sources)})
@@ -307,9 +309,8 @@ def _in_order(pool: ProcessPoolExecutor, docs, ahead: int) -> Iterator[tuple]:
     """pool.map's results, with at most `ahead` chunks of documents in flight (pool.map would
     read the whole corpus before the first result)."""
     pending: collections.deque = collections.deque()
-    chunks = iter(lambda: list(itertools.islice(docs, ENCODE_CHUNK)), [])
     try:
-        for chunk in chunks:
+        for chunk in _chunks(docs):
             pending.append(pool.submit(_encode_chunk, chunk))
             if len(pending) >= ahead:
                 yield from pending.popleft().result()
@@ -319,6 +320,18 @@ def _in_order(pool: ProcessPoolExecutor, docs, ahead: int) -> Iterator[tuple]:
         raise HarnessError("prepare-data: a tokenizer worker died (killed, or out of memory: "
                            "fewer data.num_workers use less); run it again, it resumes from "
                            "the slices already done") from None
+
+
+def _chunks(docs) -> Iterator[list[tuple[str, int]]]:
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += doc[1]
+        if size >= ENCODE_CHUNK_BYTES or len(chunk) >= ENCODE_CHUNK_DOCS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _encode_chunk(docs: list[tuple[str, int]]) -> list[tuple[np.ndarray, int, int]]:

@@ -66,7 +66,7 @@ def _absent(*names: str):
 
 
 def _held_out_tail(tmp: Path, out: str, err: str) -> None:
-    assert "(the last tokens of the one document), 1 document," in out, out
+    assert "(the last tokens of each document: a small corpus), 1 document," in out, out
     assert (tmp / "out" / "val.bin").stat().st_size > 0
 
 

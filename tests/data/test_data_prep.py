@@ -289,7 +289,7 @@ def test_a_tokenizer_worker_that_dies_is_one_error_not_a_hang(prepared):
 
     def docs():
         for i in range(100_000):
-            if i == 200:
+            if i == 5 * prep.ENCODE_CHUNK_DOCS:  # the workers start with the first task
                 for child in multiprocessing.active_children():
                     os.kill(child.pid, signal.SIGKILL)
             yield f"document {i}", 12

@@ -114,14 +114,17 @@ def test_parquet_and_zstd_prepare_the_same_tokens_as_jsonl(tmp_path, shards_dir)
     _parquet(tmp_path / "p" / "a.parquet", docs)
     (tmp_path / "z").mkdir()
     (tmp_path / "z" / "a.jsonl.zst").write_bytes(_zst_frames(_jsonl(docs)))
+    (tmp_path / "c").mkdir()  # The Stack's column name, named by data.jsonl_text_field
+    _parquet(tmp_path / "c" / "a.parquet", docs, field="content")
     model = str(shards_dir / "tokenizer.model")
     got = []
-    for name in "jpz":
+    for name in "jpzc":
         cfg = DataConfig(sources=[str(tmp_path / name)], out_dir=str(tmp_path / f"out{name}"),
-                         tokenizer_model=model, val_fraction=0.1)
+                         tokenizer_model=model, val_fraction=0.1,
+                         jsonl_text_field="content" if name == "c" else "text")
         shards = TokenShards.open(prep.prepare_data(cfg, progress=False))
         got.append((shards.train.tolist(), shards.val.tolist()))
-    assert got[0] == got[1] == got[2] and len(got[0][1]) > 0
+    assert got[0] == got[1] == got[2] == got[3] and len(got[0][1]) > 0
 
 
 @pytest.mark.parametrize("name, data", [
