@@ -2,8 +2,8 @@
 runs are the damaged ones (issue 25, item 3).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/spikes/attn_growth.py --out runs/attn_growth.json
-        [--seeds 6] [--steps 300] [--jobs 2]
-    .venv/bin/python bench/spikes/attn_growth.py --rescore runs/attn_growth.json
+        [--seeds 6] [--steps 300] [--jobs 2] [--lrs 0.1 0.03]
+    .venv/bin/python bench/spikes/attn_growth.py --rescore runs/attn_growth.json [MORE.json]
 
 Per seed, four runs of the spike suite's 2-layer model (spike_scenarios.MODEL), nothing
 injected, cosine to LR 0: LR 0.1 and LR 0.03, each without qk-norm and with it (the twin: same
@@ -69,7 +69,7 @@ def record(args) -> list[dict]:
     workdir = Path(args.workdir)
     shards = sc.prepare_shards(workdir / "shards", 1_000_000)
     jobs = [(s, lr, qk, args.steps, shards, workdir)
-            for s in range(1, args.seeds + 1) for lr in LRS for qk in (False, True)]
+            for s in range(1, args.seeds + 1) for lr in args.lrs for qk in (False, True)]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         return list(pool.map(_job, jobs))
 
@@ -138,14 +138,15 @@ def score(runs: list[dict], mon: dict, part: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/attn_growth.json")
-    p.add_argument("--rescore")
+    p.add_argument("--rescore", nargs="+", metavar="FILE", help="score recorded runs (merged)")
+    p.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--workdir", default="runs/attn_growth_work")
     args = p.parse_args(argv)
     if args.rescore:
-        runs = json.loads(Path(args.rescore).read_text())["runs"]
+        runs = [r for f in args.rescore for r in json.loads(Path(f).read_text())["runs"]]
     else:
         t0 = time.perf_counter()
         runs = record(args)

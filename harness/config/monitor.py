@@ -104,6 +104,8 @@ any tuning, seeds 1-3 tuned on, 4-6 held out; the real log split as above):
   nat_attn (held out; LR 0.1, 10% floor): seed 1 damaged, warned at step 25, 172 steps ahead;
   seeds 2-3 never fell 5% behind their twin and were warned at step 25 as well. The rule
   separates runaway logits from qk-norm runs (0 of 15 warned), not which runaway will lose.
+  LR 0.01 (recorded after this default was set): 1 of 2 damaged runs warned (lead 37; the
+  other peaked at x32), 0 of 10 undamaged (x18-48 without qk-norm).
 - The trend rule watches `optim/lr` (x`trend_growth` 8 per window after the LR warm-up), not
   the update norm: a healthy run leaving its loss plateau raises the update norm's line x3-5
   per window (attn_growth's 24 high-LR runs: up to x3.8 per 64 steps; the issue's runs x5),
@@ -119,8 +121,8 @@ any tuning, seeds 1-3 tuned on, 4-6 held out; the real log split as above):
 - `attn_ceiling` 100 stays, as one `advice` line when first reached (it is a size that holds
   for the rest of a run); `qk_norm_lr` 1e-2: start-up advice when model.qk_norm is off at a
   peak LR >= 1e-2. Every run without qk-norm at 0.03 and 0.1 grew x144 or more in 20 steps (11
-  of 12 fell behind their twin); the suite's LR 3e-3 runs never did. 1e-2 is between the two,
-  not measured (no run at 1e-2): advice, so a wrong guess costs one line.
+  of 12 fell behind their twin); the suite's LR 3e-3 runs never did; at 1e-2 (measured after
+  this default was set) 2 of 6 fell behind. Advice, so a wrong guess costs one line.
 """
 from __future__ import annotations
 
