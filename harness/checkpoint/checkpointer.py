@@ -43,8 +43,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from harness.checkpoint.reshard import _fsync_dir, load_resharded, needs_reshard
+from harness.checkpoint.reshard import load_resharded, needs_reshard
 from harness.common.callback import Callback
+from harness.common.durable import fsync_path
 from harness.common.errors import HarnessError
 from harness.common.lease import RUN_LEASE, held_token
 from harness.config.checkpoint import CheckpointConfig
@@ -139,11 +140,11 @@ class Checkpointer(Callback):
             meta["meta_sha256"] = _meta_digest(meta)
             _fsync_write(tmp / META, json.dumps(meta, indent=2))
             for dirpath, _, _ in os.walk(tmp):
-                _fsync_dir(Path(dirpath))
+                fsync_path(Path(dirpath))
             if final.exists():  # a re-save of the same step (e.g. after a rollback)
                 self._delete(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             _fsync_write(self.root / "latest", name + "\n")
             self._prune()
         _barrier(trainer)
@@ -239,7 +240,7 @@ class Checkpointer(Callback):
                 target, n = self.root / f"{SET_ASIDE}{step_dir.name}.{n}", n + 1
             os.replace(step_dir, target)
             moved.append(target.name)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         _fsync_write(self.root / "latest", resume.name + "\n")
         first, last = _step_of(resume) + 1, max(_step_of(p) for p, _ in lost)
         steps = f"step {last} is" if first >= last else f"steps {first}-{last} are"

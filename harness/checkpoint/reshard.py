@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from harness.common.durable import fsync_path, fsync_tree
 from harness.common.errors import HarnessError
 from harness.parallel.collectives import Collectives
 
@@ -89,7 +90,7 @@ def convert(step_dir: Path, tag: str = "ds", workers: int = 1) -> tuple[Path, fl
                 "global_steps": saved.get("global_steps"), "ds_version": saved.get("ds_version"),
                 "seconds": round(time.perf_counter() - t0, 3)}
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -97,7 +98,7 @@ def convert(step_dir: Path, tag: str = "ds", workers: int = 1) -> tuple[Path, fl
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(step_dir)
+    fsync_path(step_dir)
     return final, time.perf_counter() - t0
 
 
@@ -213,25 +214,6 @@ def _restore_stage3_param_groups(engine, tag_dir: Path) -> None:
                 group[key] = value
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_intact(step_dir: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from harness.common.durable import fsync_path
 from harness.common.errors import HarnessError
 from harness.config.checkpoint import META
 from harness.parallel.collectives import Collectives
@@ -96,14 +97,6 @@ def _threads() -> int:
     return max(1, min(MAX_THREADS, cpus))
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _digest_files(root: Path, rels: list[str], sync: bool) -> dict[str, dict[str, Any]]:
     """{relative path: {"size": bytes, "sha256": [one digest per chunk]}}; sync: fsync each."""
     sizes = {rel: (root / rel).stat().st_size for rel in rels}
@@ -113,7 +106,7 @@ def _digest_files(root: Path, rels: list[str], sync: bool) -> dict[str, dict[str
             lambda job: _hash_chunk(root / job[0], job[1], _chunk_len(sizes[job[0]], job[1])),
             jobs))
         if sync:
-            list(pool.map(lambda rel: _fsync_file(root / rel), rels))
+            list(pool.map(lambda rel: fsync_path(root / rel), rels))
     out = {rel: {"size": sizes[rel], "sha256": []} for rel in rels}
     for (rel, _), digest in zip(jobs, digests):
         if digest is None:

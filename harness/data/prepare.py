@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from harness.common import lease
+from harness.common.durable import fsync_path
 from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
 from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
@@ -149,14 +150,16 @@ def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], skippe
         raise unwritable(out_dir, out_dir.parent, e) from None
     try:
         _build(cfg, sources, skipped, given, settings, inputs, work, tmp, progress, sample)
-        _fsync_files(tmp)
+        # flushed before the rename, which could otherwise persist before the data
+        for path in tmp.iterdir():
+            fsync_path(path)
         try:
             tmp.rename(out_dir)  # atomic; replaces only a missing or empty out_dir
         except OSError as e:
             # another process may have just made it
             if not up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
                 raise unwritable(out_dir, out_dir.parent, e) from None
-        _fsync_dir(out_dir.parent)  # the rename itself, on disk
+        fsync_path(out_dir.parent)  # the rename itself, on disk
         work.remove()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -354,16 +357,3 @@ def _encode(doc: tuple[str, int]) -> tuple[np.ndarray, int, int]:
     return tokens, nbytes, doc_hash(text, _worker["seed"])
 
 
-def _fsync_files(directory: Path) -> None:
-    """Flush to disk before the rename, which could otherwise persist before the data."""
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from harness.common.durable import fsync_path
 from harness.data.corpus import Source
 from harness.data.tokenizer import Tokenizer
 
@@ -97,9 +98,9 @@ class Work:
             return Tokenizer(path)
         part = self.path / f"{TOKENIZER}.part-{os.getpid()}"
         made = make(part)
-        _fsync(part)
+        fsync_path(part)
         os.replace(part, path)
-        _fsync(self.path)
+        fsync_path(self.path)
         return Tokenizer(path) if made.path != path else made
 
     def _slice(self, k: int) -> Path:
@@ -192,9 +193,9 @@ class SliceWriter:
             splits[s] = {"tokens": int(lengths.sum()), "documents": len(lengths)}
         (self.part / META).write_text(json.dumps({**self.meta, "splits": splits}) + "\n")
         for child in self.part.iterdir():
-            _fsync(child)
+            fsync_path(child)
         os.replace(self.part, self.path)
-        _fsync(self.path.parent)
+        fsync_path(self.path.parent)
 
 
 def _intact(path: Path, split: str, counts: dict, dtype: np.dtype) -> bool:
@@ -209,14 +210,7 @@ def _intact(path: Path, split: str, counts: dict, dtype: np.dtype) -> bool:
 def _write_atomic(path: Path, data: bytes) -> None:
     part = path.with_name(f"{path.name}.part-{os.getpid()}")
     part.write_bytes(data)
-    _fsync(part)
+    fsync_path(part)
     os.replace(part, path)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries (a rename), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
