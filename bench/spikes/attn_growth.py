@@ -49,6 +49,7 @@ BASE = ["optim.min_lr_ratio=0"]  # cosine to LR 0, as the issue's runs
 KEYS = ("step", "train/loss", "eval/heldout_loss", "optim/grad_norm_preclip",
         "optim/update_norm", "optim/lr", "train/z_loss", "model/attn_logit_bound")
 SUITE_MON = {"warmup_steps": 50, "window": 64}
+ARCH = {"gpt2": [], "llama": ["model.arch=llama", "model.bias=false"]}  # the same width
 
 
 def label(lr: float, qk: bool) -> str:
@@ -56,19 +57,20 @@ def label(lr: float, qk: bool) -> str:
 
 
 def _job(job: tuple) -> dict:
-    seed, lr, qk, steps, shards, workdir = job
+    seed, lr, qk, steps, shards, workdir, arch = job
     t0 = time.perf_counter()
-    extra = [*BASE, f"optim.lr={lr}", f"model.qk_norm={str(qk).lower()}"]
-    r = sc.run_scenario("stable", seed, steps, 0, shards, workdir, extra, label(lr, qk))
+    extra = [*BASE, f"optim.lr={lr}", f"model.qk_norm={str(qk).lower()}", *ARCH[arch]]
+    r = sc.run_scenario("stable", seed, steps, 0, shards, workdir, extra,
+                        f"{arch}-{label(lr, qk)}")
     print(f"  ran seed {seed} {label(lr, qk):<9} {time.perf_counter() - t0:5.1f}s", flush=True)
-    return {"seed": seed, "lr": lr, "qk": qk, "final_eval": r["final_eval"],
+    return {"seed": seed, "lr": lr, "qk": qk, "arch": arch, "final_eval": r["final_eval"],
             "trace": [[row.get(k) for k in KEYS] for row in r["trace"]]}
 
 
 def record(args) -> list[dict]:
     workdir = Path(args.workdir)
     shards = sc.prepare_shards(workdir / "shards", 1_000_000)
-    jobs = [(s, lr, qk, args.steps, shards, workdir)
+    jobs = [(s, lr, qk, args.steps, shards, workdir, args.arch)
             for s in range(1, args.seeds + 1) for lr in args.lrs for qk in (False, True)]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         return list(pool.map(_job, jobs))
@@ -78,9 +80,10 @@ def traces(runs: list[dict]) -> None:
     """Rows back as dicts; each run without qk-norm gets its onset against its twin."""
     for r in runs:
         r["rows"] = [{k: v for k, v in zip(KEYS, row) if v is not None} for row in r["trace"]]
-    twins = {(r["seed"], r["lr"]): r for r in runs if r["qk"]}
+    key = lambda r: (r["seed"], r["lr"], r.get("arch", "gpt2"))  # noqa: E731
+    twins = {key(r): r for r in runs if r["qk"]}
     for r in runs:
-        twin = twins[(r["seed"], r["lr"])]
+        twin = twins[key(r)]
         r["onset"] = None if r["qk"] else (sc.twin_gap_onsets(r["rows"], twin["rows"]) or
                                            [None])[0]
 
@@ -95,6 +98,10 @@ def replay(rows: list[dict], mon: dict) -> list[dict]:
     return events
 
 
+def tag(r: dict) -> str:
+    return f"{r.get('arch', 'gpt2')}-{label(r['lr'], r['qk'])}"
+
+
 def rule_of(e: dict) -> str:
     return f"{e['event']}:{e.get('rule', '-')}:{e['signal']}"
 
@@ -104,7 +111,7 @@ def score(runs: list[dict], mon: dict, part: str) -> dict:
     damaged = [r for r in sel if r["onset"] is not None]
     healthy = [r for r in sel if r["onset"] is None]
     print(f"\n{part} part: {len(damaged)} damaged runs, {len(healthy)} undamaged "
-          f"({', '.join(sorted({label(r['lr'], r['qk']) for r in healthy}))})")
+          f"({', '.join(sorted({tag(r) for r in healthy}))})")
     per_rule: dict[str, dict] = {}
     steps_healthy, warn_healthy = 0, 0
     for r in sel:
@@ -117,7 +124,7 @@ def score(runs: list[dict], mon: dict, part: str) -> dict:
         for e in events:
             d = per_rule.setdefault(rule_of(e), {"hit": [], "false": set(), "late": []})
             if r["onset"] is None:
-                d["false"].add((r["seed"], label(r["lr"], r["qk"])))
+                d["false"].add((r["seed"], tag(r)))
         for rule, d in per_rule.items():
             firsts = [e["step"] for e in events if rule_of(e) == rule]
             if r["onset"] is not None and firsts:
@@ -128,7 +135,7 @@ def score(runs: list[dict], mon: dict, part: str) -> dict:
         print(f"  {rule:<52} {len(d['hit']):>2}/{len(damaged):<2} {len(d['late']):>5} "
               f"{len(d['false']):>3}/{len(healthy):<2}  {sorted(d['hit'])}")
     for r in damaged:
-        print(f"  damaged: seed {r['seed']} {label(r['lr'], r['qk'])} onset {r['onset']}")
+        print(f"  damaged: seed {r['seed']} {tag(r)} onset {r['onset']}")
     rate = 1000 * warn_healthy / max(steps_healthy, 1)
     print(f"  warnings on undamaged runs: {warn_healthy} in {steps_healthy} steps = "
           f"{rate:.2f} / 1000")
@@ -140,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/attn_growth.json")
     p.add_argument("--rescore", nargs="+", metavar="FILE", help="score recorded runs (merged)")
     p.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
+    p.add_argument("--arch", choices=list(ARCH), default="gpt2")
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--jobs", type=int, default=2)

@@ -105,7 +105,8 @@ any tuning, seeds 1-3 tuned on, 4-6 held out; the real log split as above):
   seeds 2-3 never fell 5% behind their twin and were warned at step 25 as well. The rule
   separates runaway logits from qk-norm runs (0 of 15 warned), not which runaway will lose.
   LR 0.01 (recorded after this default was set): 1 of 2 damaged runs warned (lead 37; the
-  other peaked at x32), 0 of 10 undamaged (x18-48 without qk-norm).
+  other peaked at x32), 0 of 10 undamaged (x18-48 without qk-norm). The llama shape (LR 0.1
+  and 0.03, 3 seeds, also after): 6 of 6 damaged warned ahead, 0 of 6 qk-norm twins.
 - The trend rule watches `optim/lr` (x`trend_growth` 8 per window after the LR warm-up), not
   the update norm: a healthy run leaving its loss plateau raises the update norm's line x3-5
   per window (attn_growth's 24 high-LR runs: up to x3.8 per 64 steps; the issue's runs x5),
