@@ -68,7 +68,9 @@ def make_corpus(root: Path, kind: str, n: int) -> Path:
 def _data_cfg(src: str, out: str, model: str | None):
     from harness.config.data import DataConfig
 
-    return DataConfig(sources=[src], out_dir=out, vocab_size=512, val_fraction=0.01,
+    # 10%: the smallest corpora (30 documents of ~45 tokens) are split by tokens, and 1% of each
+    # would leave fewer val tokens than one sequence
+    return DataConfig(sources=[src], out_dir=out, vocab_size=512, val_fraction=0.1,
                       tokenizer_model=model, eval_sequences=64)
 
 
