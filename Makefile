@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first: an open range resolved with no torch present pulls a multi-GB CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	@echo "install: 3/3 this package and its dependencies (deepspeed, sentencepiece, wandb,"\
-	      "transformers, lm-eval, pytest)"
+	      "transformers, lm-eval, pyarrow, zstandard, pytest, pytest-xdist)"
 	# the hf extra (transformers, lm-eval) never moves torch: the pin is already installed
 	$(PY) -m pip install -q -e ".[dev,hf,data]" "torch==$$($(TORCH_INSTALLED))"
 	touch $@

@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def pytest_configure(config):
 
         workers = getattr(config.option, "numprocesses", None)
         plugin = (cost_stats.CostStatsController(costs, workers) if workers
-                  else cost_stats.CostStats(costs, worker=worker is not None))
+                  else cost_stats.CostStats(costs, worker=worker and worker["workerid"]))
         config.pluginmanager.register(plugin, "cost_stats")
 
 
@@ -48,27 +49,40 @@ def _keep_the_process_group(monkeypatch):
     monkeypatch.setattr("harness.parallel.distributed.close_process_group", lambda: None)
 
 
-# ---- parallel workers (pytest-xdist, `make test`: -n 2 --dist loadgroup) --------------------
-SLURM_FIXTURES = {"slurm_cluster", "slurm_gpu_cluster"}
+# ---- parallel workers (pytest-xdist: pyproject's addopts, -n 2) ------------------------------
+# One unit of work per module, so that a module-scoped fixture (a shared trained run, one
+# multi-process launch) is built once, on one worker; every module that starts the Slurm test
+# cluster in one unit, so that one cluster serves them all. (xdist's own --dist loadgroup
+# ignores xdist_group marks with this pytest: measured, every test scheduled on its own.)
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its own modifyitems hook)
+@functools.cache
+def _slurm_modules() -> frozenset[str]:
+    """The test modules that start the Slurm test cluster (they import its fixture)."""
+    return frozenset(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                     if "from slurm_fixtures import" in p.read_text())
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if _module(nodeid) in _slurm_modules() else _module(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under workers, one group per module, so that a module-scoped fixture (a shared trained
-    run, one multi-process launch) is built once, on one worker; every module that starts the
-    Slurm test cluster in one group, so that one cluster serves them all. Modules with slow
-    tests go first: the long ones start early and the short ones fill in around them (run with
-    --no-loadscope-reorder, which keeps this order)."""
-    modules: dict[str, list] = {}
+    """Under workers, modules with slow tests first (Slurm's first of all): the long ones start
+    early and the short ones fill in around them (--no-loadscope-reorder keeps this order)."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank: dict[str, int] = {}
     for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    group, rank = {}, {}
-    for path, members in modules.items():
-        slurm = any(SLURM_FIXTURES & set(getattr(i, "fixturenames", ())) for i in members)
-        group[path] = "slurm" if slurm else path
-        rank[path] = 0 if slurm else 1 if any(i.get_closest_marker("slow") for i in members) else 2
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
-    if hasattr(config, "workerinput"):  # a worker: the controller schedules in this order
-        items.sort(key=lambda i: rank[i.nodeid.split("::")[0]])  # stable: module order kept
+        module = _module(item.nodeid)
+        mine = 0 if module in _slurm_modules() else 1 if item.get_closest_marker("slow") else 2
+        rank[module] = min(rank.get(module, 2), mine)
+    items.sort(key=lambda i: rank[_module(i.nodeid)])  # stable: the order within a module kept

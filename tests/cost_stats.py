@@ -82,9 +82,9 @@ def classify(args) -> dict[str, int]:
 
 class CostStats:
     """Counts the tests this process runs and writes the JSON (without workers), or hands its
-    counts to the controller at the end (an xdist worker: `worker=True`)."""
+    counts to the controller at the end (an xdist worker: `worker` its id, e.g. "gw0")."""
 
-    def __init__(self, path: str, worker: bool = False):
+    def __init__(self, path: str, worker: str | None = None):
         self.path = Path(path)
         self.worker = worker
         self.current = OUTSIDE  # the node id whose phases are running now
@@ -94,11 +94,9 @@ class CostStats:
         self._patch_deepspeed()
 
     def _entry(self, nodeid: str) -> dict:
-        if nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's loadgroup suffix: "...::test@group"
-            nodeid = nodeid.rpartition("@")[0]
         return self.tests.setdefault(nodeid, {
             "seconds": 0.0, "outcome": None, "processes": 0, "ranks": 0, "engines": 0,
-            "train": 0, "commands": []})
+            "train": 0, "commands": [], "worker": self.worker, "started": time.time()})
 
     def _patch_popen(self) -> None:
         # the class's __init__, not the module's name: code that did `from subprocess import

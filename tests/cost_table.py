@@ -24,7 +24,9 @@ START, END = "<!-- cost-table:start -->", "<!-- cost-table:end -->"
 INTRO = f"""# Tests
 
 Where the suite's time goes, per file. seconds: setup + call + teardown (a session- or
-module-scoped fixture counts in the first test that uses it). processes: those the pytest
+module-scoped fixture counts in the first test that uses it; on workers, the default
+`-n 2`, each test is timed on its own worker, so the total exceeds the wall time, and a
+session-scoped fixture is built once per worker). processes: those the pytest
 process started (DeepSpeed's gcc/ninja probes at the first engine build included; their own
 children, such as ranks and Slurm jobs, not; nor the bad-input battery's forks of a warm
 interpreter, tests/forked_cli.py). ranks: started through torchrun or the deepspeed
@@ -52,9 +54,11 @@ def render(data: dict) -> str:
         if t["outcome"]:
             outcomes[t["outcome"]] = outcomes.get(t["outcome"], 0) + 1
     args = shlex.join(data["args"])
+    workers = data.get("workers") or 0
+    on = f" on {workers} workers (seconds: each test on its worker)" if workers else ""
     lines = [
         f"Measured {data['measured']} on {data['host']} ({data['nproc']} CPUs): "
-        f"`pytest {args}`, {data['wall_seconds'] / 60:.1f} min wall, "
+        f"`pytest {args}`, {data['wall_seconds'] / 60:.1f} min wall{on}, "
         + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())) + ".",
         "",
         "| " + " | ".join(COLUMNS) + " |",
