@@ -34,9 +34,9 @@ and a held-out part, fixed before any tuning. The monitor's defaults come from t
 only. The main tables are measured on the HELD-OUT part; the matched-false-alarm settings of
 every detector are chosen on the tuning part and then scored on the held-out part; the real
 stable log is replayed through every detector, its tuning and held-out halves apart
-(spike_split.REAL_TUNE_LAST) and the whole log labelled as half tuned on. "ours" counts every event (warnings
-too: what `skip` may act on), "ours-alarm" only alarms (what wandb.alert, lr_cut, rollback and
-stop follow), "ours-loss" only confirmed loss spikes and non-finite values.
+(spike_split.REAL_TUNE_LAST) and the whole log labelled as half tuned on. "ours" counts every
+event (warnings too: what `skip` may act on), "ours-alarm" only alarms (what wandb.alert,
+lr_cut, rollback and stop follow), "ours-loss" only confirmed loss spikes and non-finite values.
 
 Natural instabilities (spike_scenarios.NATURAL: nothing injected, e.g. LR 0.1 without
 qk-norm) run with a TWIN (the same run with the fix, qk-norm); their ground truth is the gap to

@@ -54,10 +54,11 @@ in two after its events under the earlier defaults had been seen, before any tun
   least regularly while the LR rises; a replayed log without the config infers the end of the
   warm-up from optim/lr). `min_scale` 0.01: a change under ~z x 1% never alarms.
 - (Issue 16, replaced in issue 25: below) The trend rule (x4 over a window) catches a steady
-  ramp that the level z absorbs: the update norm's (tuning part: it leads lr_ramp by 4-12 steps; healthy runs rise
-  at most x0.9 per window after warm-up). NOT the attention-logit bound: on the tuning part's
-  stable runs it grows x2.2-3.3 per window by itself (0.3 at init to ~7 at step 300), a 1.2x
-  margin to x4, and it added no lead there (on stable seeds 5-6 it then rose x8 and x25).
+  ramp that the level z absorbs: the update norm's (tuning part: it leads lr_ramp by 4-12
+  steps; healthy runs rise at most x0.9 per window after warm-up). NOT the attention-logit
+  bound: on the tuning part's stable runs it grows x2.2-3.3 per window by itself (0.3 at init
+  to ~7 at step 300), a 1.2x margin to x4, and it added no lead there (on stable seeds 5-6 it
+  then rose x8 and x25).
 - The model's logit signals (issue 16), each kept or dropped on the tuning part alone:
   `train/z_loss` (level, z 10): max z 3.5 on the tuning stable runs, 0 warnings; kept, cheap,
   it is what output-logit divergence moves. `model/attn_logit_bound` (level z 10: max 6.7 on

@@ -44,13 +44,15 @@ class Uniform(nn.Module):
 def test_bits_per_byte_by_hand(run):
     tok = checkpoint_io.load_tokenizer(checkpoint_io.load_config_of(run), run)
     text = "héllo\tworld\n    ✓ 中文\n"
-    # h é l l o: 1+2+1+1+1; tab 1; world 5; newline 1; 4 spaces; ✓ 3; space 1; 中文 3+3; newline 1
+    # h é l l o: 1+2+1+1+1; tab 1; world 5; newline 1; 4 spaces; ✓ 3; space 1;
+    # 中文 3+3; newline 1
     n_bytes = 6 + 1 + 5 + 1 + 4 + 3 + 1 + 6 + 1
     assert len(text.encode()) == n_bytes == 28
     n = len(tok.encode(text))
     totals = score_texts(Uniform(512), tok, [text], block=8, stride=3)
     assert totals.tokens == n and totals.bytes == 28 and totals.documents == 1
-    assert totals.nats == pytest.approx(n * math.log(512), rel=1e-7)  # fp32 log-softmax, summed in fp64
+    # fp32 log-softmax, summed in fp64
+    assert totals.nats == pytest.approx(n * math.log(512), rel=1e-7)
     summary = totals.summary()
     assert summary["bits_per_byte"] == pytest.approx(n * 9 / 28, rel=1e-7)  # log2 512 = 9
     assert summary["perplexity"] == pytest.approx(512, rel=1e-7)
@@ -176,7 +178,6 @@ def test_two_rank_bf16_checkpoint_loads_its_master_weights(tmp_path, shards_dir)
     every group's fp32 master weights, a format zero_to_fp32 cannot read): loaded in a plain
     process, the masters round to exactly the bf16 weights both ranks trained with."""
     import subprocess
-    import sys
     from pathlib import Path
 
     from engine_utils import child_env, torchrun

@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from harness.data.shards import ShardWriter, TokenShards
+from harness.data.shards import ShardWriter
 
 
 class FakeTokenizer:  # what ShardWriter reads of a tokenizer: the manifest's fields

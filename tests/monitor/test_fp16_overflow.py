@@ -55,7 +55,8 @@ def test_overflow_steps_are_no_alarm_and_never_skipped(action):
         events += mon._pending
     # hysteresis 2: the first pair costs one halving, each overflow of the burst one more
     # (hysteresis is refilled only after scale_window clean steps); step 132 is the first
-    # whose scale is 2 halvings below the window's max: the loss-scale rule's one warning (a metric and an event line; `skip` may act on it, and the trainer still hands
+    # whose scale is 2 halvings below the window's max: the loss-scale rule's one warning (a
+    # metric and an event line; `skip` may act on it, and the trainer still hands
     # that overflow step to engine.step()). Nothing else: no nonfinite, no alarm at all.
     assert [(e["event"], e["level"], e["signal"], e["step"]) for e in events] == [
         ("warning", "warning", "optim/loss_scale", 132)]
