@@ -156,7 +156,7 @@ def main(path: str | Path, cfg: MonitorConfig, warmup_from_trace: bool = False) 
 
 
 def summary_line(path: str | Path, records: Trace, events: list[dict]) -> str:
-    """`replayed 1,200 steps (1-1,200) of PATH: no events` or `...: 3 events (2 grad_spike,
+    """`replayed 1,200 steps (1-1,200) of PATH: no events` or `...: 3 events (2 warning,
     1 loss_spike)`; steps counted once each (a rolled-back run logs some twice)."""
     steps = sorted({step for step, _ in records})
     text = f"replayed {len(steps):,} steps ({steps[0]:,}-{steps[-1]:,}) of {path}: "
