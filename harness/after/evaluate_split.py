@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from harness.after.evaluate_text import Scorer, Totals, check_options, windows
+from harness.callbacks.evaluator import eval_set, eval_set_size, set_targets
 from harness.common.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -74,8 +75,6 @@ def score_trainer_set(model, tokens: np.ndarray, block: int, eos_id: int, size: 
                       batch_size: int = 8, device: str = "cpu") -> tuple[Totals, np.ndarray]:
     """(totals, the set's sequence indices): the trainer's validation set (eval_set), each
     sequence one window of block_size targets, as the trainer scores it."""
-    from harness.callbacks.evaluator import eval_set
-
     chosen = eval_set(max(0, (len(tokens) - 1) // block), size)
     scorer = Scorer(model, block, block, eos_id, batch_size, device)
     was_training = model.training
@@ -95,15 +94,13 @@ def _targets(tokens: np.ndarray, block: int, chosen: Optional[np.ndarray], n: in
     """The target token ids scored: of the chosen sequences, or tokens[1 : n + 1]."""
     if chosen is None:
         return np.asarray(tokens[1:n + 1], dtype=np.int64)
-    parts = [np.asarray(tokens[i * block + 1:(i + 1) * block + 1]) for i in chosen.tolist()]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return set_targets(tokens, block, chosen)
 
 
 def evaluate_split(source: str, split: str, max_tokens: Optional[int] = None,
                    stride: Optional[int] = None, batch_size: int = 8,
                    device: str = "cpu", trainer_set: bool = False) -> dict:
     """The JSON record `harness eval --split` prints."""
-    from harness.callbacks.evaluator import eval_set_size
     from harness.checkpoint import io as checkpoint_io
     from harness.data.tokenizer import piece_bytes
 

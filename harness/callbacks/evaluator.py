@@ -116,7 +116,12 @@ def _bytes_per_token(sequences: Sequences, chosen: np.ndarray,
     are tokens[i x L + 1 : (i + 1) x L + 1]. None without a table or without bytes."""
     if token_bytes is None or not len(chosen):
         return None
-    L = sequences.seq_len
-    n_bytes = sum(int(token_bytes[np.asarray(sequences.tokens[i * L + 1:(i + 1) * L + 1],
-                                             dtype=np.int64)].sum()) for i in chosen.tolist())
-    return n_bytes / (len(chosen) * L) if n_bytes else None
+    n_bytes = int(token_bytes[set_targets(sequences.tokens, sequences.seq_len, chosen)].sum())
+    return n_bytes / (len(chosen) * sequences.seq_len) if n_bytes else None
+
+
+def set_targets(tokens: np.ndarray, seq_len: int, chosen: np.ndarray) -> np.ndarray:
+    """The target token ids of the chosen sequences (sequence i's are tokens[i x L + 1 :
+    (i + 1) x L + 1]), in order."""
+    parts = [np.asarray(tokens[i * seq_len + 1:(i + 1) * seq_len + 1]) for i in chosen.tolist()]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
