@@ -205,8 +205,7 @@ def stat_sample(sources_given: list[str], files: list[tuple[Path, bool]]) -> lis
     picks = sorted({round(i * (n - 1) / (STAT_SAMPLE - 1)) for i in range(STAT_SAMPLE)}) \
         if n > STAT_SAMPLE else range(n)
     paths += [Path(os.path.abspath(files[i][0])) for i in picks]
-    seen: set[Path] = set()
-    return [_stat_row(p) for p in paths if not (p in seen or seen.add(p))]
+    return [_stat_row(p) for p in dict.fromkeys(paths)]  # each path once, in order
 
 
 def _stat_row(path: Path) -> list:

@@ -188,7 +188,7 @@ def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokeniz
     else:
         texts = (text for text, _ in iter_documents(sources, cfg.jsonl_text_field))
         tokenizer = work.tokenizer(lambda path: train_tokenizer(
-            texts, path, cfg.tokenizer_type, cfg.vocab_size, total))
+            texts, path, cfg.tokenizer_type, cfg.vocab_size, total, available_cores()))
     _tokenize_slices(cfg, sources, work, tokenizer, by_tokens, progress)
     shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
     dtype = token_dtype(tokenizer.vocab_size)

@@ -88,9 +88,9 @@ def train_sample_bytes(model_type: str, vocab_size: int) -> int:
 
 
 def train_tokenizer(documents: Iterable[str], out_path: Path, model_type: str, vocab_size: int,
-                    total_bytes: int) -> Tokenizer:
+                    total_bytes: int, threads: int | None = None) -> Tokenizer:
     """Train on an evenly strided sample of ~train_sample_bytes of the `total_bytes` corpus
-    and write `out_path`."""
+    and write `out_path`; `threads`: the cores this process may use (default: the machine's)."""
     sample = train_sample_bytes(model_type, vocab_size)
     stride = max(1, math.ceil(total_bytes / sample))
     used = min(sample, total_bytes)
@@ -103,8 +103,8 @@ def train_tokenizer(documents: Iterable[str], out_path: Path, model_type: str, v
         spm.SentencePieceTrainer.train(
             sentence_iterator=_catching(_chunks(documents), stride, errors),
             model_writer=model,
-            model_type=model_type, vocab_size=vocab_size, num_threads=os.cpu_count() or 1,
-            minloglevel=2, **LOSSLESS, **SPECIAL_IDS)
+            model_type=model_type, vocab_size=vocab_size,
+            num_threads=threads or os.cpu_count() or 1, minloglevel=2, **LOSSLESS, **SPECIAL_IDS)
     except RuntimeError as e:
         errors.append(_training_error(str(e), vocab_size))
     if errors:
