@@ -19,16 +19,26 @@ engine's collectives (made at every world size, also 1) and one device-to-host c
 eval/bpb, beside eval/loss, is the same loss in bits per UTF-8 byte of the text the targets
 stand for: loss / (ln 2 x bytes per token of the set), counted once at start from each token's
 decoded bytes (</s> counts 0 bytes). It compares across tokenizers, as the loss cannot.
+
+With a data mixture (data.mix), `source_evaluators` builds one Evaluator per source, on that
+source's own validation sequences (a set of `size` sequences each, chosen as above), writing
+eval/loss/<source> and eval/bpb/<source>, and a MixtureLoss after them writing eval/loss as the
+weight-averaged per-source losses: the expected loss per token of a stream drawn with those
+weights (every sequence has the same length, so sequence weights are token weights), not the
+loss on whichever sequences a pooled set would hold. eval/bpb of the mixture is that stream's
+bits per byte: sum_i w_i loss_i / (ln 2 x sum_i w_i bytes_per_token_i), total bits over total
+bytes, written only when every source has its bytes per token.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from harness.common.callback import Callback
+from harness.common.errors import HarnessError
 from harness.data.shards import Sequences
 from harness.parallel.collectives import Collectives
 
@@ -57,9 +67,13 @@ class Evaluator(Callback):
     order = 15  # before the monitor and the loggers, so eval/loss is in the step's metrics
 
     def __init__(self, sequences: Sequences, every: int, size: int, micro: int,
-                 rank: int, world: int, token_bytes: Optional[np.ndarray] = None):
-        """`size`: sequences in the set (eval_set_size); `micro`: sequences per forward."""
+                 rank: int, world: int, token_bytes: Optional[np.ndarray] = None,
+                 name: str = ""):
+        """`size`: sequences in the set (eval_set_size); `micro`: sequences per forward;
+        `name`: a mixture's source, whose keys are eval/loss/<name> and eval/bpb/<name>."""
         self.every = every
+        suffix = f"/{name}" if name else ""
+        self.loss_key, self.bpb_key = f"eval/loss{suffix}", f"eval/bpb{suffix}"
         chosen = eval_set(len(sequences), size)
         total = len(chosen)
         self.bytes_per_token = _bytes_per_token(sequences, chosen, token_bytes)
@@ -98,15 +112,62 @@ class Evaluator(Callback):
         comm.all_reduce(acc)
         return (acc[0] / acc[1]).item()
 
-    def on_step_end(self, trainer, step, metrics):
+    def due(self, trainer, step: int) -> bool:
         # and at the last step, so the closing eval loss is the final model's, whatever
         # max_steps is (every rank knows it is the last: the same config)
         last = step == trainer.cfg.train.max_steps
-        if self.every and (step % self.every == 0 or last):
+        return bool(self.every) and (step % self.every == 0 or last)
+
+    def on_step_end(self, trainer, step, metrics):
+        if self.due(trainer, step):
             loss = self.evaluate(trainer.engine, trainer.built.comm)
-            metrics["eval/loss"] = loss
+            metrics[self.loss_key] = loss
             if self.bytes_per_token:
-                metrics["eval/bpb"] = loss / (math.log(2) * self.bytes_per_token)
+                metrics[self.bpb_key] = loss / (math.log(2) * self.bytes_per_token)
+
+
+class MixtureLoss(Callback):
+    """eval/loss (and eval/bpb) of a mixture from its sources' Evaluators' results in the same
+    step's metrics (see the module doc); runs after them."""
+    order = 16
+
+    def __init__(self, sources: Sequence[Evaluator], weights: Sequence[float]):
+        total = float(sum(weights))
+        self.sources = list(sources)
+        self.weights = [w / total for w in weights]
+
+    def mix(self, metrics: dict) -> dict[str, float]:
+        """eval/loss and, when every source has bytes, eval/bpb from the per-source keys."""
+        losses = [metrics[ev.loss_key] for ev in self.sources]
+        out = {"eval/loss": sum(w * x for w, x in zip(self.weights, losses))}
+        bpt = [ev.bytes_per_token for ev in self.sources]
+        if all(bpt):
+            out["eval/bpb"] = out["eval/loss"] / (
+                math.log(2) * sum(w * b for w, b in zip(self.weights, bpt)))
+        return out
+
+    def on_step_end(self, trainer, step, metrics):
+        if all(ev.loss_key in metrics for ev in self.sources):
+            metrics.update(self.mix(metrics))
+
+
+def source_evaluators(named: list[tuple[str, Sequences, Optional[np.ndarray]]],
+                      weights: list[float], every: int, size: int, micro: int, rank: int,
+                      world: int) -> list[Callback]:
+    """A mixture's validation: for each (source name, its validation sequences, its token
+    bytes table or None) an Evaluator of `size` sequences writing eval/loss/<name> and
+    eval/bpb/<name>, then a MixtureLoss writing eval/loss (eval/bpb) as the weight-averaged
+    per-source values; `weights` in the order of `named`, any positive scale."""
+    if len(named) != len(weights) or not named:
+        raise ValueError(f"{len(named)} sources but {len(weights)} weights")
+    for name, sequences, _ in named:
+        if not len(sequences):
+            raise HarnessError(f"data.mix: source {name!r} has no validation sequence of "
+                               f"model.block_size + 1 tokens; give it more text or set "
+                               f"data.eval_every=0")
+    evaluators = [Evaluator(seqs, every, size, micro, rank, world, token_bytes, name=name)
+                  for name, seqs, token_bytes in named]
+    return [*evaluators, MixtureLoss(evaluators, weights)]
 
 
 def _bytes_per_token(sequences: Sequences, chosen: np.ndarray,
