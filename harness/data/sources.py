@@ -1,7 +1,10 @@
 """The seam between data and training: fixed-length samples plus a rank-aware sampler.
 
 The trainer asks `TrainData.micro_batch(consumed, k)` for its tensors; the samples come
-from harness.data.shards.Sequences (memory-mapped token shards, or any token array).
+from harness.data.shards.Sequences (memory-mapped token shards, or any token array), or, for a
+weighted mixture (data.mix), from harness.data.mixture's MixedSequences and MixtureSampler:
+then `source_names` names the mixture's sources and `sources(consumed, k)` says which source
+each row of a micro-batch came from (per-source metrics).
 
 On CUDA the host batch is pinned before its non-blocking copy: from pageable memory the copy
 is synchronous with the host, which then waits for the GPU at every micro-step instead of
@@ -20,16 +23,21 @@ block until the copy has run (it records an event on the copy's stream).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from harness.common.errors import HarnessError
+from harness.data.mixture import MixedSequences, MixtureSampler
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import Sequences
 
 
 class TrainData:
-    def __init__(self, sequences: Sequences, sampler: GlobalSampler, device):
+    def __init__(self, sequences: Sequences | MixedSequences,
+                 sampler: GlobalSampler | MixtureSampler, device):
         self.sequences, self.sampler, self.device = sequences, sampler, torch.device(device)
+        # the mixture's sources, in data.mix's order; empty without a mix
+        self.source_names: tuple[str, ...] = tuple(getattr(sequences, "names", ()))
         self.pin = self.device.type == "cuda"  # pin_memory() needs an accelerator
         self.ahead: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (start, dev, host)
 
@@ -43,6 +51,13 @@ class TrainData:
         except HarnessError:
             pass
         return batch[:, :-1], batch[:, 1:]
+
+    def sources(self, consumed: int, micro_step: int) -> np.ndarray | None:
+        """The source index (into source_names) of each row of that micro-batch, in row order;
+        None without a mix. Computed from the positions alone: no data is read."""
+        if not self.source_names:
+            return None
+        return self.sampler.sources(consumed, micro_step)
 
     def _start(self, consumed: int, micro_step: int) -> int:
         """The first stream position of a micro-batch: it determines the batch."""
