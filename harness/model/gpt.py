@@ -117,6 +117,15 @@ class BlockStack(nn.Module):
         """train.z_loss and train.loss_chunk_tokens (harness.model.loss)."""
         self.lm_head.z_loss, self.lm_head.chunk_tokens = z_loss, chunk_tokens
 
+    def keep_row_losses(self, on: bool) -> None:
+        """Make each training forward with targets keep its rows' summed CE (row_losses)."""
+        self.lm_head.keep_rows = on
+
+    def row_losses(self) -> Optional[torch.Tensor]:
+        """Of the last training forward with targets, with keep_row_losses on: each row's sum
+        of per-token CE (fp32, detached, on the model's device); None otherwise."""
+        return self.lm_head.row_ce
+
     def forward_stats(self) -> torch.Tensor:
         """Of the last forward with targets, fp32 on the model's device: mean CE, mean log(Z)^2,
         max log Z, then each layer's attention-logit bound (STATS_HEAD names the first three)."""

@@ -18,6 +18,19 @@ PeakMemory callback adds one (its all-reduce of the peaks). DeepSpeed 0.19.8 add
 engine.step(): ZeRO 0 bf16 an overflow check per parameter tensor, two reads per parameter
 group and one more; ZeRO 1-3 one to four norm and overflow reads. (Its throughput timer, which
 synchronized the device at every forward and step, is switched off in the JSON.)
+
+With a data mixture (TrainData.source_names) the step also logs train/loss/<source>: the mean
+per-token cross-entropy over the step's tokens from that source's samples, over every
+micro-step and data-parallel rank, which is train/loss restricted to those rows (CE only: the
+z-loss term is out of both). The model keeps each row's summed CE from its training forward
+(BlockStack.keep_row_losses: the loss and its gradients unchanged, no second forward); each
+micro-step adds those sums and the rows' token counts into a (sources, 2) tensor on the device
+by source index (index_add_, with the row sources' small non-blocking host-to-device copy), and
+the tensor rides in the step's one all-reduce. A source with no tokens in a step has no key in
+that step's metrics. Token-weighted, the per-source losses average to train/loss (to fp
+rounding). Under tensor parallelism every rank of a group holds the group's full loss (the
+output head is replicated), so each row counts tp times in both the sums and the counts: the
+means are the same. Without a mix nothing of this runs.
 """
 from __future__ import annotations
 
@@ -25,6 +38,7 @@ import math
 import time
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from harness.common.callback import Callback
@@ -73,6 +87,13 @@ class Trainer:
         # a pass over the optimizer state (6 foreach ops), made only for the monitor; its share
         # of a step falls with the tokens per rank per step (see bench/README.md)
         self.measure_update = cfg.monitor.enabled and cfg.monitor.watches("optim/update_norm")
+        # a data mixture's sources (empty without one): train/loss/<source> (module doc)
+        self.source_names: tuple[str, ...] = tuple(getattr(data, "source_names", ()))
+        if self.source_names:
+            self.engine.module.keep_row_losses(True)
+        # this step's per source [CE sum, tokens] of this rank's rows, on the device: filled by
+        # _forward_backward, all-reduced by _reduced_scalars (None without a mix)
+        self.source_sums: torch.Tensor | None = None
 
     @property
     def is_main(self) -> bool:
@@ -81,12 +102,18 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------------
     def _forward_backward(self) -> torch.Tensor:
         """The micro-steps; returns the model's forward statistics (BlockStack.forward_stats)
-        combined over them: means averaged, maxima maxed."""
+        combined over them: means averaged, maxima maxed. With a mixture it also fills
+        self.source_sums."""
         accum = self.plan.batch.grad_accum
         stats = []
+        if self.source_names:
+            self.source_sums = torch.zeros(len(self.source_names), 2, dtype=torch.float64,
+                                           device=self.engine.device)
         for k in range(accum):
             x, y = self.data.micro_batch(self.consumed_samples, k)
             loss = self.engine(x, y)
+            if self.source_names:
+                self._add_rows(k, y.shape[1])
             self.engine.backward(loss)
             stats.append(self.engine.module.forward_stats())
             if k < accum - 1:
@@ -94,32 +121,57 @@ class Trainer:
         stacked = torch.stack(stats)
         return torch.cat((stacked[:, :N_MEANS].sum(0) / accum, stacked[:, N_MEANS:].amax(0)))
 
+    def _add_rows(self, micro_step: int, tokens: int) -> None:
+        """Adds micro-step `micro_step`'s rows' summed CE and token counts to source_sums[s] of
+        their source s, on the device (no host read)."""
+        host = torch.from_numpy(np.ascontiguousarray(
+            self.data.sources(self.consumed_samples, micro_step), dtype=np.int64))
+        if self.engine.device.type == "cuda":  # from pageable memory the copy would block
+            host = host.pin_memory()
+        index = host.to(self.engine.device, non_blocking=True)
+        rows = self.engine.module.row_losses().double()
+        self.source_sums.index_add_(0, index, torch.stack((rows, torch.full_like(rows, tokens)), 1))
+
     def _reduced_scalars(self, stats: torch.Tensor) -> dict[str, Any]:
         """The step's one all-reduce and one device-to-host copy: the forward statistics' means
         (loss, log(Z)^2), the stop flag, per-group squared pre-clip norms, and a slot per rank
-        for what is maxed over ranks (max log Z, logit bounds)."""
+        for what is maxed over ranks (max log Z, logit bounds); with a mixture source_sums."""
         dist, device = self.built.dist, self.engine.device
         maxed = torch.zeros(dist.world_size, len(stats) - N_MEANS, device=device)
         maxed[dist.rank] = stats[N_MEANS:]
         flag = (self.stop_signals.flag(device) if self.stop_signals is not None
                 else torch.zeros(1, device=device))  # the same call with or without signals
-        out = self.built.comm.reduce_scalars({
-            "means": stats[:N_MEANS] / dist.world_size, "stop": flag,
-            "sq": self.norms.local_squares(), "maxed": maxed})
+        parts = {"means": stats[:N_MEANS] / dist.world_size, "stop": flag,
+                 "sq": self.norms.local_squares(), "maxed": maxed}
+        per_source = self.source_sums if self.source_names else None
+        if per_source is not None:
+            parts["sources"] = per_source
+        out = self.built.comm.reduce_scalars(parts)
         if out["stop"].item() > 0:  # every rank sees the same sum: all stop after this step
             self.stop_reason = f"signal {self.stop_signals.received or 'on another rank'}"
-        means, maxed = out["means"].tolist(), out["maxed"].amax(dim=0).tolist()
+        means = out["means"]
+        if per_source is not None:  # read with the means: no read more than without a mix
+            means = torch.cat((means, out["sources"].reshape(-1)))
+        means, maxed = means.tolist(), out["maxed"].amax(dim=0).tolist()
         bounds = maxed[1:]
         signals = {"train/loss": means[0], "train/z_loss": means[1],
                    "model/logit_lse_max": maxed[0], "model/attn_logit_bound": max(bounds),
                    **{f"model/attn_logit_bound/layer_{i}": b for i, b in enumerate(bounds)},
                    **self.norms.signals(out["sq"])}
+        if per_source is not None:
+            signals.update(self._source_losses(means[N_MEANS:]))
         if self.engine.fp16_enabled():  # the scale the step's gradients carry
             signals["optim/loss_scale"] = float(self.engine.optimizer.loss_scale)
             # an inf/NaN gradient is what DeepSpeed's loss scaler checks for: it will skip this
             # step and lower the scale; the monitor reads it as that, not as a nonfinite alarm
             signals[OVERFLOW] = not math.isfinite(signals["optim/grad_norm_preclip"])
         return signals
+
+    def _source_losses(self, sums: list[float]) -> dict[str, float]:
+        """train/loss/<source> from the all-reduced per-source [CE sum, token count] pairs,
+        flattened; a source without tokens this step has no key."""
+        return {f"train/loss/{name}": sums[2 * i] / sums[2 * i + 1]
+                for i, name in enumerate(self.source_names) if sums[2 * i + 1] > 0}
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
