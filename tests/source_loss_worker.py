@@ -1,8 +1,8 @@
 """One rank of tests/train/test_source_losses.py's 2-rank case, started by torchrun; also holds
-the tests' mixture data (MixData).
+the tests' mixture data (mix_data).
 
 usage: source_loss_worker.py --cases CASES.json OUT_DIR   (JSON {case id: [key=value, ...]})
-Trains the engine_utils tiny config on MixData with the real engine (Trainer.fit) and writes
+Trains the engine_utils tiny config on mix_data with the real engine (Trainer.fit) and writes
 rank R's per-step metrics to OUT_DIR/<case id>/rankR.pt (tests/batched.py).
 """
 import sys
@@ -14,45 +14,36 @@ from batched import run_cases
 from engine_utils import Record, build, small_cfg
 
 from harness.config import Config
-from harness.data.sampler import GlobalSampler
+from harness.data.mixture import MixedSequences, MixtureSampler
 from harness.data.shards import Sequences
 from harness.data.sources import TrainData
 
-# the sources: uniform tokens, a narrow band of the vocab (an easier source), and one that has
-# no samples at all (its key must never appear)
-NAMES = ("web", "code", "empty")
+# the sources: uniform tokens, a narrow band of the vocab (an easier source), and a rare one
+NAMES = ("web", "code", "rare")
+SHARES = (0.6, 0.39, 0.01)
 
 
-def source_tokens(vocab: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens of every source back to back, each source's first sample index and the end)."""
+def source_sequences(vocab: int, seq_len: int) -> list[Sequences]:
     rng = np.random.default_rng(0)
-    web = rng.integers(0, vocab, size=96 * seq_len)
-    code = rng.integers(0, 8, size=64 * seq_len) + 3
-    parts = [web, code, np.zeros(0, np.int64)]
-    bounds = np.cumsum([0] + [len(p) // seq_len for p in parts])
-    return np.concatenate([*parts, [0]]).astype(np.int64), bounds
+    return [Sequences(rng.integers(0, vocab, size=96 * seq_len + 1), seq_len),
+            Sequences(rng.integers(0, 8, size=64 * seq_len + 1) + 3, seq_len),
+            Sequences(rng.integers(0, vocab, size=8 * seq_len + 1), seq_len)]
 
 
-class MixData(TrainData):
-    """A TrainData of a mixture of real sequences: the sources' tokens back to back in one
-    Sequences, the plain GlobalSampler over them, and each row's source the part its sample
-    falls in (written here, not harness.data.mixture's sampler: the metric needs only
-    TrainData's interface, source_names and sources()). Row i of source c covers its own
-    tokens except the last target of a source's last sample, the next source's first token."""
+def mix_data(cfg: Config, micro: int, rank: int = 0, dp: int = 1) -> TrainData:
+    """The harness's mixture data (harness.data.mixture) over three sources' real sequences,
+    drawn with SHARES: TrainData's source_names and sources() are the mixture's."""
+    parts = source_sequences(cfg.model.vocab_size, cfg.model.block_size)
+    sampler = MixtureSampler(NAMES, [len(p) for p in parts], [(0, SHARES)], cfg.train.seed,
+                             micro, rank, dp)
+    return TrainData(MixedSequences(NAMES, parts), sampler, "cpu")
 
-    def __init__(self, cfg: Config, micro: int, rank: int = 0, dp: int = 1):
-        tokens, self.bounds = source_tokens(cfg.model.vocab_size, cfg.model.block_size)
-        seqs = Sequences(tokens, cfg.model.block_size)
-        super().__init__(seqs, GlobalSampler(len(seqs), cfg.train.seed, micro, rank, dp), "cpu")
-        self.source_names = NAMES
 
-    def sources(self, consumed: int, micro_step: int) -> np.ndarray:
-        idx = self.sampler.indices(consumed, micro_step)
-        return np.searchsorted(self.bounds, idx, side="right") - 1
-
-    def plain(self) -> TrainData:
-        """The same samples without a mixture (no source_names): the harness's old path."""
-        return TrainData(self.sequences, self.sampler, "cpu")
+def without_sources(data: TrainData) -> TrainData:
+    """The same samples with no source_names: the trainer's path without a mixture."""
+    plain = TrainData(data.sequences, data.sampler, "cpu")
+    plain.source_names = ()
+    return plain
 
 
 def train(out: Path, overrides: list[str]) -> None:
@@ -62,7 +53,7 @@ def train(out: Path, overrides: list[str]) -> None:
     rec = Record()
     from harness.train.trainer import Trainer
 
-    data = MixData(cfg, b.micro_batch, built.plan.dp_rank(built.dist.rank), b.dp_size)
+    data = mix_data(cfg, b.micro_batch, built.plan.dp_rank(built.dist.rank), b.dp_size)
     Trainer(cfg, built, data, [rec]).fit()
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"metrics": rec.metrics}, out / f"rank{built.dist.rank}.pt")

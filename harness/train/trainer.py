@@ -88,7 +88,7 @@ class Trainer:
         # of a step falls with the tokens per rank per step (see bench/README.md)
         self.measure_update = cfg.monitor.enabled and cfg.monitor.watches("optim/update_norm")
         # a data mixture's sources (empty without one): train/loss/<source> (module doc)
-        self.source_names: tuple[str, ...] = tuple(getattr(data, "source_names", ()))
+        self.source_names: tuple[str, ...] = data.source_names
         if self.source_names:
             self.engine.module.keep_row_losses(True)
         # this step's per source [CE sum, tokens] of this rank's rows, on the device: filled by

@@ -7,9 +7,9 @@ to train/loss; a source absent from a step has no key; the training itself (loss
 gradients, weights) is bit for bit the run without a mixture, and a step reads the host no
 more often.
 
-The mixture is tests/source_loss_worker.MixData: real sequences of two sources of different
-statistics with TrainData's mixture interface (source_names, sources()), written in the tests,
-not harness.data.mixture's sampler, which the metric does not depend on."""
+The mixture is tests/source_loss_worker.mix_data: harness.data.mixture's sampler over real
+sequences of three sources, two of different statistics and a rare one (1%: absent from most
+steps)."""
 from pathlib import Path
 
 import batched
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from engine_utils import (Record, build, child_env, full_params, plain_training, small_cfg,
                           torchrun)
-from source_loss_worker import NAMES, MixData
+from source_loss_worker import NAMES, mix_data, without_sources
 
 from harness.model.loss import OutputHead
 from harness.train.trainer import Trainer
@@ -30,12 +30,12 @@ MIX = ["train.micro_batch_size=2", "train.max_steps=4", "model.dropout=0.0"]
 
 def plain_source_losses(cfg, dp: int, accum: int) -> list[dict]:
     """Per step: the steps' metrics by hand in plain PyTorch (the harness's model, weights and
-    AdamW, engine_utils.plain_training) on the ranks' MixData micro-batches: the loss written
+    AdamW, engine_utils.plain_training) on the ranks' mixture micro-batches: the loss written
     out (mean CE + z_loss x mean log(Z)^2) for the gradients, and train/loss and per source
     the mean token CE (CE alone) with their token counts ("tokens/<name>")."""
     model, opt, sched = plain_training(cfg)
     z = cfg.train.z_loss
-    datas = [MixData(cfg, 2, r, dp) for r in range(dp)]
+    datas = [mix_data(cfg, 2, r, dp) for r in range(dp)]
     steps = []
     for step in range(cfg.train.max_steps):
         sums, counts, total = {}, {}, 0.0
@@ -68,7 +68,6 @@ def check_against_plain(metrics: list[dict], want: list[dict], rel: float = 2e-5
     for got, ref in zip(metrics, want):
         keys = sorted(k for k in got if k.startswith("train/loss/"))
         assert keys == sorted(k for k in ref if k.startswith("train/loss/"))  # absent: no key
-        assert "train/loss/empty" not in got
         for k in keys:
             assert got[k] == pytest.approx(ref[k], rel=rel), k
         # token-weighted, the per-source losses average to train/loss
@@ -76,6 +75,7 @@ def check_against_plain(metrics: list[dict], want: list[dict], rel: float = 2e-5
         mean = sum(got[k] * n[k] for k in keys) / sum(n.values())
         assert mean == pytest.approx(got["train/loss"], rel=1e-6)
         assert got["train/loss"] == pytest.approx(ref["train/loss"], rel=rel)
+    assert any("train/loss/rare" not in m for m in want)  # a source absent from a step
     both = [m for m in want if "train/loss/web" in m and "train/loss/code" in m]
     assert both and any(abs(m["train/loss/web"] - m["train/loss/code"]) > 0.1 for m in both)
 
@@ -93,7 +93,7 @@ def test_one_rank_per_source_losses_equal_plain_pytorch(case):
     cfg = small_cfg(*MIX, "train.grad_accum_steps=4", *ONE_RANK[case])
     built = build(cfg)
     rec = Record()
-    Trainer(cfg, built, MixData(cfg, 2), [rec]).fit()
+    Trainer(cfg, built, mix_data(cfg, 2), [rec]).fit()
     check_against_plain(rec.metrics, plain_source_losses(cfg, dp=1, accum=4))
 
 
@@ -106,8 +106,8 @@ def test_a_mixture_trains_bit_for_bit_as_without_one():
     for mixed in (True, False):
         built = build(cfg)
         rec = Record()
-        data = MixData(cfg, 2)
-        Trainer(cfg, built, data if mixed else data.plain(), [rec]).fit()
+        data = mix_data(cfg, 2)
+        Trainer(cfg, built, data if mixed else without_sources(data), [rec]).fit()
         runs.append((rec.metrics, dict(full_params(built.engine))))
     (mix, mix_params), (plain, plain_params) = runs
     assert any(k.startswith("train/loss/") for k in mix[-1])
@@ -153,14 +153,14 @@ def test_a_mixture_step_reads_the_host_as_often_as_one_without():
     counts = []
     for mixed in (True, False):
         built = build(cfg)
-        data = MixData(cfg, 2)
-        trainer = Trainer(cfg, built, data if mixed else data.plain())
+        data = mix_data(cfg, 2)
+        trainer = Trainer(cfg, built, data if mixed else without_sources(data))
         trainer.train_step()  # the first step builds caches
         reads = HostReads()
         with reads, DataReads(reads):
             trainer.train_step()
         counts.append(Counter(reads.counts))
-    assert counts[0] == counts[1]
+    assert counts[1] and counts[0] == counts[1]
 
 
 TWO_RANKS = {"zero2-chunked-zloss": ["zero.stage=2", "train.loss_chunk_tokens=5",
