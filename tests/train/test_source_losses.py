@@ -163,25 +163,34 @@ def test_a_mixture_step_reads_the_host_as_often_as_one_without():
     assert counts[1] and counts[0] == counts[1]
 
 
-TWO_RANKS = {"zero2-chunked-zloss": ["zero.stage=2", "train.loss_chunk_tokens=5",
-                                     "train.z_loss=1e-2", *MIX, "train.grad_accum_steps=2"]}
+TWO_RANKS = {  # id: (overrides, data-parallel size)
+    "zero2-chunked-zloss": (["zero.stage=2", "train.loss_chunk_tokens=5", "train.z_loss=1e-2",
+                             *MIX, "train.grad_accum_steps=2"], 2),
+    # one tensor-parallel group: both ranks hold the same rows and the full loss
+    "tp2-zero1": (["zero.stage=1", "parallel.tensor_parallel_size=2", *MIX,
+                   "train.grad_accum_steps=4"], 1),
+}
 
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("source_losses")
+    cases = {case: overrides for case, (overrides, _) in TWO_RANKS.items()}
     return batched.launch(lambda spec: torchrun(2, WORKER, "--cases", str(spec), str(out)),
-                          out, TWO_RANKS, child_env())
+                          out, cases, child_env())
 
 
 @pytest.mark.slow
-def test_two_ranks_per_source_losses_equal_plain_pytorch(two_rank_runs):
-    """Each rank's rows are its own (GlobalSampler at dp 2): the sums and token counts go
-    through the all-reduce, and both ranks log the same values."""
-    d = two_rank_runs.dir("zero2-chunked-zloss")
+@pytest.mark.parametrize("case", TWO_RANKS)
+def test_two_ranks_per_source_losses_equal_plain_pytorch(two_rank_runs, case):
+    """Data parallel: each rank's rows are its own, their sums and token counts go through the
+    all-reduce. Tensor parallel: each row counts twice in both. Both ranks log the same."""
+    d = two_rank_runs.dir(case)
     r0, r1 = [torch.load(d / f"rank{r}.pt", weights_only=False)["metrics"] for r in range(2)]
     for a, b in zip(r0, r1):
         assert {k: v for k, v in a.items() if k.startswith("train/loss")} == {
             k: v for k, v in b.items() if k.startswith("train/loss")}
-    cfg = small_cfg(*TWO_RANKS["zero2-chunked-zloss"])
-    check_against_plain(r0, plain_source_losses(cfg, dp=2, accum=2))
+    overrides, dp = TWO_RANKS[case]
+    # the reference is one process: the same run without the tensor-parallel split
+    cfg = small_cfg(*(o for o in overrides if not o.startswith("parallel.")))
+    check_against_plain(r0, plain_source_losses(cfg, dp=dp, accum=8 // (2 * dp)))
