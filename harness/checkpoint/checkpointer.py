@@ -275,6 +275,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A step directory's meta.json (verified by find_resume), read before the trainer is
+    built: what the data needs to know of the run it resumes (the mix's weights)."""
+    return _read_meta(path)
+
+
 def _check_loadable(trainer, path: Path, meta: dict[str, Any]) -> None:
     """Every rank, together: ds/ is there, and at the saved world size every rank's RNG file
     (without it that rank would go on with a fresh RNG and diverge silently). Each rank looks

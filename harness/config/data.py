@@ -1,6 +1,7 @@
 """The `data` config section: where the text comes from and how it becomes token shards."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,11 +14,53 @@ MIN_VOCAB_SIZE = 259
 MAX_VOCAB_SIZE = 2**24
 
 
+MIX_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+# the mixture sampler's block (harness/data/mixture.py): every source gets at least one of its
+# slots, so each share must be at least 1/MIX_BLOCK
+MIX_BLOCK = 1 << 16
+
+
+@dataclass
+class MixSource:
+    """One source of a weighted mixture (data.mix): prepared on its own into
+    data.out_dir/<name>/ with the mixture's one tokenizer, drawn in proportion to its weight."""
+    name: str = ""  # 1-32 of a-z 0-9 _ -: its shards' directory and its metrics' suffix
+    sources: list[str] = field(default_factory=list)  # as data.sources: files, dirs, .jsonl
+    weight: float = 1.0  # > 0; the weights are normalised to sum 1 (shares of the samples)
+    # epochs of this source the run may draw (train.max_steps x the global batch x its share,
+    # checked at training start); 0: no cap
+    max_repeats: int = 0
+
+    def validate(self, key: str) -> None:
+        if not isinstance(self.name, str) or not MIX_NAME.fullmatch(self.name):
+            raise HarnessError(f"{key}.name={self.name!r} must be 1-32 characters of a-z, 0-9, "
+                               f"_ and -, e.g. web or code_py")
+        if not self.sources:
+            raise HarnessError(f"{key}.sources is empty: list its files, directories or .jsonl "
+                               f"files, e.g. {key}.sources=[web/]")
+        for i, source in enumerate(self.sources):
+            if not isinstance(source, str) or not source.strip():
+                raise HarnessError(f"{key}.sources[{i}] is empty: list files, directories or "
+                                   f".jsonl files")
+            check_line(f"{key}.sources[{i}]", source)
+        check_number(f"{key}.weight", self.weight, 0, 1e9, low_open=True,
+                     fix="a positive number; the weights are normalised to sum 1")
+        check_number(f"{key}.max_repeats", self.max_repeats, 0, 2**31 - 1, integer=True,
+                     fix="the epochs of this source the run may draw; 0: no cap")
+
+
 @dataclass
 class DataConfig:
     # text files (one document each), directories (recursive) and .jsonl files (one document
     # per line); empty means the built-in corpus: the Python standard library's .py sources
     sources: list[str] = field(default_factory=list)
+    # a weighted mixture instead of data.sources: [{name: web, sources: [web/], weight: 0.7},
+    # {name: code, sources: [code.jsonl.zst], weight: 0.3}] (MixSource); each prepared into
+    # out_dir/<name>/ with one tokenizer; empty: data.sources alone (docs/data.md)
+    mix: list[MixSource] = field(default_factory=list)
+    # a resume whose data.mix weights differ from the checkpoint's: false refuses it, true
+    # applies the new weights from the resumed step on (earlier steps keep their samples)
+    mix_reweight: bool = False
     # false: refuse the built-in corpus (data.sources empty) in prepare-data, train and submit;
     # the large presets set it, their model and batch being sized for a real corpus
     allow_toy_corpus: bool = True
@@ -88,6 +131,32 @@ class DataConfig:
                 raise HarnessError(f"data.sources[{i}] is empty: list files, directories or "
                                    f".jsonl files, e.g. data.sources=[corpus/,more.jsonl]")
             check_line(f"data.sources[{i}]", source)
+        self._validate_mix()
+
+    def _validate_mix(self) -> None:
+        if not isinstance(self.mix_reweight, bool):
+            raise HarnessError(f"data.mix_reweight={self.mix_reweight!r} must be true or false")
+        if self.mix and self.sources:
+            raise HarnessError("data.mix and data.sources are both set: a mix names each "
+                               "source's files in data.mix[i].sources; set data.sources=[]")
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(self.mix):
+            entry.validate(f"data.mix[{i}]")
+            if entry.name in seen:
+                raise HarnessError(f"data.mix[{i}].name={entry.name} is the name of "
+                                   f"data.mix[{seen[entry.name]}] too: each source needs its own")
+            seen[entry.name] = i
+        for i, share in enumerate(self.mix_shares() if self.mix else []):
+            if share * MIX_BLOCK < 1:
+                raise HarnessError(
+                    f"data.mix[{i}].weight={self.mix[i].weight:g} is a share of {share:.2g} of "
+                    f"the samples, below the 1/{MIX_BLOCK} the mixture can draw: raise it or "
+                    f"drop the source")
+
+    def mix_shares(self) -> list[float]:
+        """data.mix's weights normalised to sum 1."""
+        total = sum(float(e.weight) for e in self.mix)
+        return [float(e.weight) / total for e in self.mix]
 
 
 def check_corpus(cfg: DataConfig, prepared_from_builtin: bool | None = None) -> None:
@@ -95,7 +164,7 @@ def check_corpus(cfg: DataConfig, prepared_from_builtin: bool | None = None) -> 
     false): prepare-data, train and submit all call this, so that they agree.
     `prepared_from_builtin`: what data.out_dir already holds (None: nothing yet); shards of
     other sources, trained on as prepared with data.sources empty, are not the toy corpus."""
-    if cfg.sources or cfg.allow_toy_corpus or prepared_from_builtin is False:
+    if cfg.sources or cfg.mix or cfg.allow_toy_corpus or prepared_from_builtin is False:
         return
     raise HarnessError(
         "data.sources is empty, so this config would train on the built-in toy corpus (the "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,10 @@ def check_raw(raw: Any, where: str) -> dict:
             if isinstance(value, dict):
                 raise HarnessError(f"{where}: {name}.{key} is a single value ({_EXPECTED[kind]})"
                                    f", not a section")
-            if kind == "list" and isinstance(value, list):
+            entry = _entry_type(sections[name], key)
+            if kind == "list" and isinstance(value, list) and entry is not None:
+                _check_entries(value, entry, f"{name}.{key}", where)
+            elif kind == "list" and isinstance(value, list):
                 for i, item in enumerate(value):
                     if isinstance(item, (list, dict)):
                         raise HarnessError(f"{where}: {name}.{key}[{i}] must be a single value, "
@@ -114,6 +117,38 @@ def check_raw(raw: Any, where: str) -> dict:
                                    f"{whole}")
         out[name] = body
     return out
+
+
+def _entry_type(section: type, key: str) -> type | None:
+    """The dataclass of a list key's entries (data.mix: MixSource), or None."""
+    args = typing.get_args(typing.get_type_hints(section).get(key))
+    return args[0] if len(args) == 1 and is_dataclass(args[0]) else None
+
+
+def _check_entries(value: list, entry: type, prefix: str, where: str) -> None:
+    """A list of mappings (data.mix): each entry's keys against its dataclass."""
+    keys = _keys(entry)
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise HarnessError(f"{where}: {prefix}[{i}] must be a mapping of "
+                               f"{', '.join(keys)}, not {_describe(item)}")
+        for key, inner in item.items():
+            if str(key) not in keys:
+                raise _unknown(str(key), list(keys), f"{prefix}[{i}].", where)
+            kind = keys[str(key)]
+            if not _fits(inner, kind):
+                raise HarnessError(f"{where}: {prefix}[{i}].{key} must be {_EXPECTED[kind]}, "
+                                   f"not {_describe(inner)}")
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """A raw entry value against its field's kind (an interpolation is resolved later)."""
+    if isinstance(value, str) and value.startswith("${"):
+        return True
+    if kind == "list":
+        return isinstance(value, list) and not any(isinstance(v, (list, dict)) for v in value)
+    types = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(kind, object)
+    return isinstance(value, types) and (kind == "bool" or not isinstance(value, bool))
 
 
 def _describe(value: Any) -> str:

@@ -28,10 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from harness.common.errors import HarnessError
+from harness.config.data import MIX_BLOCK
 from harness.data.sampler import FeistelPermutation
 from harness.data.shards import Sequences
 
-BLOCK = 1 << 16
+BLOCK = MIX_BLOCK  # 2^16, said in harness/config/data.py too (shares of at least 1/BLOCK)
 _BLOCK_TAG, _SOURCE_TAG = 0x6D697862, 0x6D697873  # keep blocks' and sources' keys apart
 
 

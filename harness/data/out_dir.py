@@ -23,6 +23,8 @@ from harness.data.tokenizer import Tokenizer
 log = logging.getLogger("harness")
 
 
+# a data.mix's data.out_dir holds this (and a directory per source: harness/data/mix_prepare.py)
+MIX_RECORD = "mix.json"
 TMP_INFIX = ".tmp-"  # .NAME.tmp-HEX-PID@HOST beside out_dir, renamed to out_dir when complete
 # a temp directory of another host is only known dead when nothing in it changed for this long
 # (tokenizing writes continuously; training the tokenizer on its sample takes minutes)
@@ -39,7 +41,8 @@ PREP_VERSION = 2
 
 def check_out_dir(out_dir: Path, contents: bool = False) -> None:
     """data.out_dir must be a directory or a path that can become one (never a file); with
-    `contents`, one that holds shards (a manifest), or nothing yet."""
+    `contents`, one that holds shards (a manifest), a mixture's sources (MIX_RECORD), or
+    nothing yet."""
     if out_dir.exists() and not out_dir.is_dir():
         raise HarnessError(f"data.out_dir={out_dir} is a file, not a directory: choose another "
                            "data.out_dir (a new or empty directory)")
@@ -50,7 +53,7 @@ def check_out_dir(out_dir: Path, contents: bool = False) -> None:
         raise HarnessError(f"data.out_dir={out_dir}: {above} is a file, not a directory: "
                            "choose another data.out_dir")
     if contents and out_dir.is_dir() and not (out_dir / MANIFEST).exists() \
-            and any(out_dir.iterdir()):
+            and not (out_dir / MIX_RECORD).exists() and any(out_dir.iterdir()):
         raise _not_shards(out_dir)
 
 

@@ -17,16 +17,19 @@ from typing import Any, Optional
 
 import torch
 
-from harness.callbacks.evaluator import Evaluator, eval_set_size
+from harness.callbacks.evaluator import Evaluator, eval_set_size, source_evaluators
 from harness.callbacks.loggers import Console, MetricsFile
 from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.memory import PeakMemory
 from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
-from harness.checkpoint.checkpointer import Checkpointer, load
+from harness.checkpoint.checkpointer import Checkpointer, load, read_meta
 from harness.common.errors import HarnessError
 from harness.config import Config
 from harness.data.out_dir import check_prepared_from
+from harness.data.mix_prepare import (MixShards, check_mix_dir, check_mix_prepared, mix_prepared,
+                                      prepare_mix)
+from harness.data.mixture import MixtureSampler, check_repeats
 from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards
@@ -84,6 +87,16 @@ def prepare_announced(cfg: Config) -> None:
     """A single process's first run prepares the token shards itself (seconds for the
     built-in corpus, minutes to hours for a large one): said before and after."""
     start = time.perf_counter()
+    if cfg.data.mix:
+        announce(0, f"data: preparing {cfg.data.out_dir} for data.mix "
+                    f"({', '.join(e.name for e in cfg.data.mix)}): one tokenizer, then each "
+                    f"source's shards (once; `harness prepare-data` does it ahead)")
+        dirs = prepare_mix(cfg.data, progress=sys.stderr.isatty())
+        tokens = [TokenShards.open(d).manifest["splits"] for d in dirs]
+        announce(0, f"data: {cfg.data.out_dir} ready in {time.perf_counter() - start:.1f} s: "
+                    + ", ".join(f"{d.name} {t['train']['tokens']:,} train + "
+                                f"{t['val']['tokens']:,} val tokens" for d, t in zip(dirs, tokens)))
+        return
     what = ", ".join(cfg.data.sources) or "the built-in corpus (the Python standard library)"
     announce(0, f"data: preparing {cfg.data.out_dir} from {what}: a tokenizer, then token "
                 f"shards (once; `harness prepare-data` does it ahead)")
@@ -93,26 +106,30 @@ def prepare_announced(cfg: Config) -> None:
                 f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens")
 
 
-def open_shards(cfg: Config, built: Built) -> TokenShards:
+def open_shards(cfg: Config, built: Built) -> TokenShards | MixShards:
     """The token shards of data.out_dir, validated against the model.
 
     Preparing them is one process's work of minutes to hours. Done here by rank 0 while the
     other ranks wait in a collective, it would outlast the process group's timeout
     (DeepSpeed's default: 10 minutes, DEEPSPEED_TIMEOUT): with more than one rank the shards
     must exist already (`harness submit`'s batch script prepares them before its job step).
-    A single process has nobody waiting for it and prepares them on first use.
+    A single process has nobody waiting for it and prepares them on first use. A mix
+    (data.mix): every source's directory, each checked as one corpus's (mix_prepare.py).
     """
     out_dir = Path(cfg.data.out_dir)
+    mix = bool(cfg.data.mix)
     # rank 0's view for everyone, so that all ranks refuse, or go on, together: are there
     # shards, and are they the ones the config describes (sources, tokenizer, settings)?
     view: Any = None
     if built.dist.rank == 0:
-        view = (out_dir / MANIFEST).is_file()
-        if view:
-            try:
-                check_prepared_from(cfg.data, out_dir)
-            except HarnessError as err:
-                view = str(err)
+        try:
+            if mix:
+                check_mix_dir(out_dir)  # not one corpus's shards
+            view = mix_prepared(cfg.data) if mix else (out_dir / MANIFEST).is_file()
+            if view:
+                check_mix_prepared(cfg.data) if mix else check_prepared_from(cfg.data, out_dir)
+        except HarnessError as err:
+            view = str(err)
     view = built.comm.broadcast_object(view)
     if isinstance(view, str):
         raise HarnessError(view)
@@ -124,7 +141,7 @@ def open_shards(cfg: Config, built: Built) -> TokenShards:
                 f"ranks cannot wait for one to prepare them: run `harness prepare-data` with "
                 f"the same --config and overrides first (or train on one process once)")
         prepare_announced(cfg)
-    shards = TokenShards.open(out_dir)
+    shards = MixShards(cfg.data) if mix else TokenShards.open(out_dir)
     if shards.vocab_size > cfg.model.vocab_size:
         raise HarnessError(f"{out_dir}/manifest.json: the tokenizer has {shards.vocab_size} "
                            f"pieces but model.vocab_size={cfg.model.vocab_size}: set "
@@ -132,16 +149,73 @@ def open_shards(cfg: Config, built: Built) -> TokenShards:
     return shards
 
 
-def build_data(cfg: Config, built: Built, shards: TokenShards) -> TrainData:
+def build_data(cfg: Config, built: Built, shards: TokenShards | MixShards,
+               phases: list | None = None) -> TrainData:
+    """The training stream; a mix's `phases`: [(start position, shares)] (mix_phases)."""
     seqs = shards.sequences("train", cfg.model.block_size)
     if len(seqs) < built.plan.batch.global_batch:
         raise HarnessError(f"{cfg.data.out_dir}: {len(seqs)} training sequences of "
                            f"{cfg.model.block_size} tokens, fewer than one global batch "
                            f"({built.plan.batch.global_batch}): add data or shrink the batch")
     # data-parallel ranks split the data; the ranks of a tensor-parallel group read the same
-    sampler = GlobalSampler(len(seqs), cfg.train.seed, built.plan.batch.micro_batch,
-                            built.plan.dp_rank(built.dist.rank), built.plan.batch.dp_size)
-    return TrainData(seqs, sampler, built.engine.device)
+    rank, dp = built.plan.dp_rank(built.dist.rank), built.plan.batch.dp_size
+    if not isinstance(shards, MixShards):
+        sampler = GlobalSampler(len(seqs), cfg.train.seed, built.plan.batch.micro_batch, rank, dp)
+        return TrainData(seqs, sampler, built.engine.device)
+    counts = [len(p) for p in seqs.parts]
+    mix_sampler = MixtureSampler(shards.names, counts, phases or [(0, cfg.data.mix_shares())],
+                                 cfg.train.seed, built.plan.batch.micro_batch, rank, dp)
+    end = cfg.train.max_steps * built.plan.batch.global_batch
+    check_repeats(shards.names, counts, mix_sampler.drawn_by(end),
+                  [e.max_repeats for e in cfg.data.mix])
+    return TrainData(seqs, mix_sampler, built.engine.device)
+
+
+def mix_meta(shards: MixShards, phases: list) -> dict:
+    """What a checkpoint of a mix run records: the sources in order with their shards'
+    fingerprints, the weights (shares) and from which sample position each applies."""
+    return {"fingerprints": shards.fingerprints,
+            "phases": [[start, dict(zip(shards.names, shares))] for start, shares in phases]}
+
+
+def mix_phases(cfg: Config, shards: MixShards, meta: dict | None, resume: Path | None) -> list:
+    """The mix's weight phases: [(0, shares)] for a new run; on resume the checkpoint's, to
+    which new weights are added at the resumed position only with data.mix_reweight=true.
+    Other sources (names, order or shards) than the checkpoint's are refused."""
+    shares = cfg.data.mix_shares()
+    if meta is None:
+        return [(0, shares)]
+    saved = meta.get("data_mix")
+    if not isinstance(saved, dict):
+        raise HarnessError(f"checkpoint {resume} was trained without data.mix: start a new "
+                           f"train.run_dir for the mixture")
+    theirs, ours = saved.get("fingerprints", {}), shards.fingerprints
+    if list(theirs) != list(ours):
+        raise HarnessError(f"data.mix names the sources {list(ours)}, checkpoint {resume} was "
+                           f"trained on {list(theirs)} (in that order): restore data.mix's "
+                           f"sources or start a new train.run_dir")
+    for name in ours:
+        if theirs[name] != ours[name]:
+            raise HarnessError(f"data.mix source {name}: its shards (fingerprint "
+                               f"{ours[name][:12]}) differ from the ones checkpoint {resume} "
+                               f"was trained on ({theirs[name][:12]}): point data.out_dir at "
+                               f"the original shards or start a new train.run_dir")
+    phases = [(int(start), [float(w[n]) for n in ours]) for start, w in saved["phases"]]
+    if phases[-1][1] == shares:
+        return phases
+    old = ", ".join(f"{n} {w:.4g}" for n, w in zip(ours, phases[-1][1]))
+    new = ", ".join(f"{n} {w:.4g}" for n, w in zip(ours, shares))
+    step, position = int(meta["step"]), int(meta["consumed_samples"])
+    if not cfg.data.mix_reweight:
+        raise HarnessError(f"data.mix's weights (shares {new}) differ from the ones checkpoint "
+                           f"{resume} was trained with ({old}): restore them, or set "
+                           f"data.mix_reweight=true to train with the new ones from step "
+                           f"{step} on")
+    log.info("data.mix_reweight: the weights change at step %d (sample %d) from shares %s to "
+             "%s; earlier steps keep their samples", step, position, old, new)
+    if phases[-1][0] == position:  # reweighted again before any step was saved
+        return [*phases[:-1], (position, shares)]
+    return [*phases, (position, shares)]
 
 
 def _check_fingerprint(meta: dict, shards: TokenShards, path: Path) -> None:
@@ -174,18 +248,30 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, {"data_fingerprint": shards.fingerprint})
     checkpointer.clean_partial(built.dist.rank)
     resume = checkpointer.find_resume(built.comm)
+    phases = None
+    if isinstance(shards, MixShards):
+        phases = mix_phases(cfg, shards, read_meta(resume) if resume else None, resume)
+        checkpointer.extra_meta["data_mix"] = mix_meta(shards, phases)
     metrics_file = MetricsFile(run_dir)
     callbacks = [checkpointer, Throughput(), PeakMemory(), metrics_file,
                  Console(cfg.train.log_every), WandbLogger(cfg.wandb), RunDirLease(cfg)]
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
-    if cfg.data.eval_every:
+    if cfg.data.eval_every and isinstance(shards, MixShards):
+        token_bytes = piece_bytes(shards.tokenizer_path)  # one tokenizer for every source
+        callbacks += source_evaluators(
+            [(name, seqs, token_bytes) for name, seqs in
+             shards.named_sequences("val", cfg.model.block_size)],
+            cfg.data.mix_shares(), cfg.data.eval_every, eval_set_size(cfg),
+            built.plan.batch.micro_batch, built.plan.dp_rank(built.dist.rank),
+            built.plan.batch.dp_size)
+    elif cfg.data.eval_every:
         callbacks.append(Evaluator(shards.sequences("val", cfg.model.block_size),
                                    cfg.data.eval_every, eval_set_size(cfg),
                                    built.plan.batch.micro_batch,
                                    built.plan.dp_rank(built.dist.rank),
                                    built.plan.batch.dp_size, piece_bytes(shards.tokenizer_path)))
-    trainer = Trainer(cfg, built, build_data(cfg, built, shards), callbacks)
+    trainer = Trainer(cfg, built, build_data(cfg, built, shards, phases), callbacks)
     if resume is not None:
         meta = load(trainer, resume)
         _check_fingerprint(meta, shards, resume)
