@@ -89,7 +89,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="ranks in all: tensor- x data-parallel (default 1)")
     ds.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="device the JSON is for (default: this machine's)")
-    _config_args(sub.add_parser("prepare-data", help="tokenize the data.sources into shards"))
+    prep = sub.add_parser("prepare-data", help="tokenize the data.sources into shards")
+    _config_args(prep)
+    how = prep.add_mutually_exclusive_group()  # spread over a Slurm job array: docs/data.md
+    how.add_argument("--submit", action="store_true",
+                     help="sbatch three jobs: the tokenizer, an array of --tasks parts, the rest")
+    how.add_argument("--part", metavar="I/N", help="tokenize slices k %% N == I only (a task)")
+    how.add_argument("--stage", choices=("tokenizer",), help="only the plan and the tokenizer")
+    prep.add_argument("--tasks", type=int, help="parts for --submit or --stage (default for "
+                                                "--submit: slurm.nodes x tasks per node)")
     submit = sub.add_parser("submit", help="render the sbatch script and submit it")
     _config_args(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
@@ -195,6 +203,14 @@ def cmd_ds_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
+    if args.submit:
+        from harness.slurm.prepare_array import submit_prepare
+
+        return submit_prepare(_load(args), args.tasks)
+    if args.part is not None or args.stage or args.tasks is not None:
+        from harness.data.prepare_part import main as part_main
+
+        return part_main(_load(args).data, args.part, args.stage, args.tasks)
     from harness.data.prepare import main
 
     cfg = _load(args)

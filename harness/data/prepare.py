@@ -12,13 +12,13 @@ import collections
 import contextlib
 import logging
 import multiprocessing
-import os
 import shutil
 import sys
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +31,7 @@ from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
 from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
                                  source_files)
+from harness.data.cores import available_cores
 from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_dir,
                                   check_toy_corpus, clean_stale_temp_dirs, mismatch_error,
                                   owner_tag, prep_settings, record_sources_checked, sha256,
@@ -94,8 +95,28 @@ def _skipped(out_dir: Path, summary: dict) -> str:
             f"{out_dir / summary.get('file', SOURCES_FILE)})")
 
 
-def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
-    """(out_dir, whether it was built now)."""
+@dataclass
+class Scan:
+    """What a preparation of a config reads before it writes anything: its sources, scanned
+    and hashed (`inputs`: the work directory's and the manifest's key)."""
+    cfg: DataConfig
+    out_dir: Path
+    given: Tokenizer | None
+    settings: dict
+    sample: list
+    skipped: dict
+    sources: list[Source]
+    inputs: str
+
+    def up_to_date(self) -> bool:
+        """out_dir holds intact shards of these inputs (raises when it holds others)."""
+        return up_to_date(self.out_dir, self.inputs,
+                          lambda m: mismatch_error(self.cfg, self.out_dir, m, self.settings))
+
+
+def scan(cfg: DataConfig) -> Scan | None:
+    """The sources of cfg, scanned; None when out_dir holds the built-in corpus's shards with
+    these settings (taken as they are)."""
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir)
@@ -103,7 +124,7 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     given = Tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
     settings = prep_settings(cfg, given)
     if builtin_slice(cfg, out_dir, settings):
-        return out_dir, False
+        return None
     files = source_files(cfg.sources)
     # what the trainer will stat, taken before reading: a file edited meanwhile shows
     sample = stat_sample(cfg.sources, files)
@@ -113,27 +134,40 @@ def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
     if skipped:  # news in the user's corpus; in the built-in one, a few empty __init__.py
         (log.warning if cfg.sources else log.debug)(skipped_summary(skipped))
     inputs = sha256({"settings": settings, "sources": source_keys(sources)})
+    return Scan(cfg, out_dir, given, settings, sample, skipped, sources, inputs)
+
+
+def _prepare(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
+    """(out_dir, whether it was built now)."""
+    found = scan(cfg)
+    if found is None:
+        return Path(cfg.out_dir), False
+    out_dir = found.out_dir
     if out_dir.parent.is_dir():
         clean_stale_temp_dirs(out_dir)
-    if up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
-        record_sources_checked(out_dir, sample, cfg.sources)
+    if found.up_to_date():
+        record_sources_checked(out_dir, found.sample, cfg.sources)
         remove_other_work(out_dir)
         return out_dir, False
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        held = lease.take(*_lease_args(out_dir))  # one preparer at a time
-    except OSError as e:
-        raise unwritable(out_dir, out_dir.parent, e) from None
+    held = take_lease(out_dir)  # one preparer at a time
     try:
         # prepared by another preparer between our check and our lease: nothing to do
-        if up_to_date(out_dir, inputs, lambda m: mismatch_error(cfg, out_dir, m, settings)):
-            record_sources_checked(out_dir, sample, cfg.sources)
+        if found.up_to_date():
+            record_sources_checked(out_dir, found.sample, cfg.sources)
             return out_dir, False
-        _build_out_dir(cfg, out_dir, sources, skipped, given, settings, inputs, progress,
-                       sample)
+        _build_out_dir(cfg, out_dir, found.sources, found.skipped, found.given,
+                       found.settings, found.inputs, progress, found.sample)
         return out_dir, True
     finally:
         held.release()
+
+
+def take_lease(out_dir: Path) -> lease.Lease:
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return lease.take(*_lease_args(out_dir))
+    except OSError as e:
+        raise unwritable(out_dir, out_dir.parent, e) from None
 
 
 def _build_out_dir(cfg: DataConfig, out_dir: Path, sources: list[Source], skipped: dict,
@@ -179,17 +213,9 @@ def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokeniz
            settings: dict, inputs: str, work: Work, tmp: Path, progress: bool,
            sample: list) -> None:
     total = sum(s.bytes_used for s in sources)
-    # a small corpus has each document's tokens split (_pieces), any other its documents
-    documents = sum(s.documents for s in sources)
-    by_tokens = 0 < cfg.val_fraction and documents * cfg.val_fraction < MIN_HELD_OUT_DOCUMENTS
-    if given:
-        tokenizer = work.tokenizer(lambda path: shutil.copyfile(given.path, path) and
-                                   Tokenizer(path))
-    else:
-        texts = (text for text, _ in iter_documents(sources, cfg.jsonl_text_field))
-        tokenizer = work.tokenizer(lambda path: train_tokenizer(
-            texts, path, cfg.tokenizer_type, cfg.vocab_size, total, available_cores()))
-    _tokenize_slices(cfg, sources, work, tokenizer, by_tokens, progress)
+    by_tokens = split_by_tokens(cfg, sources)
+    tokenizer = work_tokenizer(cfg, sources, given, work)
+    tokenize_slices(cfg, sources, work, tokenizer, by_tokens, progress)
     shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
     dtype = token_dtype(tokenizer.vocab_size)
     moved = None if by_tokens or cfg.val_fraction == 0 else _one_each_side(work)
@@ -206,6 +232,23 @@ def _build(cfg: DataConfig, sources: list[Source], skipped: dict, given: Tokeniz
                       sources_given=absolute(cfg.sources), max_bytes=cfg.max_bytes,
                       stat_sample=sample,
                       val_split=TOKEN_SPLIT if by_tokens else "documents")
+
+
+def split_by_tokens(cfg: DataConfig, sources: list[Source]) -> bool:
+    """A small corpus has each document's tokens split (_pieces), any other its documents."""
+    documents = sum(s.documents for s in sources)
+    return 0 < cfg.val_fraction and documents * cfg.val_fraction < MIN_HELD_OUT_DOCUMENTS
+
+
+def work_tokenizer(cfg: DataConfig, sources: list[Source], given: Tokenizer | None,
+                   work: Work) -> Tokenizer:
+    """The work directory's tokenizer: data.tokenizer_model's copy, or trained once."""
+    if given:
+        return work.tokenizer(lambda path: shutil.copyfile(given.path, path) and Tokenizer(path))
+    total = sum(s.bytes_used for s in sources)
+    texts = (text for text, _ in iter_documents(sources, cfg.jsonl_text_field))
+    return work.tokenizer(lambda path: train_tokenizer(
+        texts, path, cfg.tokenizer_type, cfg.vocab_size, total, available_cores()))
 
 
 def _one_each_side(work: Work) -> tuple[int, str, int] | None:
@@ -225,18 +268,20 @@ def _one_each_side(work: Work) -> tuple[int, str, int] | None:
     return one_each_side(counts, lambda: extreme("train", min), lambda: extreme("val", max))
 
 
-def _tokenize_slices(cfg: DataConfig, sources: list[Source], work: Work, tokenizer: Tokenizer,
-                     by_tokens: bool, progress: bool) -> None:
-    """Each slice not done yet, in order, through one pool of workers."""
+def tokenize_slices(cfg: DataConfig, sources: list[Source], work: Work, tokenizer: Tokenizer,
+                    by_tokens: bool, progress: bool, mine: list[int] | None = None) -> list[int]:
+    """Each slice not done yet (of `mine`; None: all), in order, through one pool of workers;
+    returns those it tokenized."""
     dtype = token_dtype(tokenizer.vocab_size)
-    todo = [k for k in range(len(work.slices)) if not work.done(k, tokenizer, dtype)]
-    if not todo:
-        return
-    total = sum(s.bytes_used for s in sources)
-    left = [sources[a:b] for a, b in (work.slices[k] for k in todo)]
-    if len(todo) < len(work.slices):
+    mine = list(range(len(work.slices))) if mine is None else mine
+    todo = [k for k in mine if not work.done(k, tokenizer, dtype)]
+    if len(todo) < len(mine):
         log.info("prepare-data: resuming with %d of %d slices already tokenized",
-                 len(work.slices) - len(todo), len(work.slices))
+                 len(mine) - len(todo), len(mine))
+    if not todo:
+        return todo
+    total = sum(s.bytes_used for a, b in (work.slices[k] for k in mine) for s in sources[a:b])
+    left = [sources[a:b] for a, b in (work.slices[k] for k in todo)]
     cut = threshold(cfg.val_fraction)
     with _encoder(tokenizer, cfg.seed, _num_workers(cfg, total)) as encode, \
             tqdm(total=total, initial=total - sum(s.bytes_used for part in left for s in part),
@@ -249,33 +294,13 @@ def _tokenize_slices(cfg: DataConfig, sources: list[Source], work: Work, tokeniz
                                                cfg.val_fraction):
                         writer.add(name, piece, h)
                     bar.update(nbytes)
+    return todo
 
 
 def _num_workers(cfg: DataConfig, total_bytes: int) -> int:
     if total_bytes < PARALLEL_MIN_BYTES:
         return 1
     return cfg.num_workers or available_cores()
-
-
-def available_cores() -> int:
-    """The CPUs this process may use, not the machine's: its affinity mask (taskset, cpusets,
-    Slurm's binding), Slurm's --cpus-per-task, and a cgroup v2 CPU quota (a container's
-    --cpus), whichever is smallest. os.cpu_count() counts every core of a 64-core node on
-    which this job holds 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        cores = min(cores, int(slurm))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def _pieces(tokens: np.ndarray, is_val: bool | None,

@@ -9,15 +9,17 @@ time limit, a node failure, kill -9) resumes from its completed slices rather th
         slice-00000/            a completed slice: {train,val}.bin, {train,val}.len.npy and
         slice-00001/            .hash.npy (each document's token count and val_split hash),
                                 meta.json (counts, tokenizer sha256)
-        slice-00002.part-PID/   one being written: renamed to slice-00002 when complete
+        slice-00002.part-PID@HOST/  one being written: renamed to slice-00002 when complete
 
 Nothing half-written is ever read: a slice becomes visible by the rename of its directory,
 after its files are fsynced, and a completed slice is checked against its meta.json (sizes,
 counts, the tokenizer) before it is used; one that fails is tokenized again. The final
 directory is assembled from the slices in order, so an interrupted and an uninterrupted
-preparation give the same bytes. Only one preparer works in a work directory: prepare-data's
-lease on data.out_dir. The slices stay until out_dir is in place, so the tokens need twice
-their size on disk while the final directory is assembled.
+preparation give the same bytes. One preparer works in a work directory under prepare-data's
+lease on data.out_dir, or several parts at once (prepare_part.py: `--part I/N`, a Slurm job
+array), each on its own slices, k % N == I, never touching another's. The slices stay until
+out_dir is in place, so the tokens need twice their size on disk while the final directory is
+assembled.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import array
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +36,7 @@ import numpy as np
 
 from harness.common.durable import fsync_path
 from harness.data.corpus import Source
+from harness.data.out_dir import owner_tag
 from harness.data.tokenizer import Tokenizer
 
 log = logging.getLogger("harness")
@@ -79,24 +83,28 @@ def plan_slices(sources: list[Source], slice_bytes: int) -> list[list[int]]:
 class Work:
     """The work directory of one preparation (made if missing)."""
 
-    def __init__(self, path: Path, sources: list[Source]):
+    def __init__(self, path: Path, sources: list[Source], slice_bytes: int | None = None,
+                 own: Callable[[int], bool] | None = None):
+        """`slice_bytes` (SLICE_BYTES when None) cuts the plan when none is written yet; `own`:
+        the slices this caller writes, when others write the rest at the same time (a part)."""
         self.path = path
         path.mkdir(exist_ok=True)
         plan = path / PLAN
         if plan.is_file():
             self.slices = json.loads(plan.read_text())["slices"]
         else:
-            self.slices = plan_slices(sources, SLICE_BYTES)
+            self.slices = plan_slices(sources, slice_bytes or SLICE_BYTES)
             _write_atomic(plan, json.dumps({"slices": self.slices}).encode())
         for part in path.glob("*.part-*"):  # a writer that was killed
-            shutil.rmtree(part, ignore_errors=True)
+            if own is None or _owned(part.name, own):  # not another part's, maybe alive
+                shutil.rmtree(part, ignore_errors=True)
 
     def tokenizer(self, make: Callable[[Path], Tokenizer]) -> Tokenizer:
         """The work's tokenizer: made by `make(path)` once, then read back."""
         path = self.path / TOKENIZER
         if path.is_file():
             return Tokenizer(path)
-        part = self.path / f"{TOKENIZER}.part-{os.getpid()}"
+        part = _part(self.path / TOKENIZER)
         made = make(part)
         fsync_path(part)
         os.replace(part, path)
@@ -162,7 +170,7 @@ class SliceWriter:
 
     def __init__(self, path: Path, tokenizer_sha256: str, dtype: np.dtype):
         self.path, self.dtype = path, dtype
-        self.part = path.with_name(f"{path.name}.part-{os.getpid()}")
+        self.part = _part(path)
         shutil.rmtree(self.part, ignore_errors=True)
         self.part.mkdir()
         self.meta = {"tokenizer_sha256": tokenizer_sha256}
@@ -194,7 +202,14 @@ class SliceWriter:
         (self.part / META).write_text(json.dumps({**self.meta, "splits": splits}) + "\n")
         for child in self.part.iterdir():
             fsync_path(child)
-        os.replace(self.part, self.path)
+        try:
+            os.replace(self.part, self.path)
+        except OSError:
+            if not self.path.is_dir():
+                raise
+            # another preparer completed this slice meanwhile: of the same inputs, the same bytes
+            shutil.rmtree(self.part, ignore_errors=True)
+            return
         fsync_path(self.path.parent)
 
 
@@ -207,8 +222,21 @@ def _intact(path: Path, split: str, counts: dict, dtype: np.dtype) -> bool:
             and size == counts["tokens"] * dtype.itemsize)
 
 
+def _part(path: Path) -> Path:
+    """Where `path` is written before its rename: host and pid, as several nodes may write in
+    one work directory (a pid alone is not unique across them)."""
+    return path.with_name(f"{path.name}.part-{owner_tag()}")
+
+
+def _owned(name: str, own: Callable[[int], bool]) -> bool:
+    """Whether `name` is the .part of a slice that `own` picks (a plan's or a tokenizer's .part
+    is nobody's: a part leaves it)."""
+    match = re.fullmatch(r"slice-(\d+)\.part-.*", name)
+    return bool(match) and own(int(match[1]))
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    part = path.with_name(f"{path.name}.part-{os.getpid()}")
+    part = _part(path)
     part.write_bytes(data)
     fsync_path(part)
     os.replace(part, path)

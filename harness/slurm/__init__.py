@@ -1,3 +1,3 @@
-"""Slurm: the batch script and sbatch (sbatch.py) and `harness submit` (submit.py). May import
-every layer up to harness.train.
+"""Slurm: the batch script and sbatch (sbatch.py), `harness submit` (submit.py) and
+`harness prepare-data --submit` (prepare_array.py). May import every layer up to harness.train.
 """

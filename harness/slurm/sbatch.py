@@ -83,11 +83,11 @@ def render_sbatch(slurm_cfg: SlurmConfig, run_dir: str, train_args: list[str], p
     return _PLACEHOLDER.sub(lambda m: values[m[1]], TEMPLATE.read_text())
 
 
-def submit(script_path: str) -> str:
-    """Submit with `sbatch --parsable` and return the job id."""
+def submit(script_path: str, options: tuple[str, ...] = ()) -> str:
+    """Submit with `sbatch --parsable *options` and return the job id."""
     try:
-        proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(["sbatch", "--parsable", *options, str(script_path)],
+                              capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
         raise HarnessError("sbatch not found: submit from a Slurm login node, or use "
                            "`harness submit --dry-run` to only write the script") from None

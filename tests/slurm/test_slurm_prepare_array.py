@@ -1,0 +1,106 @@
+"""`harness prepare-data --submit` on a real 2-node Slurm cluster (tests/slurm_cluster.sh): the
+tokenizer job, an array of 3 parts, the assembly; data.out_dir equals a single-process
+preparation of the same inputs file for file, byte for byte (manifest included). A task that
+never runs (cancelled) leaves its slices to the assembly, with the same bytes.
+
+The corpus is small (24 files, ~60 kB): the plan cut for N parts has ~4 slices per part
+(prepare_part.SLICES_PER_TASK), so each of the 3 tasks tokenizes slices of its own."""
+import re
+import subprocess
+import sys
+
+import pytest
+from engine_utils import child_env
+from slurm_fixtures import slurm_cluster  # noqa: F401  (fixture)
+
+from harness.config.data import DataConfig
+from harness.data.prepare import prepare_data
+
+pytestmark = pytest.mark.slow
+
+TASKS = 3
+
+
+def _corpus(root):
+    root.mkdir()
+    for i in range(24):
+        (root / f"doc{i:03d}.txt").write_text(
+            "".join(f"line {j} of {i}: w{(i * j) % 41} x{j % 7}\n" for j in range(40 + i)))
+    return root
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(sources, the files of their plain single-process preparation on 1 core, as the jobs'
+    slurm.cpus_per_task: sentencepiece's trainer gives another tokenizer on another number of
+    threads, 1, 2 and 4 three different ones)."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = _corpus(root / "src")
+    cfg = DataConfig(sources=[str(src)], out_dir=str(root / "ref"), vocab_size=300,
+                     val_fraction=0.2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CPUS_PER_TASK", "1")  # prepare.available_cores() reads it
+        return src, _files(prepare_data(cfg, progress=False))
+
+
+def _submit(cluster, src, out, *more: str) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "prepare-data", "--config", "tiny", "--submit",
+         "--tasks", str(TASKS), f"data.sources=[{src}]", f"data.out_dir={out}",
+         "data.vocab_size=300", "data.val_fraction=0.2", "data.max_bytes=0", "slurm.nodes=2",
+         "slurm.gpus_per_node=0", "slurm.cpus_per_task=1", "slurm.time=0-00:10:00", *more],
+        env=child_env(SLURM_CONF=cluster.env["SLURM_CONF"]), capture_output=True, text=True,
+        timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    ids = proc.stdout.split()
+    assert len(ids) == 3 and all(i.isdigit() for i in ids), proc.stdout
+    return ids
+
+
+def _states(cluster, job: str) -> list[str]:
+    """JobState of each task of an array (or of the job)."""
+    lines = cluster.run("scontrol", "show", "job", "--oneliner", job).splitlines()
+    return [re.search(r"JobState=(\S+)", ln)[1] for ln in lines if ln.strip()]
+
+
+def test_the_array_gives_the_single_process_bytes(slurm_cluster, corpus,  # noqa: F811
+                                                  tmp_path):
+    src, reference = corpus
+    out = tmp_path / "out"
+    # a node per task (--exclusive): the parts write one work directory from both nodes
+    tokenizer, array, assemble = _submit(slurm_cluster, src, out,
+                                         "slurm.extra_sbatch=[--exclusive]")
+    info = slurm_cluster.wait(assemble, timeout=300)
+    logs = {p.name: p.read_text() for p in (tmp_path / "out.prepare").glob("*.out")}
+    assert info["JobState"] == "COMPLETED", logs
+    assert _states(slurm_cluster, tokenizer) == ["COMPLETED"], logs
+    assert _states(slurm_cluster, array) == ["COMPLETED"] * TASKS, logs
+    hosts = set()
+    for i in range(TASKS):
+        said = logs[f"part-{array}_{i}.out"]
+        match = re.search(rf"--part {i}/{TASKS}: tokenized (\d+) of its (\d+) slices", said)
+        assert match and int(match[1]) == int(match[2]) > 0, said  # each part did its own
+        hosts.add(re.search(r"parts: job \d+ on (\S+)", said)[1])
+    assert hosts == {"n1", "n2"}, logs
+    done = re.search(r"resuming with (\d+) of (\d+) slices", logs[f"assemble-{assemble}.out"])
+    assert done and done[1] == done[2], logs  # the assembly tokenized nothing again
+    assert _files(out) == reference
+
+
+def test_a_task_that_never_ran_is_redone_by_the_assembly(slurm_cluster, corpus,  # noqa: F811
+                                                         tmp_path):
+    src, reference = corpus
+    out = tmp_path / "out"
+    tokenizer, array, assemble = _submit(slurm_cluster, src, out)
+    slurm_cluster.run("scancel", f"{array}_1")  # pending behind the tokenizer job still
+    info = slurm_cluster.wait(assemble, timeout=300)
+    logs = {p.name: p.read_text() for p in (tmp_path / "out.prepare").glob("*.out")}
+    assert info["JobState"] == "COMPLETED", logs
+    assert f"part-{array}_1.out" not in logs
+    done = re.search(r"resuming with (\d+) of (\d+) slices", logs[f"assemble-{assemble}.out"])
+    assert done and 0 < int(done[1]) < int(done[2]), logs  # parts 0 and 2's, not part 1's
+    assert _files(out) == reference
