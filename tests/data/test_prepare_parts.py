@@ -142,6 +142,25 @@ def test_two_parts_at_once_in_processes(text_corpus, tmp_path):
     assert _files(out) == reference
 
 
+def test_with_a_given_tokenizer_the_parts_need_no_first_step(text_corpus, tmp_path):
+    """data.tokenizer_model: each part copies it (the same bytes, by rename) and cuts the same
+    plan for N parts itself."""
+    src, reference = text_corpus
+    given = tmp_path / "given.model"
+    given.write_bytes(reference["tokenizer.model"])
+
+    def cfg(out: Path) -> DataConfig:
+        return DataConfig(sources=[str(src)], out_dir=str(out), tokenizer_model=str(given),
+                          val_fraction=0.2)
+
+    plain = _files(prep.prepare_data(cfg(tmp_path / "plain"), progress=False))
+    out = tmp_path / "out"
+    for i in range(TASKS):
+        parts.run_part(cfg(out), i, TASKS)
+    assert len(list(_work(out).glob("slice-?????"))) > TASKS
+    assert _files(prep.prepare_data(cfg(out), progress=False)) == plain
+
+
 def test_a_part_needs_the_tokenizer_first(corpus, tmp_path):
     src, _ = corpus
     with pytest.raises(HarnessError, match=r"--part 1/3: no tokenizer .* --stage tokenizer"):
