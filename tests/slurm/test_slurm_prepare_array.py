@@ -95,8 +95,10 @@ def test_a_task_that_never_ran_is_redone_by_the_assembly(slurm_cluster, corpus, 
                                                          tmp_path):
     src, reference = corpus
     out = tmp_path / "out"
-    tokenizer, array, assemble = _submit(slurm_cluster, src, out)
-    slurm_cluster.run("scancel", f"{array}_1")  # pending behind the tokenizer job still
+    # submitted held, so that task 1 is cancelled before anything runs
+    tokenizer, array, assemble = _submit(slurm_cluster, src, out, "slurm.extra_sbatch=[--hold]")
+    slurm_cluster.run("scancel", f"{array}_1")
+    slurm_cluster.run("scontrol", "release", tokenizer, array, assemble)
     info = slurm_cluster.wait(assemble, timeout=300)
     logs = {p.name: p.read_text() for p in (tmp_path / "out.prepare").glob("*.out")}
     assert info["JobState"] == "COMPLETED", logs
