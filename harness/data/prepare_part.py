@@ -47,7 +47,7 @@ def main(cfg: DataConfig, part: str | None, stage: str | None, tasks: int | None
 
 
 def check_not_mix(cfg: DataConfig) -> None:
-    if getattr(cfg, "mix", None):  # (data.mix is new: harness/data/mix_prepare.py)
+    if cfg.mix:  # prepared source by source with one tokenizer: harness/data/mix_prepare.py
         raise HarnessError("prepare-data --submit, --part and --stage prepare data.sources, "
                            "not a data.mix yet: run `harness prepare-data` for the mixture")
 

@@ -16,7 +16,7 @@ from engine_utils import child_env
 
 from harness.cli import main as cli_main
 from harness.common.errors import HarnessError
-from harness.config.data import DataConfig
+from harness.config.data import DataConfig, MixSource
 from harness.data import prepare as prep
 from harness.data import prepare_part as parts
 from harness.data import slices
@@ -175,6 +175,14 @@ def test_an_up_to_date_out_dir_leaves_nothing_to_do(corpus, tmp_path, capsys):
     assert parts.run_stage(_cfg(src, out), 3) == 0
     assert capsys.readouterr().out.count("is up to date: nothing to do") == 2
     assert not list(tmp_path.glob(".out.*")) and _files(out) == reference
+
+
+def test_a_mixture_is_refused_in_one_line(tmp_path):
+    cfg = DataConfig(mix=[MixSource(name="web", sources=[str(tmp_path)])],
+                     out_dir=str(tmp_path / "out"))
+    with pytest.raises(HarnessError, match="not a data.mix yet"):
+        parts.main(cfg, "0/2", None, None)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0", "1/200000"])
