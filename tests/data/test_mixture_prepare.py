@@ -145,7 +145,7 @@ def test_max_repeats_refused_at_training_start(root):
     assert data.source_names == ("web", "code")
 
 
-def test_resume_rules_for_sources_and_weights(root):
+def test_resume_rules_for_sources_and_weights(root, caplog):
     """run.mix_phases against a checkpoint's meta: the same weights resume its phases; other
     weights are refused unless data.mix_reweight=true, which adds a phase at the resumed
     position; other sources or shards are refused."""
@@ -162,8 +162,11 @@ def test_resume_rules_for_sources_and_weights(root):
                                            r"train with the new ones from step 30 on$"):
         run_mod.mix_phases(other, shards, meta, Path("ck"))
     other.data.mix_reweight = True
-    assert run_mod.mix_phases(other, shards, meta, Path("ck")) == [(0, [0.7, 0.3]),
-                                                                    (480, [0.5, 0.5])]
+    with caplog.at_level("INFO", logger="harness"):
+        assert run_mod.mix_phases(other, shards, meta, Path("ck")) == [(0, [0.7, 0.3]),
+                                                                        (480, [0.5, 0.5])]
+    assert ("data.mix_reweight: the weights change at step 30 (sample 480) from shares web "
+            "0.7, code 0.3 to web 0.5, code 0.5") in caplog.text
     renamed = json.loads(json.dumps(meta))
     renamed["data_mix"]["fingerprints"] = {"code": "x", "web": "y"}
     with pytest.raises(HarnessError, match=r"data.mix names the sources \['web', 'code'\], "
