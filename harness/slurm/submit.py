@@ -38,6 +38,8 @@ def absolute_paths(cfg: Config) -> Config:
             continue
         setattr(section, name, [_absolute(v) for v in value] if isinstance(value, list)
                 else _absolute(value))
+    for entry in cfg.data.mix:  # data.mix[i].sources: data.sources of each source
+        entry.sources = [_absolute(v) for v in entry.sources]
     return cfg
 
 
@@ -52,8 +54,10 @@ def submit_job(cfg: Config, dry_run: bool = False) -> int:
     claim_run_dir(cfg, rank=None)
     run_dir = Path(cfg.train.run_dir)
     job_config = run_dir / "job_config.yaml"
+    # a mix prepares its sources in order: the last one's manifest says they are all there
+    data_dir = Path(cfg.data.out_dir) / cfg.data.mix[-1].name if cfg.data.mix else cfg.data.out_dir
     script = render_sbatch(cfg.slurm, str(run_dir), ["--config", str(job_config)], sys.executable,
-                           data_dir=cfg.data.out_dir)
+                           data_dir=str(data_dir))
     if dry_run:
         sys.stdout.write(script)
         return 0

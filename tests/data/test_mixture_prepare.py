@@ -178,3 +178,20 @@ def test_resume_rules_for_sources_and_weights(root, caplog):
         run_mod.mix_phases(cfg, shards, changed, Path("ck"))
     with pytest.raises(HarnessError, match=r"trained without data.mix"):
         run_mod.mix_phases(cfg, shards, {"step": 3, "consumed_samples": 48}, Path("ck"))
+
+
+def test_submit_makes_mix_paths_absolute_and_prepares_until_the_last_source(tmp_path,
+                                                                            monkeypatch, capsys):
+    """The job runs in the run directory: harness submit freezes data.mix[i].sources absolute,
+    and its batch script prepares while the last source's manifest is missing (a mix is
+    prepared in order)."""
+    from harness.slurm import submit as submit_mod
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", [mix_override(Path("w"), Path("~/c")), "data.out_dir=mixed",
+                               "train.run_dir=run"])
+    frozen = submit_mod.absolute_paths(cfg)
+    assert [e.sources for e in frozen.data.mix] == [[str(tmp_path / "w")],
+                                                    [str(Path("~/c").expanduser())]]
+    assert submit_mod.submit_job(cfg, dry_run=True) == 0
+    assert f"DATA_DIR={tmp_path}/mixed/code\n" in capsys.readouterr().out
