@@ -29,9 +29,8 @@ from harness.common import lease
 from harness.common.durable import fsync_path
 from harness.common.errors import HarnessError
 from harness.config.data import DataConfig
-from harness.data.corpus import (Source, iter_documents, scan_sources, skipped_summary,
-                                 source_files)
 from harness.data.cores import available_cores
+from harness.data.corpus import Source, iter_documents, scan_sources, skipped_summary, source_files
 from harness.data.out_dir import (TMP_INFIX, absolute, builtin_slice, check_out_dir,
                                   check_toy_corpus, clean_stale_temp_dirs, mismatch_error,
                                   owner_tag, prep_settings, record_sources_checked, sha256,

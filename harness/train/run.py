@@ -19,17 +19,17 @@ import torch
 
 from harness.callbacks.evaluator import Evaluator, eval_set_size, source_evaluators
 from harness.callbacks.loggers import Console, MetricsFile
-from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.memory import PeakMemory
+from harness.callbacks.spike_monitor import SpikeMonitor
 from harness.callbacks.throughput import Throughput
 from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint.checkpointer import Checkpointer, load, read_meta
 from harness.common.errors import HarnessError
 from harness.config import Config
-from harness.data.out_dir import check_prepared_from
 from harness.data.mix_prepare import (MixShards, check_mix_dir, check_mix_prepared, mix_prepared,
                                       prepare_mix)
 from harness.data.mixture import MixtureSampler, check_repeats
+from harness.data.out_dir import check_prepared_from
 from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
 from harness.data.shards import MANIFEST, TokenShards

@@ -16,8 +16,7 @@ import batched
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_utils import (Record, build, child_env, full_params, plain_training, small_cfg,
-                          torchrun)
+from engine_utils import Record, build, child_env, full_params, plain_training, small_cfg, torchrun
 from source_loss_worker import NAMES, mix_data, without_sources
 
 from harness.model.loss import OutputHead
