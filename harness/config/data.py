@@ -23,13 +23,19 @@ MIX_BLOCK = 1 << 16
 @dataclass
 class MixSource:
     """One source of a weighted mixture (data.mix): prepared on its own into
-    data.out_dir/<name>/ with the mixture's one tokenizer, drawn in proportion to its weight."""
+    data.out_dir/<name>/ with the mixture's one tokenizer, drawn in proportion to its weight
+    (or to its token budget)."""
     name: str = ""  # 1-32 of a-z 0-9 _ -: its shards' directory and its metrics' suffix
     sources: list[str] = field(default_factory=list)  # as data.sources: files, dirs, .jsonl
     weight: float = 1.0  # > 0; the weights are normalised to sum 1 (shares of the samples)
     # epochs of this source the run may draw (train.max_steps x the global batch x its share,
     # checked at training start); 0: no cap
     max_repeats: int = 0
+    # this source's tokens for the whole run, instead of a weight (every source gives one or
+    # none does): the shares are tokens / the budgets' sum, and that sum must be the run's
+    # tokens (train.max_steps x global batch x block_size) within one step, checked at
+    # training start (harness/data/mix_budget.py); 0: not set, the weight applies
+    tokens: int = 0
 
     def validate(self, key: str) -> None:
         if not isinstance(self.name, str) or not MIX_NAME.fullmatch(self.name):
@@ -47,6 +53,12 @@ class MixSource:
                      fix="a positive number; the weights are normalised to sum 1")
         check_number(f"{key}.max_repeats", self.max_repeats, 0, 2**31 - 1, integer=True,
                      fix="the epochs of this source the run may draw; 0: no cap")
+        check_number(f"{key}.tokens", self.tokens, 0, 2**62, integer=True,
+                     fix="this source's token budget for the run; 0: its weight applies")
+        if self.tokens and self.weight != 1.0:
+            raise HarnessError(f"{key}.tokens={self.tokens} and {key}.weight={self.weight:g} "
+                               f"are both set: a token budget replaces the weight; drop "
+                               f"{key}.weight")
 
 
 @dataclass
@@ -55,8 +67,10 @@ class DataConfig:
     # per line); empty means the built-in corpus: the Python standard library's .py sources
     sources: list[str] = field(default_factory=list)
     # a weighted mixture instead of data.sources: [{name: web, sources: [web/], weight: 0.7},
-    # {name: code, sources: [code.jsonl.zst], weight: 0.3}] (MixSource); each prepared into
-    # out_dir/<name>/ with one tokenizer; empty: data.sources alone (docs/data.md)
+    # {name: code, sources: [code.jsonl.zst], weight: 0.3}] (MixSource), or by token budgets
+    # ({name: web, sources: [web/], tokens: 7000000000}, ...) summing to the run's tokens;
+    # each prepared into out_dir/<name>/ with one tokenizer; empty: data.sources alone
+    # (docs/data.md)
     mix: list[MixSource] = field(default_factory=list)
     # a resume whose data.mix weights differ from the checkpoint's: false refuses it, true
     # applies the new weights from the resumed step on (earlier steps keep their samples)
@@ -146,17 +160,40 @@ class DataConfig:
                 raise HarnessError(f"data.mix[{i}].name={entry.name} is the name of "
                                    f"data.mix[{seen[entry.name]}] too: each source needs its own")
             seen[entry.name] = i
+        self._validate_budgets()
+        budgets = self.mix_budgets()
         for i, share in enumerate(self.mix_shares() if self.mix else []):
             if share * MIX_BLOCK < 1:
+                given = (f"tokens={self.mix[i].tokens}" if budgets
+                         else f"weight={self.mix[i].weight:g}")
                 raise HarnessError(
-                    f"data.mix[{i}].weight={self.mix[i].weight:g} is a share of {share:.2g} of "
-                    f"the samples, below the 1/{MIX_BLOCK} the mixture can draw: raise it or "
-                    f"drop the source")
+                    f"data.mix[{i}].{given} is a share of {share:.2g} of the samples, below the "
+                    f"1/{MIX_BLOCK} the mixture can draw: raise it or drop the source")
+
+    def _validate_budgets(self) -> None:
+        """Every source gives data.mix[i].tokens or none does: budgets and weights are two
+        ways of saying the shares, and half of each says neither."""
+        given = [i for i, e in enumerate(self.mix) if e.tokens]
+        if not given or len(given) == len(self.mix):
+            return
+        i = given[0]
+        j = next(k for k in range(len(self.mix)) if not self.mix[k].tokens)
+        raise HarnessError(f"data.mix[{i}].tokens={self.mix[i].tokens} is a token budget but "
+                           f"data.mix[{j}].tokens is not set (data.mix[{j}].weight applies): "
+                           f"give every source a budget (data.mix[i].tokens) or none")
+
+    def mix_budgets(self) -> list[int]:
+        """data.mix's token budgets in order, or [] where the weights apply."""
+        if self.mix and all(e.tokens for e in self.mix):
+            return [int(e.tokens) for e in self.mix]
+        return []
 
     def mix_shares(self) -> list[float]:
-        """data.mix's weights normalised to sum 1."""
-        total = sum(float(e.weight) for e in self.mix)
-        return [float(e.weight) / total for e in self.mix]
+        """data.mix's shares of the samples, summing to 1: the token budgets' or the
+        weights' (normalised)."""
+        given = self.mix_budgets() or [float(e.weight) for e in self.mix]
+        total = sum(given)
+        return [float(g) / total for g in given]
 
 
 def check_corpus(cfg: DataConfig, prepared_from_builtin: bool | None = None) -> None:

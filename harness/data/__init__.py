@@ -4,6 +4,6 @@ plain, gzip or zstd, Parquet), tokenizer.py, prepare.py (`harness
 prepare-data`), prepare_part.py (its parts, a Slurm job array's tasks), cores.py (the CPUs
 it may use), slices.py (its resumable work), val_split.py, source_list.py (sources.jsonl),
 out_dir.py, shards.py, sampler.py, sources.py; weighted mixtures (data.mix): mixture.py (their
-sampler) and mix_prepare.py (their tokenizer and per-source directories). Imports
-harness.config and harness.common only.
+sampler), mix_prepare.py (their tokenizer and per-source directories) and mix_budget.py
+(their token budgets' checks). Imports harness.config and harness.common only.
 """

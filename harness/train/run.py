@@ -26,6 +26,7 @@ from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint.checkpointer import Checkpointer, load, read_meta
 from harness.common.errors import HarnessError
 from harness.config import Config
+from harness.data.mix_budget import check_budgets
 from harness.data.mix_prepare import (MixShards, check_mix_dir, check_mix_prepared, mix_prepared,
                                       prepare_mix)
 from harness.data.mixture import MixtureSampler, check_repeats
@@ -165,6 +166,8 @@ def build_data(cfg: Config, built: Built, shards: TokenShards | MixShards,
     counts = [len(p) for p in seqs.parts]
     mix_sampler = MixtureSampler(shards.names, counts, phases or [(0, cfg.data.mix_shares())],
                                  cfg.train.seed, built.plan.batch.micro_batch, rank, dp)
+    check_budgets(cfg.data.mix, counts, cfg.model.block_size, cfg.train.max_steps,
+                  built.plan.batch.global_batch)
     end = cfg.train.max_steps * built.plan.batch.global_batch
     check_repeats(shards.names, counts, mix_sampler.drawn_by(end),
                   [e.max_repeats for e in cfg.data.mix])
