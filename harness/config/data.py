@@ -82,6 +82,10 @@ class DataConfig:
     out_dir: str = "data/stdlib"  # where the shards, the tokenizer and manifest.json go
     tokenizer_model: Optional[str] = None  # an existing sentencepiece .model; skips training
     tokenizer_type: str = "bpe"  # bpe | unigram
+    # sentencepiece's training threads: a fixed count, not the machine's cores, because its
+    # trainer makes another tokenizer on another thread count (BPE and unigram alike, measured):
+    # the same config trains the same tokenizer on a laptop, a 64-core node and a Slurm array
+    tokenizer_threads: int = 16
     # >= 259 (256 byte pieces, <unk>, </s> and one more) and at most MAX_VOCAB_SIZE; also at
     # least the distinct characters of the corpus (prepare-data says what fits)
     vocab_size: int = 512
@@ -121,6 +125,8 @@ class DataConfig:
         check_number("data.val_fraction", self.val_fraction, 0, 1, high_open=True,
                      fix="e.g. 0.01; 0 holds nothing out")
         check_number("data.seed", self.seed, 0, 2**32 - 1, integer=True)
+        check_number("data.tokenizer_threads", self.tokenizer_threads, 1, 1024, integer=True,
+                     fix="e.g. 16; the tokenizer depends on it, so keep it fixed")
         check_number("data.num_workers", self.num_workers, 0, 1024, integer=True,
                      fix="0 uses every core this process may run on")
         check_number("data.max_bytes", self.max_bytes, 0, 2**63 - 1, integer=True,

@@ -148,7 +148,7 @@ def _mix_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
         tmp = out / f".{TOKENIZER_FILE}.{owner_tag()}.tmp"
         total = sum(s.bytes_used for s in sources)
         tokenizer = train_tokenizer(texts, tmp, cfg.tokenizer_type, cfg.vocab_size, total,
-                                    prepare.available_cores())
+                                    cfg.tokenizer_threads)
         os.replace(tmp, out / TOKENIZER_FILE)
         _write_atomic(out / MIX_RECORD, {"inputs_sha256": inputs, "settings": settings,
                                          "tokenizer_sha256": tokenizer.sha256,

@@ -247,7 +247,7 @@ def work_tokenizer(cfg: DataConfig, sources: list[Source], given: Tokenizer | No
     total = sum(s.bytes_used for s in sources)
     texts = (text for text, _ in iter_documents(sources, cfg.jsonl_text_field))
     return work.tokenizer(lambda path: train_tokenizer(
-        texts, path, cfg.tokenizer_type, cfg.vocab_size, total, available_cores()))
+        texts, path, cfg.tokenizer_type, cfg.vocab_size, total, cfg.tokenizer_threads))
 
 
 def _one_each_side(work: Work) -> tuple[int, str, int] | None:

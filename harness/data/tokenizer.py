@@ -6,7 +6,6 @@ import io
 import itertools
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -15,6 +14,7 @@ import numpy as np
 import sentencepiece as spm
 
 from harness.common.errors import HarnessError
+from harness.config.data import DataConfig
 
 log = logging.getLogger("harness")
 
@@ -88,9 +88,11 @@ def train_sample_bytes(model_type: str, vocab_size: int) -> int:
 
 
 def train_tokenizer(documents: Iterable[str], out_path: Path, model_type: str, vocab_size: int,
-                    total_bytes: int, threads: int | None = None) -> Tokenizer:
+                    total_bytes: int,
+                    threads: int = DataConfig.tokenizer_threads) -> Tokenizer:
     """Train on an evenly strided sample of ~train_sample_bytes of the `total_bytes` corpus
-    and write `out_path`; `threads`: the cores this process may use (default: the machine's)."""
+    and write `out_path`, on `threads` threads (data.tokenizer_threads: the result depends on
+    the count, so it is the config's, never the machine's)."""
     sample = train_sample_bytes(model_type, vocab_size)
     stride = max(1, math.ceil(total_bytes / sample))
     used = min(sample, total_bytes)
@@ -104,7 +106,7 @@ def train_tokenizer(documents: Iterable[str], out_path: Path, model_type: str, v
             sentence_iterator=_catching(_chunks(documents), stride, errors),
             model_writer=model,
             model_type=model_type, vocab_size=vocab_size,
-            num_threads=threads or os.cpu_count() or 1, minloglevel=2, **LOSSLESS, **SPECIAL_IDS)
+            num_threads=threads, minloglevel=2, **LOSSLESS, **SPECIAL_IDS)
     except RuntimeError as e:
         errors.append(_training_error(str(e), vocab_size))
     if errors:

@@ -51,3 +51,27 @@ def test_workers_default_to_the_cores_unless_set_or_small(monkeypatch):
     assert prep._num_workers(DataConfig(), big) == 48  # not capped at 4 any more
     assert prep._num_workers(DataConfig(num_workers=3), big) == 3
     assert prep._num_workers(DataConfig(), big - 1) == 1
+
+
+def test_the_tokenizer_is_the_same_on_any_number_of_cores(tmp_path, monkeypatch):
+    """sentencepiece trains another tokenizer on another thread count (1 and 2 threads differ,
+    the first assertion): prepare-data trains on data.tokenizer_threads, not the cores, so a
+    job with one core and a process with every core make the same tokenizer."""
+    from harness.data.tokenizer import train_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"{i}.txt").write_text(f"doc {i}: " + " ".join(
+            f"w{(i * 7 + j * j) % 97}x{j % 13}" for j in range(600)))
+    texts = [p.read_text() for p in sorted(src.iterdir())]
+    shas = {t: train_tokenizer(iter(texts), tmp_path / f"{t}.model", "bpe", 400, 10**6,
+                               threads=t).sha256 for t in (1, 2)}
+    assert shas[1] != shas[2]  # what makes the fixed count necessary
+    made = []
+    for cores in ("1", "2"):
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", cores)
+        out = prep.prepare_data(DataConfig(sources=[str(src)], out_dir=str(tmp_path / cores),
+                                           vocab_size=400), progress=False)
+        made.append((out / "tokenizer.model").read_bytes())
+    assert made[0] == made[1]
