@@ -22,10 +22,10 @@ from harness.config import Config, to_yaml
 from harness.config.slurm import SlurmConfig, check_one_line
 from harness.data.out_dir import check_out_dir, check_toy_corpus, unwritable
 from harness.data.prepare_part import check_not_mix, check_tasks
-from harness.slurm.sbatch import _PLACEHOLDER, _REPO, _sbatch_quote, submit
+from harness.slurm.sbatch import PLACEHOLDER, REPO, sbatch_quote, submit
 from harness.slurm.submit import absolute_paths
 
-TEMPLATE = _REPO / "slurm" / "prepare.sbatch.tmpl"
+TEMPLATE = REPO / "slurm" / "prepare.sbatch.tmpl"
 PREPARE = ("-m", "harness.cli", "prepare-data")
 STEPS = ("tokenizer", "parts", "assemble")
 WHAT = {"tokenizer": "the plan of slices and the tokenizer, once",
@@ -52,12 +52,12 @@ def _directives(cfg: SlurmConfig, directory: str, step: str, tasks: int) -> list
         opts.append(("array", f"0-{tasks - 1}"))
     opts += [(key, getattr(cfg, key)) for key in ("partition", "account")
              if getattr(cfg, key) is not None]
-    lines = [f"#SBATCH --{key}={_sbatch_quote(str(value))}" for key, value in opts]
+    lines = [f"#SBATCH --{key}={sbatch_quote(str(value))}" for key, value in opts]
     # a requeued task resumes from its completed slices
     lines.append("#SBATCH --requeue" if cfg.requeue else "#SBATCH --no-requeue")
     for extra in cfg.extra_sbatch:
         key, eq, value = extra.partition("=")
-        lines.append(f"#SBATCH {key}{eq}{_sbatch_quote(value) if eq else ''}")
+        lines.append(f"#SBATCH {key}{eq}{sbatch_quote(value) if eq else ''}")
     return lines
 
 
@@ -76,7 +76,7 @@ def render_prepare(slurm_cfg: SlurmConfig, directory: str, config_path: str, pyt
         command += f' --part "${{SLURM_ARRAY_TASK_ID}}/{tasks}"'
     values = {"directives": "\n".join(_directives(slurm_cfg, directory, step, tasks)),
               "what": WHAT[step], "step": shlex.quote(step), "command": command}
-    return _PLACEHOLDER.sub(lambda m: values[m[1]], TEMPLATE.read_text())
+    return PLACEHOLDER.sub(lambda m: values[m[1]], TEMPLATE.read_text())
 
 
 def _dependency(step: str, ids: list[str]) -> tuple[str, ...]:

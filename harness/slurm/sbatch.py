@@ -17,19 +17,19 @@ from harness.common.errors import HarnessError
 from harness.config.slurm import SlurmConfig, check_one_line
 from harness.train.preemption import REQUEUE_EXIT_CODE
 
-_REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = _REPO / "slurm" / "train.sbatch.tmpl"
-TASK_SCRIPT = str(_REPO / "launch" / "srun_task.sh")
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "slurm" / "train.sbatch.tmpl"
+TASK_SCRIPT = str(REPO / "launch" / "srun_task.sh")
 # what each task runs after `python`: the harness CLI's train command
 TRAIN_ENTRY = ("-m", "harness.cli", "train")
 # what the batch script runs once, before the tasks, when data.out_dir holds no shards yet
 PREPARE_ENTRY = ("-m", "harness.cli", "prepare-data")
 
 _BARE = re.compile(r"[A-Za-z0-9_.,:/%@+=-]+")  # sbatch takes these unquoted
-_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
-def _sbatch_quote(value: str) -> str:
+def sbatch_quote(value: str) -> str:
     """Quote for sbatch's #SBATCH parser, which ends an unquoted value at a space or '#'."""
     if _BARE.fullmatch(value):
         return value
@@ -46,11 +46,11 @@ def _directives(cfg: SlurmConfig, run_dir: str) -> list[str]:
              ("signal", f"B:USR1@{cfg.signal_grace_s}")]
     opts += [(key, getattr(cfg, key)) for key in ("partition", "account")
              if getattr(cfg, key) is not None]
-    lines = [f"#SBATCH --{key}={_sbatch_quote(str(value))}" for key, value in opts]
+    lines = [f"#SBATCH --{key}={sbatch_quote(str(value))}" for key, value in opts]
     lines.append("#SBATCH --requeue" if cfg.requeue else "#SBATCH --no-requeue")
     for extra in cfg.extra_sbatch:
         key, eq, value = extra.partition("=")
-        lines.append(f"#SBATCH {key}{eq}{_sbatch_quote(value) if eq else ''}")
+        lines.append(f"#SBATCH {key}{eq}{sbatch_quote(value) if eq else ''}")
     return lines
 
 
@@ -80,7 +80,7 @@ def render_sbatch(slurm_cfg: SlurmConfig, run_dir: str, train_args: list[str], p
         "data_dir": sh(data_dir or ""),  # empty: the script prepares nothing
         "prepare_command": " ".join(sh(a) for a in [python, *PREPARE_ENTRY, *train_args]),
     }
-    return _PLACEHOLDER.sub(lambda m: values[m[1]], TEMPLATE.read_text())
+    return PLACEHOLDER.sub(lambda m: values[m[1]], TEMPLATE.read_text())
 
 
 def submit(script_path: str, options: tuple[str, ...] = ()) -> str:
