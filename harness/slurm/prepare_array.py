@@ -22,7 +22,7 @@ from harness.config import Config, to_yaml
 from harness.config.slurm import SlurmConfig, check_one_line
 from harness.data.out_dir import check_out_dir, check_toy_corpus, unwritable
 from harness.data.prepare_part import check_not_mix, check_tasks
-from harness.slurm.sbatch import PLACEHOLDER, REPO, sbatch_quote, submit
+from harness.slurm.sbatch import PLACEHOLDER, REPO, directive_lines, submit
 from harness.slurm.submit import absolute_paths
 
 TEMPLATE = REPO / "slurm" / "prepare.sbatch.tmpl"
@@ -50,15 +50,8 @@ def _directives(cfg: SlurmConfig, directory: str, step: str, tasks: int) -> list
             ("output", LOG[step]), ("open-mode", "append")]
     if step == "parts":
         opts.append(("array", f"0-{tasks - 1}"))
-    opts += [(key, getattr(cfg, key)) for key in ("partition", "account")
-             if getattr(cfg, key) is not None]
-    lines = [f"#SBATCH --{key}={sbatch_quote(str(value))}" for key, value in opts]
-    # a requeued task resumes from its completed slices
-    lines.append("#SBATCH --requeue" if cfg.requeue else "#SBATCH --no-requeue")
-    for extra in cfg.extra_sbatch:
-        key, eq, value = extra.partition("=")
-        lines.append(f"#SBATCH {key}{eq}{sbatch_quote(value) if eq else ''}")
-    return lines
+    # a requeued task resumes from its completed slices (slurm.requeue, as for training)
+    return directive_lines(cfg, opts)
 
 
 def render_prepare(slurm_cfg: SlurmConfig, directory: str, config_path: str, python: str,

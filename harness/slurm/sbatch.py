@@ -44,8 +44,14 @@ def _directives(cfg: SlurmConfig, run_dir: str) -> list[str]:
     opts += [("time", cfg.time), ("job-name", cfg.job_name), ("chdir", run_dir),
              ("output", cfg.output), ("open-mode", "append"),
              ("signal", f"B:USR1@{cfg.signal_grace_s}")]
-    opts += [(key, getattr(cfg, key)) for key in ("partition", "account")
-             if getattr(cfg, key) is not None]
+    return directive_lines(cfg, opts)
+
+
+def directive_lines(cfg: SlurmConfig, opts: list[tuple[str, object]]) -> list[str]:
+    """#SBATCH lines: `opts`, then slurm.partition and account where set, the requeue choice
+    and slurm.extra_sbatch, every value quoted."""
+    opts = opts + [(key, getattr(cfg, key)) for key in ("partition", "account")
+                   if getattr(cfg, key) is not None]
     lines = [f"#SBATCH --{key}={sbatch_quote(str(value))}" for key, value in opts]
     lines.append("#SBATCH --requeue" if cfg.requeue else "#SBATCH --no-requeue")
     for extra in cfg.extra_sbatch:
