@@ -42,11 +42,15 @@ def shards_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _keep_the_process_group(monkeypatch):
+def _keep_the_process_group():
     """The CLI leaves the process group when it reports an error, as a process about to exit
     should. Called in-process by a test, it would tear down the group that later tests'
-    engines share (DeepSpeed caches its groups); subprocess tests still leave it for real."""
-    monkeypatch.setattr("harness.parallel.distributed.close_process_group", lambda: None)
+    engines share (DeepSpeed caches its groups); subprocess tests still leave it for real.
+    A MonkeyPatch of its own: a test's monkeypatch.undo() must not lift it (one did, and 117
+    later tests on that worker failed with "Group ... is not registered")."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("harness.parallel.distributed.close_process_group", lambda: None)
+        yield
 
 
 # ---- parallel workers (pytest-xdist: pyproject's addopts, -n 2) ------------------------------

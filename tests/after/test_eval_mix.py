@@ -107,10 +107,11 @@ def test_a_source_prepared_again_is_warned_and_a_missing_one_refused(mix_run, ca
         loaded.meta["data_mix"]["phases"][-1][1] = {"web": 0.5, "code": 0.5}
         return loaded
 
-    monkeypatch.setattr(checkpoint_io, "load", load)
-    with caplog.at_level(logging.WARNING, logger="harness"):
+    # a context, not monkeypatch.undo(): that would also undo conftest's autouse patch that
+    # keeps the error path below from tearing down the process group later tests share
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="harness"):
+        patch.setattr(checkpoint_io, "load", load)
         _eval(capsys, root / "run", "--split", "val", "--max-tokens", 64)
-    monkeypatch.undo()
     warned = [r.getMessage() for r in caplog.records if "fingerprint" in r.getMessage()]
     assert len(warned) == 1 and "out/code: data fingerprint" in warned[0]
     assert any("trained with the shares web 0.5, code 0.5; the mixture's loss uses the run "
