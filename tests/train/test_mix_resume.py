@@ -6,6 +6,8 @@ uninterrupted; the same run on 2 ranks stopped after step 3 (its checkpoint), re
 to step 6 (the ZeRO checkpoint re-partitioned on the spot). The losses of every step, overall
 and per source (train/loss/<source>), and the per-source validation losses match the
 uninterrupted run within rounding (2 ranks x accumulation 2 sum in another order than 1 x 4).
+The split run logs to W&B offline, as users run: one W&B run across the resume, holding the
+per-source metrics that metrics.jsonl holds.
 Then the finished run resumed with other weights is refused in one line; with
 data.mix_reweight=true it goes on, the checkpoint recording the new phase from sample 48.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 from engine_utils import child_env, torchrun
 from mix_corpus import mix_override, write_sources
+from wandb_reader import read_run, run_files
 
 from harness.config import load_config
 from harness.data.mix_prepare import prepare_mix
@@ -63,8 +66,9 @@ def runs(tmp_path_factory):
     prepare_mix(load_config("tiny", _args(root, root / "unused")).data, progress=False)
     whole, split = root / "whole", root / "split"
     _ok(_launch(1, root / "o1", 0, _args(root, whole)))
-    _ok(_launch(2, root / "o2", 3, _args(root, split)))
-    _ok(_launch(1, root / "o3", 0, _args(root, split)))
+    # the split run logs to W&B (offline) as a user's run would, across its resume
+    _ok(_launch(2, root / "o2", 3, _args(root, split, "wandb.mode=offline")))
+    _ok(_launch(1, root / "o3", 0, _args(root, split, "wandb.mode=offline")))
     return root, whole, split
 
 
@@ -81,6 +85,27 @@ def test_resumed_at_another_dp_size_matches_the_uninterrupted_run(runs):
             assert abs(a[step][key] - b[step][key]) < LOSS_TOL, (step, key)
     meta = json.loads((split / "checkpoints/step00000006/meta.json").read_text())
     assert meta["data_mix"]["phases"] == [[0, {"web": 0.7, "code": 0.3}]]
+
+
+def test_w_and_b_holds_the_per_source_metrics_across_the_resume(runs):
+    """The 2-rank part and its 1-rank resume are one W&B run (two offline files, one id) whose
+    history holds every step once, with metrics.jsonl's per-source train and eval losses."""
+    _, _, split = runs
+    files = run_files(split / "wandb")
+    wb = [read_run(f) for f in files]
+    assert len(files) == 2 and all(r.complete for r in wb)
+    assert len({r.run_id for r in wb}) == 1
+    rows = [row for r in wb for row in r.rows("train/loss")]
+    assert [row["train/step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    logged = _metrics(split)
+    keys = ["train/loss/web", "train/loss/code", "eval/loss/web", "eval/bpb/code", "eval/loss"]
+    for row in rows:
+        step = row["train/step"]
+        for key in keys:
+            assert (key in row) == (key in logged[step]), (step, key)
+            if key in row:
+                assert row[key] == pytest.approx(logged[step][key], rel=1e-6), (step, key)
+    assert all("eval/loss/web" in row for row in rows if row["train/step"] in (3, 6))
 
 
 def test_changed_weights_refused_then_explicit(runs):
