@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from harness.callbacks.evaluator import Evaluator, eval_set_size, source_evaluators
+from harness.callbacks.evaluator import Evaluator, eval_set_size
 from harness.callbacks.loggers import Console, MetricsFile
 from harness.callbacks.memory import PeakMemory
 from harness.callbacks.spike_monitor import SpikeMonitor
@@ -26,10 +26,7 @@ from harness.callbacks.wandb_logger import WandbLogger
 from harness.checkpoint.checkpointer import Checkpointer, load, read_meta
 from harness.common.errors import HarnessError
 from harness.config import Config
-from harness.data.mix_budget import check_budgets
-from harness.data.mix_prepare import (MixShards, check_mix_dir, check_mix_prepared, mix_prepared,
-                                      prepare_mix)
-from harness.data.mixture import MixtureSampler, check_repeats
+from harness.data.mix_prepare import MixShards, check_mix_dir, check_mix_prepared, mix_prepared
 from harness.data.out_dir import check_prepared_from
 from harness.data.prepare import prepare_data
 from harness.data.sampler import GlobalSampler
@@ -40,6 +37,8 @@ from harness.parallel import distributed, peers
 from harness.parallel.collectives import Collectives
 from harness.parallel.tp_layout import check_tp_hosts
 from harness.train.engine import Built, build, resolve_device
+from harness.train.mix_run import (mix_evaluators, mix_meta, mix_phases, mix_train_data,
+                                   prepare_mix_ready)
 from harness.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopSignals
 from harness.train.report import write_report
 from harness.train.run_dir import (RunDirLease, confirm_run_dir, prepare_run, release_run_dir,
@@ -92,11 +91,7 @@ def prepare_announced(cfg: Config) -> None:
         announce(0, f"data: preparing {cfg.data.out_dir} for data.mix "
                     f"({', '.join(e.name for e in cfg.data.mix)}): one tokenizer, then each "
                     f"source's shards (once; `harness prepare-data` does it ahead)")
-        dirs = prepare_mix(cfg.data, progress=sys.stderr.isatty())
-        tokens = [TokenShards.open(d).manifest["splits"] for d in dirs]
-        announce(0, f"data: {cfg.data.out_dir} ready in {time.perf_counter() - start:.1f} s: "
-                    + ", ".join(f"{d.name} {t['train']['tokens']:,} train + "
-                                f"{t['val']['tokens']:,} val tokens" for d, t in zip(dirs, tokens)))
+        announce(0, prepare_mix_ready(cfg.data, start))
         return
     what = ", ".join(cfg.data.sources) or "the built-in corpus (the Python standard library)"
     announce(0, f"data: preparing {cfg.data.out_dir} from {what}: a tokenizer, then token "
@@ -159,66 +154,11 @@ def build_data(cfg: Config, built: Built, shards: TokenShards | MixShards,
                            f"{cfg.model.block_size} tokens, fewer than one global batch "
                            f"({built.plan.batch.global_batch}): add data or shrink the batch")
     # data-parallel ranks split the data; the ranks of a tensor-parallel group read the same
-    rank, dp = built.plan.dp_rank(built.dist.rank), built.plan.batch.dp_size
-    if not isinstance(shards, MixShards):
-        sampler = GlobalSampler(len(seqs), cfg.train.seed, built.plan.batch.micro_batch, rank, dp)
-        return TrainData(seqs, sampler, built.engine.device)
-    counts = [len(p) for p in seqs.parts]
-    mix_sampler = MixtureSampler(shards.names, counts, phases or [(0, cfg.data.mix_shares())],
-                                 cfg.train.seed, built.plan.batch.micro_batch, rank, dp)
-    check_budgets(cfg.data.mix, counts, cfg.model.block_size, cfg.train.max_steps,
-                  built.plan.batch.global_batch)
-    end = cfg.train.max_steps * built.plan.batch.global_batch
-    check_repeats(shards.names, counts, mix_sampler.drawn_by(end),
-                  [e.max_repeats for e in cfg.data.mix])
-    return TrainData(seqs, mix_sampler, built.engine.device)
-
-
-def mix_meta(shards: MixShards, phases: list) -> dict:
-    """What a checkpoint of a mix run records: the sources in order with their shards'
-    fingerprints, the weights (shares) and from which sample position each applies."""
-    return {"fingerprints": shards.fingerprints,
-            "phases": [[start, dict(zip(shards.names, shares))] for start, shares in phases]}
-
-
-def mix_phases(cfg: Config, shards: MixShards, meta: dict | None, resume: Path | None) -> list:
-    """The mix's weight phases: [(0, shares)] for a new run; on resume the checkpoint's, to
-    which new weights are added at the resumed position only with data.mix_reweight=true.
-    Other sources (names, order or shards) than the checkpoint's are refused."""
-    shares = cfg.data.mix_shares()
-    if meta is None:
-        return [(0, shares)]
-    saved = meta.get("data_mix")
-    if not isinstance(saved, dict):
-        raise HarnessError(f"checkpoint {resume} was trained without data.mix: start a new "
-                           f"train.run_dir for the mixture")
-    theirs, ours = saved.get("fingerprints", {}), shards.fingerprints
-    if list(theirs) != list(ours):
-        raise HarnessError(f"data.mix names the sources {list(ours)}, checkpoint {resume} was "
-                           f"trained on {list(theirs)} (in that order): restore data.mix's "
-                           f"sources or start a new train.run_dir")
-    for name in ours:
-        if theirs[name] != ours[name]:
-            raise HarnessError(f"data.mix source {name}: its shards (fingerprint "
-                               f"{ours[name][:12]}) differ from the ones checkpoint {resume} "
-                               f"was trained on ({theirs[name][:12]}): point data.out_dir at "
-                               f"the original shards or start a new train.run_dir")
-    phases = [(int(start), [float(w[n]) for n in ours]) for start, w in saved["phases"]]
-    if phases[-1][1] == shares:
-        return phases
-    old = ", ".join(f"{n} {w:.4g}" for n, w in zip(ours, phases[-1][1]))
-    new = ", ".join(f"{n} {w:.4g}" for n, w in zip(ours, shares))
-    step, position = int(meta["step"]), int(meta["consumed_samples"])
-    if not cfg.data.mix_reweight:
-        raise HarnessError(f"data.mix's weights (shares {new}) differ from the ones checkpoint "
-                           f"{resume} was trained with ({old}): restore them, or set "
-                           f"data.mix_reweight=true to train with the new ones from step "
-                           f"{step} on")
-    log.info("data.mix_reweight: the weights change at step %d (sample %d) from shares %s to "
-             "%s; earlier steps keep their samples", step, position, old, new)
-    if phases[-1][0] == position:  # reweighted again before any step was saved
-        return [*phases[:-1], (position, shares)]
-    return [*phases, (position, shares)]
+    if isinstance(shards, MixShards):
+        return mix_train_data(cfg, built, shards, seqs, phases)
+    sampler = GlobalSampler(len(seqs), cfg.train.seed, built.plan.batch.micro_batch,
+                            built.plan.dp_rank(built.dist.rank), built.plan.batch.dp_size)
+    return TrainData(seqs, sampler, built.engine.device)
 
 
 def _check_fingerprint(meta: dict, shards: TokenShards, path: Path) -> None:
@@ -261,13 +201,7 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
     if cfg.data.eval_every and isinstance(shards, MixShards):
-        token_bytes = piece_bytes(shards.tokenizer_path)  # one tokenizer for every source
-        callbacks += source_evaluators(
-            [(name, seqs, token_bytes) for name, seqs in
-             shards.named_sequences("val", cfg.model.block_size)],
-            cfg.data.mix_shares(), cfg.data.eval_every, eval_set_size(cfg),
-            built.plan.batch.micro_batch, built.plan.dp_rank(built.dist.rank),
-            built.plan.batch.dp_size)
+        callbacks += mix_evaluators(cfg, built, shards)
     elif cfg.data.eval_every:
         callbacks.append(Evaluator(shards.sequences("val", cfg.model.block_size),
                                    cfg.data.eval_every, eval_set_size(cfg),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mix_corpus import mix_cfg, write_sources
 
+import harness.train.mix_run as mix_run
 import harness.train.run as run_mod
 from harness.common.errors import HarnessError
 from harness.config import load_config, to_yaml
@@ -149,18 +150,18 @@ def test_a_long_budget_run_draws_each_source_within_its_binomial_error():
 
 
 def test_budgets_on_resume_are_weights(root):
-    """run.mix_phases: budgets scaled together (a longer run) resume the checkpoint's shares;
+    """mix_run.mix_phases: budgets scaled together (a longer run) resume the checkpoint's shares;
     another split is refused unless data.mix_reweight=true, like new weights."""
     cfg = _cfg(root, 240_000, 60_000, 300)
     shards = MixShards(cfg.data)
     meta = json.loads(json.dumps({"step": 30, "consumed_samples": 480,
-                                  "data_mix": run_mod.mix_meta(shards, [(0, [0.8, 0.2])])}))
+                                  "data_mix": mix_run.mix_meta(shards, [(0, [0.8, 0.2])])}))
     longer = _cfg(root, 480_000, 120_000, 600)
-    assert run_mod.mix_phases(longer, shards, meta, Path("ck")) == [(0, [0.8, 0.2])]
+    assert mix_run.mix_phases(longer, shards, meta, Path("ck")) == [(0, [0.8, 0.2])]
     other = _cfg(root, 150_000, 150_000, 300)
     with pytest.raises(HarnessError, match=r"^data.mix's weights \(shares web 0.5, code 0.5\) "
                                            r"differ .*data.mix_reweight=true"):
-        run_mod.mix_phases(other, shards, meta, Path("ck"))
+        mix_run.mix_phases(other, shards, meta, Path("ck"))
     other.data.mix_reweight = True
-    assert run_mod.mix_phases(other, shards, meta, Path("ck")) == [(0, [0.8, 0.2]),
+    assert mix_run.mix_phases(other, shards, meta, Path("ck")) == [(0, [0.8, 0.2]),
                                                                     (480, [0.5, 0.5])]

@@ -1,6 +1,6 @@
 """data.mix from config to training start: bad values refused naming the key; a two-source mix
 prepared into two directories with one tokenizer; the trainer's checks (open_shards, build_data's
-max_repeats) and the resume rules for the sources and weights (run.mix_phases)."""
+max_repeats) and the resume rules for the sources and weights (mix_run.mix_phases)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from mix_corpus import mix_cfg, mix_override, write_sources
 
+import harness.train.mix_run as mix_run
 import harness.train.run as run_mod
 from harness.common.errors import HarnessError
 from harness.config import load_config
@@ -146,24 +147,24 @@ def test_max_repeats_refused_at_training_start(root):
 
 
 def test_resume_rules_for_sources_and_weights(root, caplog):
-    """run.mix_phases against a checkpoint's meta: the same weights resume its phases; other
+    """mix_run.mix_phases against a checkpoint's meta: the same weights resume its phases; other
     weights are refused unless data.mix_reweight=true, which adds a phase at the resumed
     position; other sources or shards are refused."""
     cfg = mix_cfg(root)
     shards = MixShards(cfg.data)
     meta = {"step": 30, "consumed_samples": 480,
-            "data_mix": run_mod.mix_meta(shards, [(0, [0.7, 0.3])])}
+            "data_mix": mix_run.mix_meta(shards, [(0, [0.7, 0.3])])}
     meta = json.loads(json.dumps(meta))  # as read back from meta.json
-    assert run_mod.mix_phases(cfg, shards, meta, Path("ck")) == [(0, [0.7, 0.3])]
+    assert mix_run.mix_phases(cfg, shards, meta, Path("ck")) == [(0, [0.7, 0.3])]
     other = mix_cfg(root, w_web=0.5, w_code=0.5)
     with pytest.raises(HarnessError, match=r"^data.mix's weights \(shares web 0.5, code 0.5\) "
                                            r"differ from the ones checkpoint ck was trained with "
                                            r"\(web 0.7, code 0.3\): .*data.mix_reweight=true to "
                                            r"train with the new ones from step 30 on$"):
-        run_mod.mix_phases(other, shards, meta, Path("ck"))
+        mix_run.mix_phases(other, shards, meta, Path("ck"))
     other.data.mix_reweight = True
     with caplog.at_level("INFO", logger="harness"):
-        assert run_mod.mix_phases(other, shards, meta, Path("ck")) == [(0, [0.7, 0.3]),
+        assert mix_run.mix_phases(other, shards, meta, Path("ck")) == [(0, [0.7, 0.3]),
                                                                         (480, [0.5, 0.5])]
     assert ("data.mix_reweight: the weights change at step 30 (sample 480) from shares web "
             "0.7, code 0.3 to web 0.5, code 0.5") in caplog.text
@@ -171,13 +172,13 @@ def test_resume_rules_for_sources_and_weights(root, caplog):
     renamed["data_mix"]["fingerprints"] = {"code": "x", "web": "y"}
     with pytest.raises(HarnessError, match=r"data.mix names the sources \['web', 'code'\], "
                                            r"checkpoint ck was trained on \['code', 'web'\]"):
-        run_mod.mix_phases(cfg, shards, renamed, Path("ck"))
+        mix_run.mix_phases(cfg, shards, renamed, Path("ck"))
     changed = json.loads(json.dumps(meta))
     changed["data_mix"]["fingerprints"]["code"] = "0" * 64
     with pytest.raises(HarnessError, match=r"data.mix source code: its shards .* differ"):
-        run_mod.mix_phases(cfg, shards, changed, Path("ck"))
+        mix_run.mix_phases(cfg, shards, changed, Path("ck"))
     with pytest.raises(HarnessError, match=r"trained without data.mix"):
-        run_mod.mix_phases(cfg, shards, {"step": 3, "consumed_samples": 48}, Path("ck"))
+        mix_run.mix_phases(cfg, shards, {"step": 3, "consumed_samples": 48}, Path("ck"))
 
 
 def test_submit_makes_mix_paths_absolute_and_prepares_until_the_last_source(tmp_path,
