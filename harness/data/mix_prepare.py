@@ -67,12 +67,7 @@ def prepare_mix(cfg: DataConfig, progress: bool = True, report: bool = False) ->
     """The tokenizer, then every source's directory (each a no-op when up to date); returns
     the directories in data.mix's order. `report`: each source's closing line, as
     `harness prepare-data` prints it."""
-    cfg.validate()
-    out = Path(cfg.out_dir)
-    check_mix_dir(out)
-    _mark(out, cfg)
-    if not cfg.tokenizer_model:
-        _mix_tokenizer(cfg, out)
+    prepare_tokenizer(cfg)
     dirs = []
     for i, entry in enumerate(cfg.mix):
         sub = source_config(cfg, entry)
@@ -85,6 +80,21 @@ def prepare_mix(cfg: DataConfig, progress: bool = True, report: bool = False) ->
             raise _named(i, entry, err) from None
         dirs.append(Path(sub.out_dir))
     return dirs
+
+
+def prepare_tokenizer(cfg: DataConfig, train: bool = True) -> bool:
+    """data.out_dir marked as a mixture's, and its tokenizer trained unless it is given (or
+    trained on these sources already): what every source's preparation needs first. `train`
+    false (a part of prepare_part.py): whether it is there, never training it."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    check_mix_dir(out)
+    if not train and not cfg.tokenizer_model and _mix_tokenizer(cfg, out, False) is None:
+        return False  # nothing written
+    _mark(out, cfg)
+    if train and not cfg.tokenizer_model:
+        _mix_tokenizer(cfg, out)
+    return True
 
 
 def main(cfg: DataConfig) -> int:
@@ -121,8 +131,9 @@ def _mark(out: Path, cfg: DataConfig) -> None:
         f.write(json.dumps({"sources": [e.name for e in cfg.mix]}) + "\n")
 
 
-def _mix_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
-    """out/tokenizer.model, trained on all the sources unless mix.json says it was already."""
+def _mix_tokenizer(cfg: DataConfig, out: Path, train: bool = True) -> Optional[Tokenizer]:
+    """out/tokenizer.model, trained on all the sources unless mix.json says it was already
+    (`train` false: None then)."""
     entries = sorted(cfg.mix, key=lambda e: e.name)
     scanned = []
     for entry in entries:
@@ -135,7 +146,7 @@ def _mix_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     settings = prep_settings(cfg, None)
     inputs = sha256({"settings": settings, "sources": [source_keys(s) for s in scanned]})
     existing = _trained(out, inputs)
-    if existing is not None:
+    if existing is not None or not train:
         return existing
     held = lease.take(out / MIX_LEASE, "data.out_dir", out,
                       "prepare into another data.out_dir (or run again once it is done)")

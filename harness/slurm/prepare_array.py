@@ -8,7 +8,9 @@ beside data.out_dir, with the frozen config and the jobs' logs:
 
 The assembly waits for the array to end in any state (afterany): a task that failed leaves
 slices undone, which it tokenizes itself, so the result comes either way. Values are quoted as
-in sbatch.py (#SBATCH lines and bash each see user values as plain data).
+in sbatch.py (#SBATCH lines and bash each see user values as plain data). A mixture (data.mix)
+is spread the same way: its tokenizer and every source's plan first, then the parts over all
+the sources' slices (prepare_part.py).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from harness.common.errors import HarnessError
 from harness.config import Config, to_yaml
 from harness.config.slurm import SlurmConfig, check_one_line
 from harness.data.out_dir import check_out_dir, check_toy_corpus, unwritable
-from harness.data.prepare_part import check_not_mix, check_tasks
+from harness.data.prepare_part import check_tasks
 from harness.slurm.sbatch import PLACEHOLDER, REPO, directive_lines, submit
 from harness.slurm.submit import absolute_paths
 
@@ -82,7 +84,6 @@ def _dependency(step: str, ids: list[str]) -> tuple[str, ...]:
 
 def submit_prepare(cfg: Config, tasks: int | None) -> int:
     """Render the three scripts and the frozen config, sbatch them in order; print the ids."""
-    check_not_mix(cfg.data)
     cfg = absolute_paths(cfg)
     cfg.slurm.validate()
     out_dir = Path(cfg.data.out_dir)

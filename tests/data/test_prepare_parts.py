@@ -2,7 +2,8 @@
 first step (`--stage tokenizer --tasks 3`), parts `--part I/3`, then a plain prepare-data.
 The result equals a plain single-process preparation file for file, byte for byte (manifest
 included); a part that never ran (or died mid-slice) is redone by the last step; a part never
-writes out_dir nor removes another part's slice in progress."""
+writes out_dir nor removes another part's slice in progress. A mixture (data.mix) in parts: every
+file under its out_dir as a plain single-process preparation of the mixture writes it."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from harness.config.data import DataConfig, MixSource
 from harness.data import prepare as prep
 from harness.data import prepare_part as parts
 from harness.data import slices
+from harness.data.mix_prepare import prepare_mix
 
 TASKS = 3
+NAMES = ("note", "web", "code")  # a mixture's sources, in data.mix's order
 
 
 def _text_corpus(root: Path) -> Path:
@@ -177,11 +180,93 @@ def test_an_up_to_date_out_dir_leaves_nothing_to_do(corpus, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.*")) and _files(out) == reference
 
 
-def test_a_mixture_is_refused_in_one_line(tmp_path):
-    cfg = DataConfig(mix=[MixSource(name="web", sources=[str(tmp_path)])],
-                     out_dir=str(tmp_path / "out"))
-    with pytest.raises(HarnessError, match="not a data.mix yet"):
-        parts.main(cfg, "0/2", None, None)
+def _tree(d: Path) -> dict[str, bytes]:
+    """Every file under d (hidden ones too), by its path inside d."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _mix(root: Path, out: Path, **more) -> DataConfig:
+    """note (one small file: one slice), web (24 text files), code (12 JSONL files)."""
+    return DataConfig(mix=[MixSource(name="note", sources=[str(root / "note")]),
+                           MixSource(name="web", sources=[str(root / "web")], weight=3),
+                           MixSource(name="code", sources=[str(root / "code")])],
+                      out_dir=str(out), vocab_size=300, val_fraction=0.2, **more)
+
+
+@pytest.fixture(scope="module")
+def mix_corpus(tmp_path_factory):
+    """(the sources' root, every file of their plain single-process mixture preparation)."""
+    root = tmp_path_factory.mktemp("mix")
+    _text_corpus(root / "web")
+    _jsonl_corpus(root / "code")
+    (root / "note").mkdir()
+    (root / "note" / "a.txt").write_text("".join(f"note {j}: n{j % 5}\n" for j in range(90)))
+    prepare_mix(_mix(root, root / "ref"), progress=False)
+    return root, _tree(root / "ref")
+
+
+def _mix_plans(out: Path) -> list[tuple[str, int]]:
+    """The (source, slice) pairs in data.mix's order, from the sources' work plans."""
+    pairs = []
+    for name in NAMES:
+        plan = json.loads((_work(out / name) / slices.PLAN).read_text())["slices"]
+        pairs += [(name, k) for k in range(len(plan))]
+    return pairs
+
+
+def _mix_done(out: Path) -> set[tuple[str, int]]:
+    return {(name, int(p.name[6:])) for name in NAMES
+            for p in _work(out / name).glob("slice-?????")}
+
+
+def test_a_mixture_in_parts_gives_the_plain_bytes(mix_corpus, tmp_path, caplog, capsys):
+    """The first step trains the mixture's tokenizer and plans every source; part I tokenizes
+    every N-th (source, slice) pair in data.mix's order; the plain step assembles each
+    source: every file under out_dir as a single process writes it."""
+    root, reference = mix_corpus
+    out = tmp_path / "out"
+    assert parts.run_stage(_mix(root, out), TASKS) == 0
+    assert (out / "tokenizer.model").read_bytes() == reference["tokenizer.model"]
+    pairs = _mix_plans(out)
+    # the plan cut over all the sources; the small one's slice shifts the others' parts
+    assert pairs[:2] == [("note", 0), ("web", 0)] and len(pairs) > 2 * TASKS
+    for name in NAMES:  # the mixture's tokenizer copied for each
+        assert (_work(out / name) / slices.TOKENIZER).read_bytes() == reference["tokenizer.model"]
+    assert parts.run_part(_mix(root, out), 1, TASKS) == 0
+    assert _mix_done(out) == set(pairs[1::TASKS])  # across the sources, not source by source
+    for i in (2, 0):
+        assert parts.run_part(_mix(root, out), i, TASKS) == 0
+    said = capsys.readouterr().out
+    for i in range(TASKS):
+        n = len(pairs[i::TASKS])
+        assert f"--part {i}/{TASKS}: tokenized {n} of its {n} slices ({len(pairs)} in all" in said
+    assert _mix_done(out) == set(pairs)
+    assert not any((out / name).exists() for name in NAMES)
+    with caplog.at_level(logging.INFO, logger="harness"):
+        prepare_mix(_mix(root, out), progress=False)
+    assert caplog.text.count("slices already tokenized") == 3  # none redone
+    assert _tree(out) == reference
+
+
+def test_a_mixture_part_left_out_is_redone_by_the_plain_step(mix_corpus, tmp_path):
+    root, reference = mix_corpus
+    given = tmp_path / "given.model"  # a given tokenizer: the parts need no first step
+    given.write_bytes(reference["tokenizer.model"])
+    plain = _tree(prepare_mix(_mix(root, tmp_path / "plain", tokenizer_model=str(given)),
+                              progress=False)[0].parent)
+    out = tmp_path / "out"
+    for i in (0, 2):
+        parts.run_part(_mix(root, out, tokenizer_model=str(given)), i, TASKS)
+    pairs = _mix_plans(out)
+    assert _mix_done(out) == set(pairs) - set(pairs[1::TASKS])
+    prepare_mix(_mix(root, out, tokenizer_model=str(given)), progress=False)
+    assert _tree(out) == plain
+
+
+def test_a_mixture_part_needs_the_tokenizer_first(mix_corpus, tmp_path):
+    root, _ = mix_corpus
+    with pytest.raises(HarnessError, match=r"--part 0/3: no tokenizer .* --stage tokenizer"):
+        parts.run_part(_mix(root, tmp_path / "out"), 0, 3)
     assert not (tmp_path / "out").exists()
 
 
