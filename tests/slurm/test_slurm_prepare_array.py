@@ -4,7 +4,9 @@ preparation of the same inputs file for file, byte for byte (manifest included).
 never runs (cancelled) leaves its slices to the assembly, with the same bytes.
 
 The corpus is small (24 files, ~60 kB): the plan cut for N parts has ~4 slices per part
-(prepare_part.SLICES_PER_TASK), so each of the 3 tasks tokenizes slices of its own."""
+(prepare_part.SLICES_PER_TASK), so each of the 3 tasks tokenizes slices of its own. A data.mix
+of a one-file source and that corpus: every file under data.out_dir as a plain single-process
+preparation of the mixture writes it (~5 s more)."""
 import re
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import pytest
 from engine_utils import child_env
 from slurm_fixtures import slurm_cluster  # noqa: F401  (fixture)
 
-from harness.config.data import DataConfig
+from harness.config.data import DataConfig, MixSource
+from harness.data.mix_prepare import prepare_mix
 from harness.data.prepare import prepare_data
 
 pytestmark = pytest.mark.slow
@@ -46,9 +49,11 @@ def corpus(tmp_path_factory):
 
 
 def _submit(cluster, src, out, *more: str) -> list[str]:
+    """`src`: data.sources, or a data.mix=... override."""
+    data = src if str(src).startswith("data.mix=") else f"data.sources=[{src}]"
     proc = subprocess.run(
         [sys.executable, "-m", "harness.cli", "prepare-data", "--config", "tiny", "--submit",
-         "--tasks", str(TASKS), f"data.sources=[{src}]", f"data.out_dir={out}",
+         "--tasks", str(TASKS), data, f"data.out_dir={out}",
          "data.vocab_size=300", "data.val_fraction=0.2", "data.max_bytes=0", "slurm.nodes=2",
          "slurm.gpus_per_node=0", "slurm.cpus_per_task=1", "slurm.time=0-00:10:00", *more],
         env=child_env(SLURM_CONF=cluster.env["SLURM_CONF"]), capture_output=True, text=True,
@@ -104,3 +109,32 @@ def test_a_task_that_never_ran_is_redone_by_the_assembly(slurm_cluster, corpus, 
     done = re.search(r"resuming with (\d+) of (\d+) slices", logs[f"assemble-{assemble}.out"])
     assert done and 0 < int(done[1]) < int(done[2]), logs  # parts 0 and 2's, not part 1's
     assert _files(out) == reference
+
+
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_mixture_over_the_array_gives_the_single_process_bytes(  # noqa: F811
+        slurm_cluster, corpus, tmp_path):
+    src, _ = corpus
+    (tmp_path / "note").mkdir()
+    (tmp_path / "note" / "a.txt").write_text("".join(f"note {j}: n{j % 5}\n" for j in range(90)))
+    mix = [MixSource(name="note", sources=[str(tmp_path / "note")]),
+           MixSource(name="web", sources=[str(src)], weight=3)]
+    ref = DataConfig(mix=mix, out_dir=str(tmp_path / "ref"), vocab_size=300, val_fraction=0.2)
+    prepare_mix(ref, progress=False)
+    out = tmp_path / "out"
+    _, array, assemble = _submit(
+        slurm_cluster, f"data.mix=[{{name: note, sources: [{tmp_path / 'note'}]}}, "
+                       f"{{name: web, sources: [{src}], weight: 3}}]", out)
+    info = slurm_cluster.wait(assemble, timeout=300)
+    logs = {p.name: p.read_text() for p in (tmp_path / "out.prepare").glob("*.out")}
+    assert info["JobState"] == "COMPLETED", logs
+    for i in range(TASKS):  # the (source, slice) pairs spread: every part did some
+        said = logs[f"part-{array}_{i}.out"]
+        match = re.search(rf"--part {i}/{TASKS}: tokenized (\d+) of its (\d+) slices", said)
+        assert match and int(match[1]) == int(match[2]) > 0, said
+    done = re.findall(r"resuming with (\d+) of (\d+) slices", logs[f"assemble-{assemble}.out"])
+    assert len(done) == 2 and all(a == b for a, b in done), logs  # per source, none redone
+    assert _tree(out) == _tree(tmp_path / "ref")
