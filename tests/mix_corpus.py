@@ -47,3 +47,26 @@ def mix_cfg(root: Path, *overrides: str, **weights):
     return load_config("tiny", [mix_override(root / "web", root / "code", **weights),
                                 f"data.out_dir={root / 'out'}", "data.vocab_size=384",
                                 "model.vocab_size=384", *overrides])
+
+
+def prepared_root(tmp_path_factory, name: str) -> Path:
+    """A new directory with the two sources written and their mix prepared in root/out."""
+    from harness.data.mix_prepare import prepare_mix
+
+    root = tmp_path_factory.mktemp(name)
+    write_sources(root)
+    prepare_mix(mix_cfg(root).data, progress=False)
+    return root
+
+
+def one_process_built(cfg, world_size: int = 1):
+    """What run.open_shards/build_data read of a Built, without an engine: rank 0's view of
+    `world_size` ranks, the plan, a CPU device; the broadcast is rank 0's own value."""
+    from types import SimpleNamespace
+
+    from harness.parallel.batch import make_plan
+
+    comm = SimpleNamespace(broadcast_object=lambda obj, src=0: obj)
+    return SimpleNamespace(comm=comm, dist=SimpleNamespace(rank=0, world_size=world_size),
+                           plan=make_plan(cfg, world_size), engine=SimpleNamespace(device="cpu"))
+

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from mix_corpus import mix_cfg, write_sources
+from mix_corpus import mix_cfg, one_process_built, prepared_root
 
 import harness.train.mix_run as mix_run
 import harness.train.run as run_mod
 from harness.common.errors import HarnessError
 from harness.config import load_config, to_yaml
-from harness.data.mix_prepare import MixShards, prepare_mix
+from harness.data.mix_prepare import MixShards
 from harness.data.mixture import MixtureSampler
-from harness.parallel.batch import make_plan
 
 # the tiny preset at block_size 64: a global batch of 16, 1,024 tokens a step
 BLOCK_SIZE, PER_STEP = 64, 16 * 64
@@ -36,17 +34,10 @@ def _cfg(root: Path, web: int, code: int, steps: int, extra: str = ""):
                                 "optim.warmup_steps=10"])
 
 
-def _built(cfg):
-    return SimpleNamespace(dist=SimpleNamespace(rank=0, world_size=1), plan=make_plan(cfg, 1),
-                           engine=SimpleNamespace(device="cpu"))
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixbudget")
-    write_sources(root)
-    prepare_mix(mix_cfg(root).data, progress=False)
-    return root
+    return prepared_root(tmp_path_factory, "mixbudget")
 
 
 def test_shares_are_the_budgets_over_their_sum(tmp_path):
@@ -86,7 +77,7 @@ def test_budgets_sum_against_the_run_tokens(root):
     shards = MixShards(_cfg(root, 250_000, 57_200, 300).data)
     for web in (250_000, 250_000 + PER_STEP, 250_000 - PER_STEP):
         cfg = _cfg(root, web, 57_200, 300)
-        assert run_mod.build_data(cfg, _built(cfg), shards).source_names == ("web", "code")
+        assert run_mod.build_data(cfg, one_process_built(cfg), shards).source_names == ("web", "code")
     for web, fix in ((250_000 + PER_STEP + 1, 301), (250_000 - 50 * PER_STEP, 250)):
         cfg = _cfg(root, web, 57_200, 300)
         with pytest.raises(HarnessError, match=rf"^data.mix's token budgets sum to [\d,]+ tokens "
@@ -94,7 +85,7 @@ def test_budgets_sum_against_the_run_tokens(root):
                                                rf"a step: global batch 16 x block_size 64\): set "
                                                rf"train.max_steps={fix} to match the budgets, "
                                                rf"or change data.mix\[i\].tokens$"):
-            run_mod.build_data(cfg, _built(cfg), shards)
+            run_mod.build_data(cfg, one_process_built(cfg), shards)
 
 
 def test_a_budget_over_max_repeats_is_refused(root):
@@ -108,9 +99,9 @@ def test_a_budget_over_max_repeats_is_refused(root):
                                            rf"'code' \({have:,} tokens: [\d,]+ sequences of 64\), "
                                            rf"over data.mix\[1\].max_repeats=1: raise "
                                            rf"data.mix\[1\].max_repeats, lower the budget"):
-        run_mod.build_data(over, _built(over), shards)
+        run_mod.build_data(over, one_process_built(over), shards)
     under = _cfg(root, 307_200 - 70_000, 70_000, 300, ", max_repeats: 1")
-    run_mod.build_data(under, _built(under), shards)
+    run_mod.build_data(under, one_process_built(under), shards)
 
 
 def _within_binomial(drawn: np.ndarray, budgets: list[int], samples: int) -> None:
@@ -126,7 +117,7 @@ def test_a_budget_run_draws_each_source_within_its_binomial_error(root):
     """The training stream of build_data over the real shards: 300 steps of 16 samples, each
     source's draws (MixtureSampler.drawn_by, and counted batch by batch) near its budget."""
     cfg = _cfg(root, 250_000, 57_200, 300)
-    built = _built(cfg)
+    built = one_process_built(cfg)
     data = run_mod.build_data(cfg, built, MixShards(cfg.data))
     drawn = data.sampler.drawn_by(300 * 16)
     accum = built.plan.batch.grad_accum

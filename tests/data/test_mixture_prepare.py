@@ -7,10 +7,9 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from mix_corpus import mix_cfg, mix_override, write_sources
+from mix_corpus import mix_cfg, mix_override, one_process_built, prepared_root
 
 import harness.train.mix_run as mix_run
 import harness.train.run as run_mod
@@ -18,7 +17,6 @@ from harness.common.errors import HarnessError
 from harness.config import load_config
 from harness.data.mix_prepare import MixShards, prepare_mix
 from harness.data.shards import TokenShards
-from harness.parallel.batch import make_plan
 
 
 @pytest.mark.parametrize("override, message", [
@@ -62,10 +60,7 @@ def test_weights_normalised_and_written_back_as_read(tmp_path):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixprep")
-    write_sources(root)
-    prepare_mix(mix_cfg(root).data, progress=False)
-    return root
+    return prepared_root(tmp_path_factory, "mixprep")
 
 
 def _sha(path: Path) -> str:
@@ -109,23 +104,17 @@ def test_a_single_corpus_out_dir_is_not_a_mix(shards_dir, root):
         prepare_mix(cfg.data, progress=False)
 
 
-def _built(cfg, world_size=1):
-    comm = SimpleNamespace(broadcast_object=lambda obj, src=0: obj)
-    return SimpleNamespace(comm=comm, dist=SimpleNamespace(rank=0, world_size=world_size),
-                           plan=make_plan(cfg, world_size),
-                           engine=SimpleNamespace(device="cpu"))
-
 
 def test_open_shards_prepares_on_one_process_and_refuses_on_several(root, tmp_path):
     for name in ("web", "code"):
         shutil.copytree(root / name, tmp_path / name)
     cfg = mix_cfg(tmp_path)
     with pytest.raises(HarnessError, match=r"holds no token shards, and 2 ranks cannot wait"):
-        run_mod.open_shards(cfg, _built(cfg, 2))
-    shards = run_mod.open_shards(cfg, _built(cfg))
+        run_mod.open_shards(cfg, one_process_built(cfg, 2))
+    shards = run_mod.open_shards(cfg, one_process_built(cfg))
     assert isinstance(shards, MixShards) and shards.names == ["web", "code"]
     assert (tmp_path / "out" / "web" / "manifest.json").is_file()
-    assert run_mod.open_shards(cfg, _built(cfg, 2)).fingerprint == shards.fingerprint
+    assert run_mod.open_shards(cfg, one_process_built(cfg, 2)).fingerprint == shards.fingerprint
 
 
 def test_max_repeats_refused_at_training_start(root):
@@ -139,10 +128,10 @@ def test_max_repeats_refused_at_training_start(root):
     with pytest.raises(HarnessError, match=r"^data.mix\[1\].max_repeats=1: this run draws 1,4\d\d "
                                            r"samples of 'code', 1.0\d epochs of its 1,[34]\d\d: "
                                            r"raise data.mix\[1\].max_repeats"):
-        run_mod.build_data(over, _built(over), shards)
+        run_mod.build_data(over, one_process_built(over), shards)
     under = mix_cfg(root, "model.block_size=64", "train.max_steps=250",
                     "optim.warmup_steps=10", extra=", max_repeats: 1")
-    data = run_mod.build_data(under, _built(under), shards)
+    data = run_mod.build_data(under, one_process_built(under), shards)
     assert data.source_names == ("web", "code")
 
 
