@@ -77,7 +77,8 @@ def test_budgets_sum_against_the_run_tokens(root):
     shards = MixShards(_cfg(root, 250_000, 57_200, 300).data)
     for web in (250_000, 250_000 + PER_STEP, 250_000 - PER_STEP):
         cfg = _cfg(root, web, 57_200, 300)
-        assert run_mod.build_data(cfg, one_process_built(cfg), shards).source_names == ("web", "code")
+        data = run_mod.build_data(cfg, one_process_built(cfg), shards)
+        assert data.source_names == ("web", "code")
     for web, fix in ((250_000 + PER_STEP + 1, 301), (250_000 - 50 * PER_STEP, 250)):
         cfg = _cfg(root, web, 57_200, 300)
         with pytest.raises(HarnessError, match=rf"^data.mix's token budgets sum to [\d,]+ tokens "
