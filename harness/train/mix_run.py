@@ -14,6 +14,9 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from harness.callbacks.evaluator import eval_set_size, source_evaluators
 from harness.common.callback import Callback
@@ -55,6 +58,32 @@ def mix_train_data(cfg: Config, built: Built, shards: MixShards, seqs: MixedSequ
     check_repeats(shards.names, counts, sampler.drawn_by(end),
                   [e.max_repeats for e in cfg.data.mix])
     return TrainData(seqs, sampler, built.engine.device)
+
+
+class SourceTokens(Callback):
+    """data/tokens/<source>: each source's tokens drawn so far (samples x block_size), beside
+    train/tokens_seen, which they sum to. Counted from the sampler, not stored: at the first
+    step after a start (or a resume, at any DP size) MixtureSampler.drawn_by(consumed), exact,
+    then each step's positions added. Rank 0 only: the loggers are rank 0's."""
+    order = 10  # before the loggers, so they see the keys
+
+    def __init__(self) -> None:
+        self.drawn: np.ndarray | None = None
+        self.at = 0  # the stream position self.drawn counts up to
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
+        if not trainer.is_main:
+            return
+        sampler, end = trainer.data.sampler, trainer.consumed_samples
+        if self.drawn is None or end < self.at:  # a start, or a rollback to an earlier step
+            self.drawn = sampler.drawn_by(end)
+        elif end > self.at:
+            sources, _ = sampler.draws(np.arange(self.at, end, dtype=np.int64))
+            self.drawn += np.bincount(sources, minlength=len(self.drawn))
+        self.at = end
+        seq_len = trainer.plan.seq_len
+        metrics.update({f"data/tokens/{name}": int(n) * seq_len
+                        for name, n in zip(trainer.data.source_names, self.drawn)})
 
 
 def mix_evaluators(cfg: Config, built: Built, shards: MixShards) -> list[Callback]:

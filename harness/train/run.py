@@ -37,8 +37,8 @@ from harness.parallel import distributed, peers
 from harness.parallel.collectives import Collectives
 from harness.parallel.tp_layout import check_tp_hosts
 from harness.train.engine import Built, build, resolve_device
-from harness.train.mix_run import (mix_evaluators, mix_meta, mix_phases, mix_train_data,
-                                   prepare_mix_ready)
+from harness.train.mix_run import (SourceTokens, mix_evaluators, mix_meta, mix_phases,
+                                   mix_train_data, prepare_mix_ready)
 from harness.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopSignals
 from harness.train.report import write_report
 from harness.train.run_dir import (RunDirLease, confirm_run_dir, prepare_run, release_run_dir,
@@ -200,6 +200,8 @@ def _make_trainer(cfg: Config) -> tuple[Trainer, Checkpointer]:
                  Console(cfg.train.log_every), WandbLogger(cfg.wandb), RunDirLease(cfg)]
     if cfg.monitor.enabled:
         callbacks.append(SpikeMonitor(cfg.monitor, checkpointer))
+    if isinstance(shards, MixShards):
+        callbacks.append(SourceTokens())
     if cfg.data.eval_every and isinstance(shards, MixShards):
         callbacks += mix_evaluators(cfg, built, shards)
     elif cfg.data.eval_every:

@@ -80,6 +80,10 @@ def test_resumed_at_another_dp_size_matches_the_uninterrupted_run(runs):
     for step in a:
         for key in keys:
             assert abs(a[step][key] - b[step][key]) < LOSS_TOL, (step, key)
+        # each source's tokens so far: the same counts after the resume, summing to the total
+        tokens = [a[step][f"data/tokens/{n}"] for n in ("web", "code")]
+        assert tokens == [b[step][f"data/tokens/{n}"] for n in ("web", "code")], step
+        assert sum(tokens) == a[step]["train/tokens_seen"] == step * 8 * 32, step
     for step in (3, 6):  # per-source validation: the same set at 2 ranks and 1
         for key in ("eval/loss", "eval/loss/web", "eval/loss/code", "eval/bpb/code"):
             assert abs(a[step][key] - b[step][key]) < LOSS_TOL, (step, key)
@@ -98,7 +102,8 @@ def test_w_and_b_holds_the_per_source_metrics_across_the_resume(runs):
     rows = [row for r in wb for row in r.rows("train/loss")]
     assert [row["train/step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     logged = _metrics(split)
-    keys = ["train/loss/web", "train/loss/code", "eval/loss/web", "eval/bpb/code", "eval/loss"]
+    keys = ["train/loss/web", "train/loss/code", "eval/loss/web", "eval/bpb/code", "eval/loss",
+            "data/tokens/code"]
     for row in rows:
         step = row["train/step"]
         for key in keys:
