@@ -39,12 +39,15 @@ class TrainData:
         # the mixture's sources, in data.mix's order; empty without a mix
         self.source_names: tuple[str, ...] = tuple(getattr(sequences, "names", ()))
         self.pin = self.device.type == "cuda"  # pin_memory() needs an accelerator
-        self.ahead: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (start, dev, host)
+        # the read-ahead batch: (start, on the device, host, its rows' sources or None)
+        self.ahead: tuple[int, torch.Tensor, torch.Tensor, np.ndarray | None] | None = None
+        self.served: tuple[int, np.ndarray | None] = (-1, None)  # (start, sources) last served
 
     def micro_batch(self, consumed: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = self._start(consumed, micro_step)
         ahead, self.ahead = self.ahead, None
-        batch = ahead[1] if ahead and ahead[0] == start else self._load(consumed, micro_step)[0]
+        loaded = ahead[1:] if ahead and ahead[0] == start else self._load(consumed, micro_step)
+        batch, self.served = loaded[0], (start, loaded[2])
         try:  # a bad batch raises when asked for, not when guessed (it may never be asked for)
             self.ahead = (self._start(consumed, micro_step + 1),
                           *self._load(consumed, micro_step + 1))
@@ -54,17 +57,24 @@ class TrainData:
 
     def sources(self, consumed: int, micro_step: int) -> np.ndarray | None:
         """The source index (into source_names) of each row of that micro-batch, in row order;
-        None without a mix. Computed from the positions alone: no data is read."""
+        None without a mix. The batch just served kept its own (from its sample ids, read
+        once with them); any other is computed from its sample ids: no data is read."""
         if not self.source_names:
             return None
-        return self.sampler.sources(consumed, micro_step)
+        if self.served[0] == self._start(consumed, micro_step):
+            return self.served[1]
+        return self.sequences.source_of(self.sampler.indices(consumed, micro_step))
 
     def _start(self, consumed: int, micro_step: int) -> int:
         """The first stream position of a micro-batch: it determines the batch."""
         return int(self.sampler.positions(consumed, micro_step)[0])
 
-    def _load(self, consumed: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        host = torch.from_numpy(self.sequences.batch(self.sampler.indices(consumed, micro_step)))
+    def _load(self, consumed: int, micro_step: int
+              ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """(on the device, host, the rows' sources: None without a mix)."""
+        ids = self.sampler.indices(consumed, micro_step)
+        host = torch.from_numpy(self.sequences.batch(ids))
         if self.pin:
             host = host.pin_memory()
-        return host.to(self.device, non_blocking=True), host
+        rows = self.sequences.source_of(ids) if self.source_names else None
+        return host.to(self.device, non_blocking=True), host, rows

@@ -101,7 +101,7 @@ def test_cuda_branch_pins_each_host_batch_before_its_copy(monkeypatch):
     data.pin = True
     _steps(data, seqs, 0, 1)
     assert len(pinned) == ACCUM + 1  # every batch read was pinned, the read-ahead included
-    start, dev, host = data.ahead
+    start, dev, host, _ = data.ahead  # the rows' sources: None without a mix
     assert host is pinned[-1]  # the entry keeps the pinned source of its pending copy alive
     assert torch.equal(dev, host)
     assert np.array_equal(dev[:, :-1].numpy(), _direct(seqs, GLOBAL, 0)[0])
