@@ -3,6 +3,7 @@ before anything relies on them (a checkpoint's `latest`, shards renamed into pla
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def fsync_path(path) -> None:
@@ -24,3 +25,13 @@ def fsync_tree(root) -> None:
         for name in files:
             fsync_path(os.path.join(dirpath, name))
         fsync_path(dirpath)
+
+
+def write_atomic(path: Path, data: bytes, tmp: Path | None = None) -> None:
+    """`path` holds `data` whole or is as it was: written to `tmp` (beside it; by default
+    .NAME.PID.tmp), flushed, then renamed over it."""
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+

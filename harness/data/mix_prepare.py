@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.common import lease
+from harness.common.durable import write_atomic
 from harness.common.errors import HarnessError
 from harness.config.data import DataConfig, MixSource
 from harness.data import prepare
@@ -161,9 +162,9 @@ def _mix_tokenizer(cfg: DataConfig, out: Path, train: bool = True) -> Optional[T
         tokenizer = train_tokenizer(texts, tmp, cfg.tokenizer_type, cfg.vocab_size, total,
                                     cfg.tokenizer_threads)
         os.replace(tmp, out / TOKENIZER_FILE)
-        _write_atomic(out / MIX_RECORD, {"inputs_sha256": inputs, "settings": settings,
-                                         "tokenizer_sha256": tokenizer.sha256,
-                                         "sources": [e.name for e in entries]})
+        record = {"inputs_sha256": inputs, "settings": settings,
+                  "tokenizer_sha256": tokenizer.sha256, "sources": [e.name for e in entries]}
+        write_atomic(out / MIX_RECORD, (json.dumps(record, indent=1) + "\n").encode())
         return Tokenizer(out / TOKENIZER_FILE)
     finally:
         held.release()
@@ -191,12 +192,6 @@ def _trained(out: Path, inputs: str) -> Optional[Tokenizer]:
             f"data.tokenizer_model={model} (sources whose files changed must then be prepared "
             f"again: remove their directories)")
     return tokenizer
-
-
-def _write_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # ---- what the trainer opens ------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from harness.common.durable import fsync_path
+from harness.common.durable import fsync_path, write_atomic
 from harness.data.corpus import Source
 from harness.data.out_dir import owner_tag
 from harness.data.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ class Work:
             self.slices = json.loads(plan.read_text())["slices"]
         else:
             self.slices = plan_slices(sources, slice_bytes or SLICE_BYTES)
-            _write_atomic(plan, json.dumps({"slices": self.slices}).encode())
+            write_atomic(plan, json.dumps({"slices": self.slices}).encode(), _part(plan))
         for part in path.glob("*.part-*"):  # a writer that was killed
             if own is None or _owned(part.name, own):  # not another part's, maybe alive
                 shutil.rmtree(part, ignore_errors=True)
@@ -233,12 +233,3 @@ def _owned(name: str, own: Callable[[int], bool]) -> bool:
     is nobody's: a part leaves it)."""
     match = re.fullmatch(r"slice-(\d+)\.part-.*", name)
     return bool(match) and own(int(match[1]))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    part = _part(path)
-    part.write_bytes(data)
-    fsync_path(part)
-    os.replace(part, path)
-
-
