@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from harness.callbacks.evaluator import mixture_loss
 from harness.common.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -66,14 +67,11 @@ def mix_totals(records: dict[str, dict], shares: list[float]) -> dict:
     """The mixture's loss, perplexity and bits_per_byte from the sources' records (in
     data.mix's order, as `shares`), as MixtureLoss.mix combines them: bits_per_byte only when
     every source has bytes (NaN otherwise, as one corpus's record without bytes)."""
-    total = float(sum(shares))
-    weights = [w / total for w in shares]
-    loss = sum(w * r["loss"] for w, r in zip(weights, records.values()))
-    bpt = [r["bytes_per_token"] if r["bytes"] else 0.0 for r in records.values()]
-    bpb = loss / (math.log(2) * sum(w * b for w, b in zip(weights, bpt))) if all(bpt) \
-        else math.nan
+    loss, bpb = mixture_loss([r["loss"] for r in records.values()],
+                             [r["bytes_per_token"] if r["bytes"] else None
+                              for r in records.values()], shares)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "bits_per_byte": bpb}
+            "bits_per_byte": math.nan if bpb is None else bpb}
 
 
 def _check_weights(loaded, shares: list[float]) -> None:

@@ -112,14 +112,11 @@ class Evaluator(Callback):
         comm.all_reduce(acc)
         return (acc[0] / acc[1]).item()
 
-    def due(self, trainer, step: int) -> bool:
+    def on_step_end(self, trainer, step, metrics):
         # and at the last step, so the closing eval loss is the final model's, whatever
         # max_steps is (every rank knows it is the last: the same config)
         last = step == trainer.cfg.train.max_steps
-        return bool(self.every) and (step % self.every == 0 or last)
-
-    def on_step_end(self, trainer, step, metrics):
-        if self.due(trainer, step):
+        if self.every and (step % self.every == 0 or last):
             loss = self.evaluate(trainer.engine, trainer.built.comm)
             metrics[self.loss_key] = loss
             if self.bytes_per_token:
@@ -132,23 +129,30 @@ class MixtureLoss(Callback):
     order = 16
 
     def __init__(self, sources: Sequence[Evaluator], weights: Sequence[float]):
-        total = float(sum(weights))
-        self.sources = list(sources)
-        self.weights = [w / total for w in weights]
+        self.sources, self.weights = list(sources), list(weights)  # mixture_loss normalises
 
     def mix(self, metrics: dict) -> dict[str, float]:
         """eval/loss and, when every source has bytes, eval/bpb from the per-source keys."""
-        losses = [metrics[ev.loss_key] for ev in self.sources]
-        out = {"eval/loss": sum(w * x for w, x in zip(self.weights, losses))}
-        bpt = [ev.bytes_per_token for ev in self.sources]
-        if all(bpt):
-            out["eval/bpb"] = out["eval/loss"] / (
-                math.log(2) * sum(w * b for w, b in zip(self.weights, bpt)))
-        return out
+        loss, bpb = mixture_loss([metrics[ev.loss_key] for ev in self.sources],
+                                 [ev.bytes_per_token for ev in self.sources], self.weights)
+        return {"eval/loss": loss, **({"eval/bpb": bpb} if bpb is not None else {})}
 
     def on_step_end(self, trainer, step, metrics):
         if all(ev.loss_key in metrics for ev in self.sources):
             metrics.update(self.mix(metrics))
+
+
+def mixture_loss(losses: Sequence[float], bytes_per_token: Sequence[Optional[float]],
+                 weights: Sequence[float]) -> tuple[float, Optional[float]]:
+    """(loss, bits per byte) of a mixture: sum_i w_i loss_i, and that over (ln 2 x sum_i w_i
+    bytes_per_token_i), None unless every source has its bytes per token; `weights` of any
+    positive scale (normalised here)."""
+    total = float(sum(weights))
+    w = [x / total for x in weights]
+    loss = sum(wi * x for wi, x in zip(w, losses))
+    if not all(bytes_per_token):
+        return loss, None
+    return loss, loss / (math.log(2) * sum(wi * b for wi, b in zip(w, bytes_per_token)))
 
 
 def source_evaluators(named: list[tuple[str, Sequences, Optional[np.ndarray]]],
